@@ -18,6 +18,11 @@ app = typer.Typer(
 )
 
 
+@app.callback()
+def _root() -> None:
+    """Real-time fraud detection over Kafka, Redis and ONNX Runtime."""
+
+
 def _register_training_commands() -> None:
     try:
         from training import commands

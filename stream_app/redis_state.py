@@ -1,0 +1,119 @@
+"""Redis state store: :mod:`stream_app.state` semantics in one Lua script call per micro-batch.
+
+Keys (``prefix`` is a setting, so several deployments or tests can share one Redis):
+
+* ``{prefix}:c:{customer_id}``: string, the customer's retained history, packed
+  :data:`stream_app.state.ENTRY_DTYPE` records (48 bytes each);
+* ``{prefix}:t:{terminal_id}``: hash, fields ``t<day>`` (transactions) and ``f<day>``
+  (fraud labels) per UTC day number;
+* ``{prefix}:l:{transaction_id}``: string, marks a label as counted (dedupe).
+
+Every key carries a TTL (refreshed on write), which bounds memory; a customer or terminal
+unseen for that long starts afresh.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from importlib import resources
+from typing import Any, Final
+
+import numpy as np
+import redis.asyncio as aioredis
+
+from stream_app import features
+from stream_app.state import (
+    ENTRY_DTYPE,
+    BatchState,
+    LabelUpdate,
+    TransactionUpdate,
+    history_from_records,
+    transaction_hash,
+)
+
+_SCRIPTS: Final = resources.files("stream_app") / "redis_scripts"
+
+
+def _script(name: str) -> str:
+    return (_SCRIPTS / name).read_text(encoding="utf-8")
+
+
+class RedisStateStore:
+    """Customer and terminal state in Redis; one round trip per micro-batch.
+
+    Args:
+        client: a ``redis.asyncio.Redis`` created with ``decode_responses=False``.
+        prefix: key prefix of this deployment.
+        sequence_length: the model's ``T``: how many transactions each customer keeps
+            at least.
+        ttl_s: lifetime of a key after its last write, in seconds.
+        label_delay_days: the label delay the terminal windows are shifted by.
+    """
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        *,
+        prefix: str = "fs",
+        sequence_length: int = features.DEFAULT_SEQUENCE_LENGTH,
+        ttl_s: float = 45 * 86_400,
+        label_delay_days: int = features.LABEL_DELAY_DAYS,
+    ) -> None:
+        self.client = client
+        self.prefix = prefix
+        self.sequence_length = sequence_length
+        self.ttl_ms = int(ttl_s * 1000)
+        offsets = features.terminal_window_day_offsets(label_delay_days)
+        self._header: list[Any] = [
+            sequence_length,
+            features.CUSTOMER_LOOKBACK_MS,
+            self.ttl_ms,
+            len(offsets),
+            *(bound for pair in offsets for bound in pair),
+        ]
+        self._apply_transactions = client.register_script(_script("apply_transactions.lua"))
+        self._apply_labels = client.register_script(_script("apply_labels.lua"))
+
+    def customer_key(self, customer_id: str) -> str:
+        """Key of a customer's history."""
+        return f"{self.prefix}:c:{customer_id}"
+
+    def terminal_key(self, terminal_id: str) -> str:
+        """Key of a terminal's per-day counters."""
+        return f"{self.prefix}:t:{terminal_id}"
+
+    def label_key(self, transaction_id: str) -> str:
+        """Key marking a transaction's label as counted."""
+        return f"{self.prefix}:l:{transaction_id}"
+
+    async def apply_transactions(self, updates: Sequence[TransactionUpdate]) -> BatchState:
+        """Apply a micro-batch in order and return each event's retained history."""
+        if not updates:
+            return BatchState(history_from_records([]), np.zeros(0, dtype=bool))
+        keys: list[str] = []
+        args: list[Any] = list(self._header)
+        for u in updates:
+            keys.append(self.customer_key(u.customer_id))
+            keys.append(self.terminal_key(u.terminal_id))
+            args.append(transaction_hash(u.transaction_id))
+            args.append(u.time_ms)
+            args.append(repr(float(u.amount)))
+        reply = await self._apply_transactions(keys=keys, args=args)
+        flags: bytes = reply[0]
+        records = [np.frombuffer(blob, dtype=ENTRY_DTYPE) for blob in reply[1:]]
+        duplicate = np.frombuffer(flags, dtype=np.uint8) == ord("1")
+        return BatchState(history=history_from_records(records), duplicate=duplicate)
+
+    async def apply_labels(self, labels: Sequence[LabelUpdate]) -> int:
+        """Count fraud labels into their terminal's day; a label seen before counts once."""
+        if not labels:
+            return 0
+        keys: list[str] = []
+        args: list[Any] = [self.ttl_ms]
+        for label in labels:
+            keys.append(self.terminal_key(label.terminal_id))
+            keys.append(self.label_key(label.transaction_id))
+            args.append(label.time_ms // features.MS_PER_DAY)
+            args.append("1" if label.is_fraud else "0")
+        counted = await self._apply_labels(keys=keys, args=args)
+        return int(counted)
