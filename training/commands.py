@@ -76,7 +76,7 @@ def simulate_command(
     from rich.table import Table
 
     from stream_app.errors import FraudStreamError
-    from training import simulator
+    from training import simulator, transactions
 
     console = Console()
     started = time.perf_counter()
@@ -96,7 +96,7 @@ def simulate_command(
             customer_fraud_fraction=customer_fraud_fraction,
             customer_fraud_amount_factor=customer_fraud_amount_factor,
         )
-        simulator.output_format(out)  # checked before simulating: a typo costs no waiting
+        transactions.output_format(out)  # checked before simulating: a typo costs no waiting
         stages = [*simulator.STAGES, "writing"]
         with Progress(
             TextColumn("{task.description:<20}"),
@@ -112,7 +112,7 @@ def simulate_command(
 
             frame = simulator.simulate(config, advance)
             advance("writing")
-            simulator.write_transactions(frame, out)
+            transactions.write_transactions(frame, out)
             bar.update(task, description="done", completed=len(stages))
     except FraudStreamError as exc:
         Console(stderr=True, soft_wrap=True).print(f"[red]error:[/red] {escape(str(exc))}")

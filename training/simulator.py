@@ -48,43 +48,20 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
 import pandas as pd
 
 from stream_app.errors import ConfigError
+from training.transactions import (
+    TRANSACTION_COLUMNS,
+    TRANSACTION_DTYPES,
+)
 
 IntArray = npt.NDArray[np.int64]
 FloatArray = npt.NDArray[np.float64]
 ByteArray = npt.NDArray[np.int8]
-
-TRANSACTION_COLUMNS: tuple[str, ...] = (
-    "TRANSACTION_ID",
-    "TX_DATETIME",
-    "CUSTOMER_ID",
-    "TERMINAL_ID",
-    "TX_AMOUNT",
-    "TX_TIME_SECONDS",
-    "TX_TIME_DAYS",
-    "TX_FRAUD",
-    "TX_FRAUD_SCENARIO",
-)
-"""The columns of a transactions table, in order."""
-
-TRANSACTION_DTYPES: Mapping[str, str] = {
-    "TRANSACTION_ID": "int64",
-    "TX_DATETIME": "datetime64[ns]",  # naive, meaning UTC
-    "CUSTOMER_ID": "int64",
-    "TERMINAL_ID": "int64",
-    "TX_AMOUNT": "float64",
-    "TX_TIME_SECONDS": "int64",
-    "TX_TIME_DAYS": "int64",
-    "TX_FRAUD": "int8",
-    "TX_FRAUD_SCENARIO": "int8",
-}
-"""The dtype of each column, as :func:`simulate` makes it and :func:`read_transactions` reads it."""
 
 STAGES: tuple[str, ...] = ("profiles", "terminals in range", "transactions", "frauds")
 """The stages :func:`simulate` reports to its ``progress`` callback, in order."""
@@ -92,7 +69,6 @@ STAGES: tuple[str, ...] = ("profiles", "terminals in range", "transactions", "fr
 FRAUD_SCENARIOS: tuple[int, ...] = (1, 2, 3)
 """The values ``TX_FRAUD_SCENARIO`` takes on a fraud (0 marks a genuine transaction)."""
 
-_SUFFIXES = (".parquet", ".csv")
 _SIDE = 100.0  # customers and terminals live in the square [0, 100)²
 _DAY_SECONDS = 86_400
 _TIME_OF_DAY_MEAN = 43_200.0  # noon: most transactions happen in the day
@@ -261,65 +237,6 @@ def simulate(
     return frame.astype(dict(TRANSACTION_DTYPES))
 
 
-def output_format(path: Path) -> str:
-    """The table format a path's extension names: ``"parquet"`` or ``"csv"`` (any case).
-
-    Raises:
-        ConfigError: any other extension.
-
-    >>> output_format(Path("data/tx.CSV"))
-    'csv'
-    """
-    suffix = path.suffix.lower()
-    if suffix not in _SUFFIXES:
-        raise ConfigError(f"cannot tell the format of {path}: use a .parquet or .csv extension")
-    return suffix.removeprefix(".")
-
-
-def write_transactions(df: pd.DataFrame, path: Path) -> None:
-    """Write a transactions table as Parquet or CSV, chosen by the file extension.
-
-    Parent folders are created as needed.
-
-    Raises:
-        ConfigError: the extension is neither ``.parquet`` nor ``.csv``, or a column of
-            :data:`TRANSACTION_COLUMNS` is missing.
-    """
-    file_format = output_format(path)
-    _check_columns(df, path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if file_format == "parquet":
-        df.to_parquet(path, index=False)
-    else:
-        df.to_csv(path, index=False)
-
-
-def read_transactions(path: Path) -> pd.DataFrame:
-    """Read a transactions table written by :func:`write_transactions`.
-
-    Returns:
-        The table with the columns of :data:`TRANSACTION_COLUMNS` first, in order and with
-        the dtypes of :data:`TRANSACTION_DTYPES`, followed by any other column of the file.
-
-    Raises:
-        ConfigError: bad extension, missing file, missing columns or unreadable values.
-    """
-    file_format = output_format(path)
-    if not path.is_file():
-        raise ConfigError(f"transactions file {path} does not exist")
-    df = pd.read_parquet(path) if file_format == "parquet" else pd.read_csv(path)
-    _check_columns(df, path)
-    extra = [column for column in df.columns if column not in TRANSACTION_DTYPES]
-    try:
-        df["TX_DATETIME"] = pd.to_datetime(df["TX_DATETIME"])
-        typed = df.astype(dict(TRANSACTION_DTYPES))
-    except (ValueError, TypeError) as exc:
-        raise ConfigError(
-            f"transactions file {path} holds values of the wrong type: {exc}"
-        ) from exc
-    return typed[[*TRANSACTION_COLUMNS, *extra]]
-
-
 def summarise(df: pd.DataFrame) -> SimulationSummary:
     """Count rows, frauds and frauds per scenario of a transactions table.
 
@@ -341,12 +258,6 @@ def summarise(df: pd.DataFrame) -> SimulationSummary:
 
 def _ignore(stage: str) -> None:
     """Progress callback that does nothing."""
-
-
-def _check_columns(df: pd.DataFrame, path: Path) -> None:
-    missing = [column for column in TRANSACTION_COLUMNS if column not in df.columns]
-    if missing:
-        raise ConfigError(f"transactions table {path} lacks the columns {', '.join(missing)}")
 
 
 def _customer_profiles(n_customers: int, rng: np.random.Generator) -> _Customers:

@@ -1,0 +1,110 @@
+"""The LSTM sequence scorer: raw feature sequences in, fraud probability out.
+
+Normalisation is part of the module (and so of the exported ONNX graph): the worker feeds
+raw feature values exactly as :mod:`stream_app.features` computes them. Padding rows (the
+zero rows in front of a short history) are recognised by a zero transaction count in the
+1-day customer window, which a real transaction never has (it counts itself), and are
+masked to zero after normalisation, with a presence channel telling the LSTM which is which.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from torch import nn
+
+from stream_app import features
+
+_PRESENCE_FEATURE = features.FEATURE_INDEX["CUSTOMER_ID_NB_TX_1DAY_WINDOW"]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape of the network."""
+
+    hidden_size: int = 64
+    num_layers: int = 1
+    head_size: int = 64
+    dropout: float = 0.1
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict, for the model card."""
+        return asdict(self)
+
+
+class LstmScorer(nn.Module):
+    """LSTM over the customer's last ``T`` transactions, with the current one also fed
+    straight to the head (a skip connection: the current transaction's own features carry
+    most of the signal, the sequence adds the customer's context)."""
+
+    def __init__(
+        self,
+        mean: npt.NDArray[np.float64],
+        std: npt.NDArray[np.float64],
+        config: ModelConfig | None = None,
+    ) -> None:
+        super().__init__()
+        self.config = config or ModelConfig()
+        n_features = len(mean)
+        self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32))
+        self.register_buffer("inv_std", torch.as_tensor(1.0 / std, dtype=torch.float32))
+        cfg = self.config
+        self.lstm = nn.LSTM(
+            input_size=n_features + 1,
+            hidden_size=cfg.hidden_size,
+            num_layers=cfg.num_layers,
+            batch_first=True,
+            dropout=cfg.dropout if cfg.num_layers > 1 else 0.0,
+        )
+        self.head = nn.Sequential(
+            nn.Linear(cfg.hidden_size + n_features, cfg.head_size),
+            nn.ReLU(),
+            nn.Dropout(cfg.dropout),
+            nn.Linear(cfg.head_size, 1),
+        )
+
+    def normalise(self, x: torch.Tensor) -> torch.Tensor:
+        """Standardise real rows, zero the padding rows, append the presence channel."""
+        present = (x[:, :, _PRESENCE_FEATURE : _PRESENCE_FEATURE + 1] > 0).to(x.dtype)
+        z = (x - self.get_buffer("mean")) * self.get_buffer("inv_std") * present
+        return torch.cat([z, present], dim=2)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Fraud logit of each sequence ``[B, T, F]`` (training uses this)."""
+        z = self.normalise(x)
+        out, _ = self.lstm(z)
+        last = torch.cat([out[:, -1, :], z[:, -1, :-1]], dim=1)
+        result: torch.Tensor = self.head(last).squeeze(1)
+        return result
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Fraud probability of each sequence ``[B, T, F]``."""
+        return torch.sigmoid(self.logits(x))
+
+
+def feature_statistics(
+    sequences: npt.NDArray[np.float32],
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    """Mean and std of each feature over the real (non-padding) rows of some sequences."""
+    rows = sequences.reshape(-1, sequences.shape[-1]).astype(np.float64)
+    rows = rows[rows[:, _PRESENCE_FEATURE] > 0]
+    mean = rows.mean(axis=0)
+    std = rows.std(axis=0)
+    return mean, np.where(std > 1e-6, std, 1.0)
+
+
+@torch.no_grad()
+def predict(
+    model: LstmScorer, sequences: npt.NDArray[np.float32], batch_size: int = 8192
+) -> npt.NDArray[np.float64]:
+    """Scores of many sequences with the PyTorch model (evaluation mode)."""
+    model.eval()
+    out = np.empty(len(sequences), dtype=np.float64)
+    for start in range(0, len(sequences), batch_size):
+        chunk = torch.from_numpy(np.ascontiguousarray(sequences[start : start + batch_size]))
+        out[start : start + len(chunk)] = model(chunk).double().numpy()
+    return out
