@@ -1,0 +1,263 @@
+"""Training, validation and test sets cut from one transactions file by period.
+
+Features are always computed once, from the file's whole history, by
+:func:`stream_app.features.offline_features` (terminal windows see labels only after the 7-day
+delay); a period only selects rows. A *row* here is a canonical row of
+:class:`~stream_app.features.OfflineFeatures` (customer, then time). A card is a customer, as
+in the Fraud Detection Handbook.
+
+Three things live here:
+
+* :class:`Period` and :class:`FileFeatures.rows`: which rows fall in a range of days;
+* :func:`known_compromised`: the test rows of cards already known to be compromised, which
+  the Handbook's protocol removes from a test set;
+* :class:`SequenceSet`: sequences, labels and the (day, card) keys the card-level metrics
+  need, for any set of rows, plus the oversampling and mixing used to augment training sets.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from typing import Final
+
+import numpy as np
+import numpy.typing as npt
+import pandas as pd
+
+from stream_app import features
+from stream_app.errors import ConfigError
+from training.transactions import to_arrays
+
+IntArray = npt.NDArray[np.int64]
+FloatArray = npt.NDArray[np.float64]
+SequenceArray = npt.NDArray[np.float32]
+
+N_BASELINE: Final = len(features.BASELINE_FEATURES)
+_EPOCH: Final = dt.date(1970, 1, 1)
+
+
+def epoch_day(day: dt.date | str) -> int:
+    """Days since 1970-01-01 of a date (or ISO date string), the unit :func:`day_index` uses.
+
+    >>> epoch_day("2018-07-25")
+    17737
+    """
+    date = dt.date.fromisoformat(day) if isinstance(day, str) else day
+    return (date - _EPOCH).days
+
+
+def iso_day(day: int) -> str:
+    """The ISO date of an epoch day (inverse of :func:`epoch_day`).
+
+    >>> iso_day(17737)
+    '2018-07-25'
+    """
+    return (_EPOCH + dt.timedelta(days=day)).isoformat()
+
+
+@dataclass(frozen=True)
+class Period:
+    """A range of whole UTC days, ``first_day`` to ``last_day`` inclusive (epoch days)."""
+
+    first_day: int
+    last_day: int
+
+    def __post_init__(self) -> None:
+        if self.last_day < self.first_day:
+            raise ConfigError(f"period ends ({self.last_day}) before it starts ({self.first_day})")
+
+    @classmethod
+    def starting(cls, start: dt.date | str, days: int) -> Period:
+        """``days`` days from ``start``.
+
+        >>> Period.starting("2018-07-25", 7).label
+        '2018-07-25..2018-07-31'
+        """
+        if days < 1:
+            raise ConfigError(f"a period needs at least one day, got {days}")
+        first = epoch_day(start)
+        return cls(first, first + days - 1)
+
+    @property
+    def days(self) -> int:
+        """Number of days in the period."""
+        return self.last_day - self.first_day + 1
+
+    @property
+    def label(self) -> str:
+        """``first..last`` as ISO dates."""
+        return f"{iso_day(self.first_day)}..{iso_day(self.last_day)}"
+
+    def shifted(self, days: int) -> Period:
+        """The same period moved by ``days`` (negative: earlier)."""
+        return Period(self.first_day + days, self.last_day + days)
+
+
+@dataclass(frozen=True)
+class FileFeatures:
+    """A transactions file's features with, per canonical row, the columns periods need."""
+
+    offline: features.OfflineFeatures
+    days: IntArray
+    customers: IntArray
+    labels: IntArray
+    transaction_ids: IntArray
+
+    @property
+    def first_day(self) -> int:
+        """First epoch day with a transaction."""
+        return int(self.days.min())
+
+    @property
+    def last_day(self) -> int:
+        """Last epoch day with a transaction."""
+        return int(self.days.max())
+
+    def rows(self, period: Period) -> IntArray:
+        """Canonical rows whose day falls in ``period``, in canonical order."""
+        inside = (self.days >= period.first_day) & (self.days <= period.last_day)
+        return np.flatnonzero(inside).astype(np.int64)
+
+    def require(self, period: Period, what: str) -> IntArray:
+        """Like :meth:`rows`, but a period without a single fraud is a configuration error."""
+        rows = self.rows(period)
+        if len(rows) == 0 or not self.labels[rows].any():
+            raise ConfigError(
+                f"the {what} period {period.label} holds {len(rows)} transactions and no fraud; "
+                f"the file covers {iso_day(self.first_day)}..{iso_day(self.last_day)}"
+            )
+        return rows
+
+    def baseline(self, rows: IntArray) -> FloatArray:
+        """The Handbook's 15 baseline features of ``rows`` (the reference models' input)."""
+        return self.offline.features[rows, :N_BASELINE]
+
+    def sequence_set(self, rows: IntArray, sequence_length: int) -> SequenceSet:
+        """Sequences and keys of ``rows``."""
+        return SequenceSet(
+            sequences=self.offline.sequences(sequence_length, rows),
+            labels=self.labels[rows],
+            days=self.days[rows],
+            customers=self.customers[rows],
+        )
+
+
+def file_features(df: pd.DataFrame) -> FileFeatures:
+    """Compute the features of a whole transactions table (labels known after the delay)."""
+    arrays = to_arrays(df)
+    offline = features.offline_features(
+        arrays.customer_ids,
+        arrays.terminal_ids,
+        arrays.times_ms,
+        arrays.amounts,
+        arrays.is_fraud,
+    )
+    order = offline.order
+    return FileFeatures(
+        offline=offline,
+        days=features.day_index(arrays.times_ms[order]),
+        customers=arrays.customer_ids[order],
+        labels=arrays.is_fraud[order].astype(np.int64),
+        transaction_ids=arrays.transaction_ids[order],
+    )
+
+
+def known_compromised(
+    days: IntArray,
+    customers: IntArray,
+    labels: IntArray,
+    candidate_rows: IntArray,
+    train_first_day: int,
+    delay_days: int,
+) -> npt.NDArray[np.bool_]:
+    """Which candidate (test) rows belong to a card already known to be compromised.
+
+    Following the Handbook's ``get_train_test_set``: a card is known on test day ``t`` once it
+    had a fraud between the first training day and day ``t - delay_days - 1`` (the training
+    period's frauds, then one more delay-period day per test day), so for the default 7-day
+    delay the frauds of day ``t - 8`` or earlier.
+
+    Args:
+        days, customers, labels: per row of the whole file.
+        candidate_rows: the rows of the test period.
+        train_first_day: first day of the training period; older frauds do not count.
+        delay_days: length of the delay period.
+
+    Returns:
+        One flag per candidate row: true where the row must be removed.
+
+    >>> days = np.array([0, 3, 9, 9, 10])
+    >>> cards = np.array([1, 2, 1, 2, 2])
+    >>> fraud = np.array([1, 1, 0, 0, 0])
+    >>> known_compromised(days, cards, fraud, np.array([2, 3, 4]), 0, 5).tolist()
+    [True, True, True]
+    >>> known_compromised(days, cards, fraud, np.array([2, 3, 4]), 1, 5).tolist()
+    [False, True, True]
+    >>> known_compromised(days, cards, fraud, np.array([2, 3, 4]), 0, 6).tolist()
+    [True, False, True]
+    """
+    frauds = np.flatnonzero((labels == 1) & (days >= train_first_day))
+    if len(frauds) == 0:
+        return np.zeros(len(candidate_rows), dtype=bool)
+    # Each card's first fraud day since training started; a card is known from then on.
+    fraud_cards = customers[frauds]
+    order = np.lexsort((days[frauds], fraud_cards))
+    cards_sorted = fraud_cards[order]
+    first_of_card = np.r_[True, cards_sorted[1:] != cards_sorted[:-1]]
+    cards = cards_sorted[first_of_card]
+    first_day = days[frauds][order][first_of_card]
+    cand_cards = customers[candidate_rows]
+    at = np.clip(np.searchsorted(cards, cand_cards), 0, len(cards) - 1)
+    has_fraud = cards[at] == cand_cards
+    known: npt.NDArray[np.bool_] = has_fraud & (
+        first_day[at] <= days[candidate_rows] - delay_days - 1
+    )
+    return known
+
+
+@dataclass(frozen=True)
+class SequenceSet:
+    """Model inputs of some transactions: raw sequences ``[n, T, F]`` and their keys."""
+
+    sequences: SequenceArray
+    labels: IntArray
+    days: IntArray
+    customers: IntArray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def frauds(self) -> SequenceArray:
+        """The fraud sequences (what the GAN learns from)."""
+        return self.sequences[self.labels == 1]
+
+    def subset(self, mask: npt.NDArray[np.bool_] | IntArray) -> SequenceSet:
+        """Rows selected by a boolean mask or an index array."""
+        return SequenceSet(
+            sequences=self.sequences[mask],
+            labels=self.labels[mask],
+            days=self.days[mask],
+            customers=self.customers[mask],
+        )
+
+    def with_frauds(self, extra: SequenceArray) -> SequenceSet:
+        """This set plus ``extra`` fraud sequences (synthetic or repeated); keys are -1."""
+        n = len(extra)
+        minus = np.full(n, -1, dtype=np.int64)
+        return SequenceSet(
+            sequences=np.concatenate([self.sequences, extra.astype(np.float32)]),
+            labels=np.concatenate([self.labels, np.ones(n, dtype=np.int64)]),
+            days=np.concatenate([self.days, minus]),
+            customers=np.concatenate([self.customers, minus]),
+        )
+
+
+def oversample_frauds(train: SequenceSet, ratio: float, rng: np.random.Generator) -> SequenceArray:
+    """``round(ratio * frauds)`` fraud sequences of ``train`` drawn again with replacement."""
+    frauds = train.frauds
+    n = round(ratio * len(frauds))
+    if n == 0 or len(frauds) == 0:
+        return np.zeros((0, *train.sequences.shape[1:]), dtype=np.float32)
+    return frauds[rng.integers(0, len(frauds), n)]
