@@ -196,25 +196,25 @@ def assess(
     >>> m = assess(np.array([0, 0, 0]), np.array([1, 2, 3]), np.array([0, 1, 0]),
     ...            np.array([0.1, 0.9, 0.2]), top_k=1)
     >>> {name: round(value, 3) for name, value in m.items()}
-    {'auc_roc': 1.0, 'average_precision': 1.0, 'card_precision_at_100': 1.0}
+    {'auc_roc': 1.0, 'average_precision': 1.0, 'card_precision_at_1': 1.0}
     """
     cp = card_precision_top_k(days, cards, labels, scores, top_k)
     return {
         "auc_roc": float(roc_auc_score(labels, scores)),
         "average_precision": float(average_precision_score(labels, scores)),
-        "card_precision_at_100": cp.mean,
+        f"card_precision_at_{top_k}": cp.mean,
     }
 
 
 def mean_and_std(results: Sequence[dict[str, float]]) -> dict[str, dict[str, float]]:
     """Per metric, the mean and (population) standard deviation over folds.
 
-    >>> mean_and_std([{"auc_roc": 0.8}, {"auc_roc": 0.9}])["auc_roc"]["mean"]
-    0.85
+    >>> mean_and_std([{"auc_roc": 0.5}, {"auc_roc": 1.0}])["auc_roc"]
+    {'mean': 0.75, 'std': 0.25}
     """
     names = [name for name in METRIC_NAMES if all(name in r for r in results)]
     summary: dict[str, dict[str, float]] = {}
     for name in names:
         values = np.array([r[name] for r in results], dtype=np.float64)
-        summary[name] = {"mean": round(float(values.mean()), 6), "std": float(values.std())}
+        summary[name] = {"mean": float(values.mean()), "std": float(values.std())}
     return summary
