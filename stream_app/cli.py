@@ -7,6 +7,9 @@ command runs, so ``fraudstream worker --help`` works in a slim serving install.
 
 from __future__ import annotations
 
+import sys
+from typing import NoReturn
+
 import typer
 
 app = typer.Typer(
@@ -21,6 +24,49 @@ app = typer.Typer(
 @app.callback()
 def _root() -> None:
     """Real-time fraud detection over Kafka, Redis and ONNX Runtime."""
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    """Print ``error: message`` on stderr and exit: for mistakes the user can fix."""
+    from rich.console import Console
+    from rich.markup import escape
+
+    Console(stderr=True, soft_wrap=True).print(f"[red]error:[/red] {escape(message)}")
+    raise typer.Exit(code=code)
+
+
+@app.command("worker")
+def worker_command() -> None:
+    """Run the real-time scoring worker (settings from FRAUDSTREAM_* variables).
+
+    Consumes transactions and labels from Kafka, keeps state in Redis, scores with the
+    ONNX model, and publishes scores, alerts and dead letters. SIGTERM drains and stops.
+    The settings are documented in the README (`fraudstream settings` prints them).
+    """
+    from stream_app.config import load_settings
+    from stream_app.errors import ConfigError, ModelError
+
+    try:
+        settings = load_settings()
+        from stream_app.worker import run_worker
+
+        code = run_worker(settings)
+    except ConfigError as exc:
+        fail(str(exc))
+    except ModelError as exc:
+        fail(
+            f"{exc}\nthe worker needs a model: train one (fraudstream train ...) or point "
+            "FRAUDSTREAM_MODEL_DIR at a model directory"
+        )
+    raise typer.Exit(code=code)
+
+
+@app.command("settings")
+def settings_command() -> None:
+    """Print every setting as a Markdown table: variable, default, description."""
+    from stream_app.config import settings_table
+
+    sys.stdout.write(settings_table())
 
 
 def _register_training_commands() -> None:

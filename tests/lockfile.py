@@ -29,7 +29,8 @@ def closure(extras: tuple[str, ...]) -> dict[str, str]:
     """Installed versions of the project's requirements (with ``extras``), transitively."""
     pending = [Requirement(r) for r in metadata.requires("fraudstream") or []]
     pending = [
-        r for r in pending
+        r
+        for r in pending
         if r.marker is None or any(r.marker.evaluate({"extra": e}) for e in ("", *extras))
     ]
     pinned: dict[str, str] = {}

@@ -1,0 +1,226 @@
+"""Kafka client configuration from the settings: security, producers, consumers, topics.
+
+One place turns :class:`~stream_app.config.Settings` into keyword arguments for aiokafka
+clients (the worker's scoring path, the replay tool) and into Faust's credentials (the
+worker's Faust application), so PLAINTEXT, SSL (optionally mutual) and SASL_SSL with PLAIN
+or SCRAM-SHA-256/512 are configured identically everywhere.
+
+The bundled test broker (Tansu) supports neither TLS nor idempotent or transactional
+producers: against it run ``FRAUDSTREAM_KAFKA_SECURITY_PROTOCOL=PLAINTEXT`` (the default),
+``FRAUDSTREAM_IDEMPOTENT_PRODUCER=false`` and ``at_least_once``. With Apache Kafka keep the
+idempotent producer on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Final
+
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.helpers import create_ssl_context
+
+from stream_app.config import Settings
+from stream_app.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+# Producer requests wait for every in-sync replica: a score acknowledged is a score kept.
+PRODUCER_ACKS: Final = "all"
+# How long one produce request may take before aiokafka fails it (and we retry the batch).
+PRODUCER_REQUEST_TIMEOUT_MS: Final = 30_000
+# Larger requests amortise per-request overhead at 20,000 events/s; a ScoreRecord is ~300 B.
+PRODUCER_MAX_BATCH_BYTES: Final = 512 * 1024
+
+
+def ssl_context(settings: Settings) -> ssl.SSLContext | None:
+    """The TLS context of SSL and SASL_SSL, verifying brokers; None for PLAINTEXT.
+
+    Raises:
+        ConfigError: a certificate or key file cannot be read or does not match.
+    """
+    if settings.kafka_security_protocol == "PLAINTEXT":
+        return None
+    password = settings.kafka_ssl_key_password
+    try:
+        return create_ssl_context(
+            cafile=str(settings.kafka_ssl_ca_file) if settings.kafka_ssl_ca_file else None,
+            certfile=str(settings.kafka_ssl_cert_file) if settings.kafka_ssl_cert_file else None,
+            keyfile=str(settings.kafka_ssl_key_file) if settings.kafka_ssl_key_file else None,
+            password=password.get_secret_value() if password else None,
+        )
+    except (OSError, ssl.SSLError) as exc:
+        # The message names files, never the key password.
+        raise ConfigError(
+            f"cannot build the Kafka TLS context from FRAUDSTREAM_KAFKA_SSL_*: {exc}"
+        ) from None
+
+
+def client_kwargs(settings: Settings) -> dict[str, Any]:
+    """Connection and security arguments shared by every aiokafka client."""
+    kwargs: dict[str, Any] = {
+        "bootstrap_servers": settings.bootstrap_servers,
+        "security_protocol": settings.kafka_security_protocol,
+        "client_id": f"{settings.group_id}-{settings.instance_id}",
+    }
+    context = ssl_context(settings)
+    if context is not None:
+        kwargs["ssl_context"] = context
+    if settings.kafka_security_protocol == "SASL_SSL":
+        assert settings.kafka_sasl_password is not None  # checked by Settings
+        kwargs["sasl_mechanism"] = settings.kafka_sasl_mechanism
+        kwargs["sasl_plain_username"] = settings.kafka_sasl_username
+        kwargs["sasl_plain_password"] = settings.kafka_sasl_password.get_secret_value()
+    return kwargs
+
+
+def producer_kwargs(settings: Settings, *, transactional_id: str | None = None) -> dict[str, Any]:
+    """Arguments of an ``AIOKafkaProducer`` for the worker's outputs or the replay tool."""
+    kwargs = client_kwargs(settings)
+    kwargs.update(
+        acks=PRODUCER_ACKS,
+        enable_idempotence=settings.idempotent_producer,
+        linger_ms=settings.producer_linger_ms,
+        max_batch_size=PRODUCER_MAX_BATCH_BYTES,
+        request_timeout_ms=PRODUCER_REQUEST_TIMEOUT_MS,
+    )
+    if transactional_id is not None:
+        kwargs["transactional_id"] = transactional_id
+    return kwargs
+
+
+def consumer_kwargs(settings: Settings, group_id: str) -> dict[str, Any]:
+    """Arguments of an ``AIOKafkaConsumer`` that commits by hand, after its outputs."""
+    kwargs = client_kwargs(settings)
+    kwargs.update(
+        group_id=group_id,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        # Under exactly-once, aborted outputs of a zombie must stay invisible downstream;
+        # our own inputs are read the same way so a replayed transaction is never half-seen.
+        isolation_level="read_committed" if settings.exactly_once else "read_uncommitted",
+        max_poll_records=settings.batch_size,
+        # The broker answers a fetch as soon as a byte is there; this bounds the wait when
+        # there is none, so an idle partition is not polled in a tight loop.
+        fetch_max_wait_ms=100,
+    )
+    return kwargs
+
+
+def faust_credentials(settings: Settings) -> Any:
+    """Faust's ``broker_credentials`` for the settings' security protocol (None: PLAINTEXT)."""
+    import faust
+
+    context = ssl_context(settings)
+    if settings.kafka_security_protocol == "SASL_SSL":
+        assert settings.kafka_sasl_password is not None
+        return faust.SASLCredentials(
+            username=settings.kafka_sasl_username,
+            password=settings.kafka_sasl_password.get_secret_value(),
+            ssl_context=context,
+            mechanism=settings.kafka_sasl_mechanism,
+        )
+    if context is not None:
+        return faust.SSLCredentials(context)
+    return None
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    """A topic the worker needs, and the partitions it is created with when missing."""
+
+    name: str
+    partitions: int
+
+
+def required_topics(settings: Settings, transactions_partitions: int) -> list[TopicSpec]:
+    """Every topic the worker reads or writes.
+
+    The repartition topic must have as many partitions as the transactions topic: an event
+    re-keyed to partition ``p`` is then consumed by the member that owns ``p`` of both.
+    """
+    others = [
+        settings.topic_labels,
+        settings.topic_scores,
+        settings.topic_alerts,
+        settings.topic_shadow_scores,
+        settings.topic_dead_letters,
+        settings.topic_label_dead_letters,
+    ]
+    return [
+        TopicSpec(settings.topic_transactions, transactions_partitions),
+        TopicSpec(settings.topic_repartition, transactions_partitions),
+        *(TopicSpec(name, settings.topic_partitions) for name in others),
+    ]
+
+
+async def topic_partitions(admin: AIOKafkaAdminClient, names: Iterable[str]) -> dict[str, int]:
+    """Partition count of each existing topic among ``names``."""
+    # Describe only topics that exist: a metadata request naming a missing topic makes
+    # brokers with auto-creation on (Tansu, many Kafka defaults) create it with their own
+    # partition count.
+    wanted = set(names) & set(await admin.list_topics())
+    if not wanted:
+        return {}
+    described = await admin.describe_topics(sorted(wanted))
+    counts: dict[str, int] = {}
+    for topic in described:
+        if topic.get("error_code", 0) == 0 and topic["topic"] in wanted:
+            counts[topic["topic"]] = len(topic["partitions"])
+    return counts
+
+
+async def ensure_topics(settings: Settings) -> dict[str, int]:
+    """Create the missing topics (when allowed) and check the partition contract.
+
+    Returns:
+        The partition count of every topic the worker uses.
+
+    Raises:
+        ConfigError: a topic is missing and ``create_topics`` is off, or the repartition
+            topic's partition count differs from the transactions topic's.
+        aiokafka.errors.KafkaError: the cluster is unreachable (the caller retries).
+    """
+    admin = AIOKafkaAdminClient(**client_kwargs(settings))
+    await admin.start()
+    try:
+        names = [spec.name for spec in required_topics(settings, settings.topic_partitions)]
+        existing = await topic_partitions(admin, names)
+        source = existing.get(settings.topic_transactions, settings.topic_partitions)
+        missing = [s for s in required_topics(settings, source) if s.name not in existing]
+        if missing and not settings.create_topics:
+            raise ConfigError(
+                "missing topics "
+                + ", ".join(s.name for s in missing)
+                + ": create them or set FRAUDSTREAM_CREATE_TOPICS=true"
+            )
+        if missing:
+            new = [
+                NewTopic(s.name, s.partitions, settings.topic_replication_factor) for s in missing
+            ]
+            try:
+                await admin.create_topics(new)
+            except TopicAlreadyExistsError:
+                pass  # another replica created them first
+            log.info("created topics %s", ", ".join(s.name for s in missing))
+            # Creation is asynchronous on some brokers: wait until every topic is described.
+            for _ in range(100):
+                existing = await topic_partitions(admin, names)
+                if len(existing) == len(names):
+                    break
+                await asyncio.sleep(0.1)
+        repartition = existing.get(settings.topic_repartition)
+        if repartition is not None and repartition != existing.get(settings.topic_transactions):
+            raise ConfigError(
+                f"topic {settings.topic_repartition} has {repartition} partitions but "
+                f"{settings.topic_transactions} has {existing.get(settings.topic_transactions)}: "
+                "delete the repartition topic (it holds only in-flight events) and restart"
+            )
+        return existing
+    finally:
+        await admin.close()
+
