@@ -79,9 +79,10 @@ for e = 1, n_events do
     end
     redis.call('SET', ckey, blob, 'PX', ttl)
     if redis.call('HINCRBY', tkey, 't' .. day, 1) == 1 then
-      -- First transaction of the day here: drop the week of counters no window reads now.
+      -- First transaction of the day here: drop a week of counters no window reads any
+      -- more, a week past the widest window, so events up to a week late still see theirs.
       local stale = {}
-      for d = day + min_lo - 8, day + min_lo - 1 do
+      for d = day + min_lo - 15, day + min_lo - 8 do
         stale[#stale + 1] = 't' .. d
         stale[#stale + 1] = 'f' .. d
       end
