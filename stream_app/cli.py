@@ -35,14 +35,17 @@ def fail(message: str, code: int = 2) -> NoReturn:
     raise typer.Exit(code=code)
 
 
-@app.command("worker")
-def worker_command() -> None:
-    """Run the real-time scoring worker (settings from FRAUDSTREAM_* variables).
+_WORKER_HELP = (
+    "Run the real-time scoring worker; settings come from FRAUDSTREAM_* variables.\n\n"
+    "It consumes transactions and labels from Kafka, keeps state in Redis, scores with the "
+    "ONNX model and publishes scores, alerts and dead letters. SIGTERM drains and stops. "
+    "`fraudstream settings` lists every setting."
+)
 
-    Consumes transactions and labels from Kafka, keeps state in Redis, scores with the
-    ONNX model, and publishes scores, alerts and dead letters. SIGTERM drains and stops.
-    The settings are documented in the README (`fraudstream settings` prints them).
-    """
+
+@app.command("worker", help=_WORKER_HELP)
+def worker_command() -> None:
+    """Run the real-time scoring worker (the help text is ``_WORKER_HELP``)."""
     from stream_app.config import load_settings
     from stream_app.errors import ConfigError, ModelError
 
@@ -69,12 +72,22 @@ def settings_command() -> None:
     sys.stdout.write(settings_table())
 
 
+_registered = False
+
+
 def _register_training_commands() -> None:
+    """Add the offline, replay/demo and bench commands (once) when ``training`` is there."""
+    global _registered
+    if _registered:
+        return
     try:
-        from training import commands
+        from training import bench_commands, commands, stream_commands
     except ImportError:  # a serving-only install ships without the training package
         return
     commands.register(app)
+    stream_commands.register_stream_commands(app)
+    bench_commands.register_bench_command(app)
+    _registered = True
 
 
 def main() -> None:

@@ -4,8 +4,8 @@ Keys (``prefix`` is a setting, so several deployments or tests can share one Red
 
 * ``{prefix}:c:{customer_id}``: string, the customer's retained history, packed
   :data:`stream_app.state.ENTRY_DTYPE` records (48 bytes each);
-* ``{prefix}:t:{terminal_id}``: hash, fields ``t<day>`` (transactions) and ``f<day>``
-  (fraud labels) per UTC day number;
+* ``{prefix}:t:{terminal_id}``: string, a ring of :data:`stream_app.state.TERMINAL_RING_DAYS`
+  12-byte slots (UTC day number, transactions, fraud labels), slot ``day % ring``;
 * ``{prefix}:l:{transaction_id}``: string, marks a label as counted (dedupe).
 
 Every key carries a TTL (refreshed on write), which bounds memory; a customer or terminal
@@ -24,6 +24,8 @@ import redis.asyncio as aioredis
 from stream_app import features
 from stream_app.state import (
     ENTRY_DTYPE,
+    TERMINAL_RING_DAYS,
+    TRIM_SLACK,
     BatchState,
     LabelUpdate,
     TransactionUpdate,
@@ -32,6 +34,8 @@ from stream_app.state import (
 )
 
 _SCRIPTS: Final = resources.files("stream_app") / "redis_scripts"
+# One slot of a terminal's ring of day counters (see apply_transactions.lua).
+_SLOT: Final = np.dtype([("day", "<i4"), ("tx", "<i4"), ("fraud", "<i4")])
 
 
 def _script(name: str) -> str:
@@ -70,6 +74,8 @@ class RedisStateStore:
             self.ttl_ms,
             len(offsets),
             *(bound for pair in offsets for bound in pair),
+            TRIM_SLACK,
+            TERMINAL_RING_DAYS,
         ]
         self._apply_transactions = client.register_script(_script("apply_transactions.lua"))
         self._apply_labels = client.register_script(_script("apply_labels.lua"))
@@ -86,6 +92,16 @@ class RedisStateStore:
         """Key marking a transaction's label as counted."""
         return f"{self.prefix}:l:{transaction_id}"
 
+    async def terminal_counts(self, terminal_id: str, day: int) -> tuple[int, int]:
+        """A terminal's (transactions, fraud labels) of one UTC day, as stored."""
+        stored = await self.client.get(self.terminal_key(terminal_id))
+        ring = stored if isinstance(stored, bytes) else b""
+        if len(ring) < TERMINAL_RING_DAYS * _SLOT.itemsize:
+            return 0, 0
+        slots = np.frombuffer(ring, dtype=_SLOT)
+        slot_day, tx, fraud = slots[day % TERMINAL_RING_DAYS].tolist()
+        return (int(tx), int(fraud)) if slot_day == day else (0, 0)
+
     async def apply_transactions(self, updates: Sequence[TransactionUpdate]) -> BatchState:
         """Apply a micro-batch in order and return each event's retained history."""
         if not updates:
@@ -100,7 +116,11 @@ class RedisStateStore:
             args.append(repr(float(u.amount)))
         reply = await self._apply_transactions(keys=keys, args=args)
         flags: bytes = reply[0]
-        records = [np.frombuffer(blob, dtype=ENTRY_DTYPE) for blob in reply[1:]]
+        # Each event's history comes in two parts (stored, new record): no copy in Lua.
+        records = [
+            np.frombuffer(reply[i] + reply[i + 1], dtype=ENTRY_DTYPE)
+            for i in range(1, len(reply), 2)
+        ]
         duplicate = np.frombuffer(flags, dtype=np.uint8) == ord("1")
         return BatchState(history=history_from_records(records), duplicate=duplicate)
 
@@ -109,7 +129,7 @@ class RedisStateStore:
         if not labels:
             return 0
         keys: list[str] = []
-        args: list[Any] = [self.ttl_ms]
+        args: list[Any] = [self.ttl_ms, TERMINAL_RING_DAYS]
         for label in labels:
             keys.append(self.terminal_key(label.terminal_id))
             keys.append(self.label_key(label.transaction_id))

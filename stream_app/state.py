@@ -43,6 +43,13 @@ ENTRY_DTYPE: Final = np.dtype(
     ]
 )
 ENTRY_SIZE: Final = ENTRY_DTYPE.itemsize
+# History a customer may carry past what it needs before it is rewritten without it: the
+# droppable entries are outside every window, so keeping a few saves rewriting the key on
+# almost every event (Redis then only appends).
+TRIM_SLACK: Final = 8
+# Days of terminal counters Redis keeps (a ring): the windows read 30 days ending 8 days
+# back, so events and labels up to 26 days late still find their day.
+TERMINAL_RING_DAYS: Final = 64
 
 
 def transaction_hash(transaction_id: str) -> bytes:
@@ -104,13 +111,17 @@ def history_from_records(records: Sequence[npt.NDArray[np.void]]) -> features.Hi
 
 
 def retained(entries: npt.NDArray[np.void], sequence_length: int) -> npt.NDArray[np.void]:
-    """Drop history no sequence element needs: keep the last ``T`` and 30 days before them."""
+    """Drop history no sequence element needs: keep the last ``T`` and 30 days before them.
+
+    The leading entries at or before the cutoff go, but only once there are
+    :data:`TRIM_SLACK` of them (until then they sit outside every window, harmlessly).
+    """
     if len(entries) <= sequence_length:
         return entries
     cutoff = int(entries["time_ms"][-sequence_length]) - features.CUSTOMER_LOOKBACK_MS
-    # Drop the leading run at or before the cutoff; it ends by entry -T, which is newer.
-    keep_from = int(np.argmax(entries["time_ms"] > cutoff))
-    return entries[keep_from:]
+    # The leading run at or before the cutoff ends by entry -T, which is newer.
+    droppable = int(np.argmax(entries["time_ms"] > cutoff))
+    return entries[droppable:] if droppable >= TRIM_SLACK else entries
 
 
 @dataclass

@@ -117,4 +117,11 @@ async def test_a_label_counts_once(redis_client: aioredis.Redis, redis_prefix: s
     assert await store.apply_labels([label, label]) == 1
     assert await store.apply_labels([label]) == 0
     day = BASE_MS // F.MS_PER_DAY
-    assert await redis_client.hget(store.terminal_key("t1"), f"f{day}") == b"1"
+    assert await store.terminal_counts("t1", day) == (0, 1)
+    # The day's transaction then lands in the same slot; a day a ring later replaces it.
+    await store.apply_transactions([TransactionUpdate("tx1", "c1", "t1", BASE_MS + 1, 5.0)])
+    assert await store.terminal_counts("t1", day) == (1, 1)
+    later = BASE_MS + 64 * F.MS_PER_DAY
+    await store.apply_transactions([TransactionUpdate("tx2", "c1", "t1", later, 5.0)])
+    assert await store.terminal_counts("t1", day) == (0, 0)
+    assert await store.terminal_counts("t1", day + 64) == (1, 0)

@@ -3,10 +3,17 @@
 --
 -- KEYS: per event, its customer key then its terminal key.
 -- ARGV: sequence_length, lookback_ms, ttl_ms, n_windows, then per window its inclusive day
---       offsets (lo, hi), then per event: tx_hash (8 bytes), time_ms, amount.
--- Returns: { duplicate flags ('0'/'1' per event), then per event its retained history blob }.
+--       offsets (lo, hi), then trim_slack, ring_days, then per event: tx_hash (8 bytes),
+--       time_ms, amount.
+-- Returns: { duplicate flags ('0'/'1' per event), then per event two strings whose
+--            concatenation is its retained history: the stored part and the new record }.
+--
+-- Customer history: 48-byte records <i8 time_ms, d amount, 8-byte tx hash, i4 x 2n counts>.
+-- Terminal counters: a ring of `ring_days` 12-byte slots <i4 day, i4 transactions, i4 frauds>,
+-- slot = day % ring_days; a slot holding another day counts as empty.
 
 local REC = 48
+local SLOT = 12
 local seq_len = tonumber(ARGV[1])
 local lookback = tonumber(ARGV[2])
 local ttl = tonumber(ARGV[3])
@@ -19,9 +26,38 @@ for w = 1, n_windows do
   if lo[w] < min_lo then min_lo = lo[w] end
   if hi[w] > max_hi then max_hi = hi[w] end
 end
+local trim_slack = tonumber(ARGV[5 + 2 * n_windows])
+local ring = tonumber(ARGV[6 + 2 * n_windows])
 local counts_fmt = '<' .. string.rep('i4', 2 * n_windows)
-local first_arg = 5 + 2 * n_windows
+local first_arg = 7 + 2 * n_windows
 local n_events = #KEYS / 2
+local span = max_hi - min_lo + 1
+
+-- Transaction and fraud counts of the days day+min_lo .. day+max_hi, from a terminal's ring.
+local function read_days(ring_blob, day)
+  local tx, fr = {}, {}
+  for i = 1, span do
+    tx[i] = 0
+    fr[i] = 0
+  end
+  if #ring_blob < ring * SLOT then return tx, fr end
+  -- The days map to at most two contiguous runs of slots: unpack each run in one call.
+  local first = day + min_lo
+  local i = 1
+  while i <= span do
+    local slot = (first + i - 1) % ring
+    local run = math.min(span - i + 1, ring - slot)
+    local v = { struct.unpack('<' .. string.rep('i4', 3 * run), ring_blob, slot * SLOT + 1) }
+    for j = 0, run - 1 do
+      if v[3 * j + 1] == first + i - 1 + j then
+        tx[i + j] = v[3 * j + 2]
+        fr[i + j] = v[3 * j + 3]
+      end
+    end
+    i = i + run
+  end
+  return tx, fr
+end
 
 local flags = {}
 local out = { '' }
@@ -35,61 +71,79 @@ for e = 1, n_events do
   local blob = redis.call('GET', ckey) or ''
   local n = #blob / REC
 
+  -- Dedupe: a plain search for the hash, accepted only at a record's hash position.
   local dup_at = nil
-  for k = 1, n do
-    local off = (k - 1) * REC
-    if string.sub(blob, off + 17, off + 24) == h then
-      dup_at = k
+  local from = 1
+  while true do
+    local pos = string.find(blob, h, from, true)
+    if not pos then break end
+    if (pos - 17) % REC == 0 then
+      dup_at = (pos - 17) / REC + 1
       break
     end
+    from = pos + 1
   end
 
   if dup_at then
     flags[e] = '1'
-    out[e + 1] = string.sub(blob, 1, dup_at * REC)
+    out[2 * e] = string.sub(blob, 1, dup_at * REC)
+    out[2 * e + 1] = ''
   else
     flags[e] = '0'
     local day = math.floor(t / 86400000)
-    local fields = {}
-    for d = day + min_lo, day + max_hi do
-      fields[#fields + 1] = 't' .. d
-      fields[#fields + 1] = 'f' .. d
-    end
-    local values = redis.call('HMGET', tkey, unpack(fields))
+    local ring_blob = redis.call('GET', tkey) or ''
+    local tx, fr = read_days(ring_blob, day)
     local sums = {}
     for w = 1, n_windows do
-      local tx, fr = 0, 0
-      for d = day + lo[w], day + hi[w] do
-        local i = 2 * (d - (day + min_lo)) + 1
-        tx = tx + (tonumber(values[i]) or 0)
-        fr = fr + (tonumber(values[i + 1]) or 0)
+      local s_tx, s_fr = 0, 0
+      for d = lo[w] - min_lo + 1, hi[w] - min_lo + 1 do
+        s_tx = s_tx + tx[d]
+        s_fr = s_fr + fr[d]
       end
-      sums[w] = tx
-      sums[n_windows + w] = fr
+      sums[w] = s_tx
+      sums[n_windows + w] = s_fr
     end
-    blob = blob .. struct.pack('<i8d', t, amount) .. h .. struct.pack(counts_fmt, unpack(sums))
+    local rec = struct.pack('<i8d', t, amount) .. h .. struct.pack(counts_fmt, unpack(sums))
     n = n + 1
+    -- Drop history no sequence element needs (see state.retained), once there is enough of
+    -- it to be worth rewriting the key; until then only append.
+    local keep = 1
     if n > seq_len then
-      local cutoff = struct.unpack('<i8', blob, (n - seq_len) * REC + 1) - lookback
-      local keep = 1
-      while struct.unpack('<i8', blob, (keep - 1) * REC + 1) <= cutoff do
+      local idx = n - seq_len + 1
+      local cutoff
+      if idx == n then
+        cutoff = t - lookback
+      else
+        cutoff = struct.unpack('<i8', blob, (idx - 1) * REC + 1) - lookback
+      end
+      while keep < n and struct.unpack('<i8', blob, (keep - 1) * REC + 1) <= cutoff do
         keep = keep + 1
       end
-      if keep > 1 then blob = string.sub(blob, (keep - 1) * REC + 1) end
     end
-    redis.call('SET', ckey, blob, 'PX', ttl)
-    if redis.call('HINCRBY', tkey, 't' .. day, 1) == 1 then
-      -- First transaction of the day here: drop a week of counters no window reads any
-      -- more, a week past the widest window, so events up to a week late still see theirs.
-      local stale = {}
-      for d = day + min_lo - 15, day + min_lo - 8 do
-        stale[#stale + 1] = 't' .. d
-        stale[#stale + 1] = 'f' .. d
+    if keep - 1 >= trim_slack then
+      blob = string.sub(blob, (keep - 1) * REC + 1)
+      redis.call('SET', ckey, blob .. rec, 'PX', ttl)
+    else
+      redis.call('APPEND', ckey, rec)
+      redis.call('PEXPIRE', ckey, ttl)
+    end
+    -- Count the transaction on its terminal's day (a slot of an older day starts afresh;
+    -- one of a newer day means this event is more than a ring late: not counted).
+    local slot = day % ring
+    local s_day, s_tx, s_fr = day, 0, 0
+    if #ring_blob >= ring * SLOT then
+      s_day, s_tx, s_fr = struct.unpack('<i4i4i4', ring_blob, slot * SLOT + 1)
+    end
+    if s_day ~= day then s_tx, s_fr = 0, 0 end
+    if s_day <= day then
+      redis.call('SETRANGE', tkey, slot * SLOT, struct.pack('<i4i4i4', day, s_tx + 1, s_fr))
+      if #ring_blob < ring * SLOT then
+        redis.call('SETRANGE', tkey, ring * SLOT - 1, '\0')
       end
-      redis.call('HDEL', tkey, unpack(stale))
     end
     redis.call('PEXPIRE', tkey, ttl)
-    out[e + 1] = blob
+    out[2 * e] = blob
+    out[2 * e + 1] = rec
   end
 end
 out[1] = table.concat(flags)
