@@ -32,7 +32,9 @@ _FOREIGN_PREFIXES: Final = ("FRAUDSTREAM_TEST_",)
 _DAY_S: Final = 86_400
 # A terminal's widest window reaches back this many days; state must outlive it, or a
 # terminal quiet for a while would lose counters the model's features still read.
-MIN_STATE_TTL_S: Final = (max(features.TERMINAL_WINDOWS_DAYS) + features.LABEL_DELAY_DAYS + 1) * _DAY_S
+MIN_STATE_TTL_S: Final = (
+    max(features.TERMINAL_WINDOWS_DAYS) + features.LABEL_DELAY_DAYS + 1
+) * _DAY_S
 
 SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_SSL"]
 SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
@@ -106,8 +108,19 @@ class Settings(BaseSettings):
         description="at_least_once (duplicates on output after a crash, identical records) "
         "or exactly_once (Kafka transactions; needs a broker that supports them).",
     )
+    consumer_session_timeout_s: float = Field(
+        10.0,
+        ge=3,
+        le=300,
+        description="A worker silent this long leaves the consumer group and its partitions "
+        "move (also the rebalance timeout) (s).",
+    )
     producer_linger_ms: int = Field(
-        2, ge=0, le=1000, description="How long the producer waits to fill a request (ms)."
+        0,
+        ge=0,
+        le=1000,
+        description="How long the producer waits to fill a request (ms); the worker sends "
+        "whole micro-batches already, so waiting only adds latency.",
     )
     # Topics
     topic_transactions: TopicName = Field("transactions", description="Inbound transactions.")
@@ -305,9 +318,7 @@ def _cross_field_problems(s: Settings) -> list[str]:
         if path is not None and not path.is_file():
             problems.append(f"{p}{name.upper()}: {path} is not a readable file")
     if s.exactly_once and not s.idempotent_producer:
-        problems.append(
-            f"{p}PROCESSING_GUARANTEE=exactly_once needs {p}IDEMPOTENT_PRODUCER=true"
-        )
+        problems.append(f"{p}PROCESSING_GUARANTEE=exactly_once needs {p}IDEMPOTENT_PRODUCER=true")
     redis_url = s.redis_url.get_secret_value()
     scheme = urlsplit(redis_url).scheme
     if scheme not in ("redis", "rediss", "unix"):

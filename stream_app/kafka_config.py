@@ -14,6 +14,7 @@ idempotent producer on.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import ssl
 from collections.abc import Iterable
@@ -47,12 +48,13 @@ def ssl_context(settings: Settings) -> ssl.SSLContext | None:
         return None
     password = settings.kafka_ssl_key_password
     try:
-        return create_ssl_context(
+        context: ssl.SSLContext = create_ssl_context(
             cafile=str(settings.kafka_ssl_ca_file) if settings.kafka_ssl_ca_file else None,
             certfile=str(settings.kafka_ssl_cert_file) if settings.kafka_ssl_cert_file else None,
             keyfile=str(settings.kafka_ssl_key_file) if settings.kafka_ssl_key_file else None,
             password=password.get_secret_value() if password else None,
         )
+        return context
     except (OSError, ssl.SSLError) as exc:
         # The message names files, never the key password.
         raise ConfigError(
@@ -104,9 +106,13 @@ def consumer_kwargs(settings: Settings, group_id: str) -> dict[str, Any]:
         # our own inputs are read the same way so a replayed transaction is never half-seen.
         isolation_level="read_committed" if settings.exactly_once else "read_uncommitted",
         max_poll_records=settings.batch_size,
-        # The broker answers a fetch as soon as a byte is there; this bounds the wait when
-        # there is none, so an idle partition is not polled in a tight loop.
-        fetch_max_wait_ms=100,
+        session_timeout_ms=int(settings.consumer_session_timeout_s * 1000),
+        rebalance_timeout_ms=int(settings.consumer_session_timeout_s * 1000),
+        heartbeat_interval_ms=int(settings.consumer_session_timeout_s * 1000 / 3),
+        # Kafka answers a fetch as soon as a byte is there, whatever this says; the bundled
+        # broker waits it out, so it is kept to the batch wait (an idle worker then sends a
+        # few hundred empty fetches a second: negligible).
+        fetch_max_wait_ms=max(1, int(settings.batch_max_wait_s * 1000)),
     )
     return kwargs
 
@@ -202,10 +208,8 @@ async def ensure_topics(settings: Settings) -> dict[str, int]:
             new = [
                 NewTopic(s.name, s.partitions, settings.topic_replication_factor) for s in missing
             ]
-            try:
+            with contextlib.suppress(TopicAlreadyExistsError):  # another replica was first
                 await admin.create_topics(new)
-            except TopicAlreadyExistsError:
-                pass  # another replica created them first
             log.info("created topics %s", ", ".join(s.name for s in missing))
             # Creation is asynchronous on some brokers: wait until every topic is described.
             for _ in range(100):
@@ -223,4 +227,3 @@ async def ensure_topics(settings: Settings) -> dict[str, int]:
         return existing
     finally:
         await admin.close()
-

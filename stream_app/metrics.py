@@ -26,6 +26,7 @@ from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
+from stream_app.errors import RejectReason
 from stream_app.model_card import SCORE_BUCKET_EDGES
 
 # End to end, producer CreateTime to the score's acknowledgement. The target is a p99 of
@@ -190,7 +191,8 @@ class WorkerMetrics:
         )
         self.ready = Gauge(
             "fraudstream_ready",
-            "1 while the worker consumes; 0 while it waits on Redis, Kafka or start-up.",
+            "1 while the worker has partitions to score and its last Redis and Kafka calls "
+            "succeeded; 0 during start-up, rebalances and retries.",
             registry=registry,
         )
         # Pre-create the bounded label values, so every series exists from the start and
@@ -205,6 +207,8 @@ class WorkerMetrics:
             self.model_reloads.labels(outcome)
         for operation in KAFKA_OPERATIONS:
             self.kafka_errors.labels(operation)
+        for reason in RejectReason:
+            self.dead_letters.labels(reason.value)
 
 
 def score_buckets(scores: npt.NDArray[np.float64]) -> npt.NDArray[np.int64]:

@@ -18,6 +18,7 @@ the same files are not retried until they change again.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -288,9 +289,7 @@ class ModelRegistry:
     async def watch(self, interval_s: float, stop: asyncio.Event) -> None:
         """Poll every ``interval_s`` seconds until ``stop`` is set."""
         while not stop.is_set():
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=interval_s)
-            except TimeoutError:
-                pass
             if not stop.is_set():
                 await self.poll()

@@ -87,6 +87,14 @@ class Rejected:
     error: RejectedEvent
 
 
+def validate_transaction(message: Inbound, limits: ValidationLimits) -> Accepted | Rejected:
+    """Validate one message from the transactions topic."""
+    try:
+        return Accepted(message, parse_transaction(message.value or b"", limits))
+    except RejectedEvent as exc:
+        return Rejected(message, exc)
+
+
 def validate_transactions(
     messages: Sequence[Inbound], limits: ValidationLimits
 ) -> tuple[list[Accepted], list[Rejected]]:
@@ -94,12 +102,11 @@ def validate_transactions(
     accepted: list[Accepted] = []
     rejected: list[Rejected] = []
     for message in messages:
-        try:
-            event = parse_transaction(message.value or b"", limits)
-        except RejectedEvent as exc:
-            rejected.append(Rejected(message, exc))
+        outcome = validate_transaction(message, limits)
+        if isinstance(outcome, Accepted):
+            accepted.append(outcome)
         else:
-            accepted.append(Accepted(message, event))
+            rejected.append(outcome)
     return accepted, rejected
 
 

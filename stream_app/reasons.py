@@ -96,7 +96,9 @@ def _amount(context: AlertContext, mean: npt.NDArray[np.float64]) -> str:
     typical = float(mean[F.FEATURE_INDEX["TX_AMOUNT"]])
     if typical > 0 and context.amount >= 1.5 * typical:
         ratio = context.amount / typical
-        return f"amount {context.amount:,.2f} is {ratio:.1f}x the average transaction ({typical:,.2f})"
+        return (
+            f"amount {context.amount:,.2f} is {ratio:.1f}x the average transaction ({typical:,.2f})"
+        )
     return f"amount {context.amount:,.2f} (average transaction {typical:,.2f})"
 
 
@@ -107,8 +109,7 @@ def _amount_vs_usual(context: AlertContext, _mean: npt.NDArray[np.float64]) -> s
         return f"amount {context.amount:,.2f} is the customer's first in 30 days"
     prior = context.amount / ratio
     return (
-        f"amount {context.amount:,.2f} is {ratio:.1f}x the customer's 30-day average "
-        f"({prior:,.2f})"
+        f"amount {context.amount:,.2f} is {ratio:.1f}x the customer's 30-day average ({prior:,.2f})"
     )
 
 

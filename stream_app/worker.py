@@ -28,15 +28,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
+import heapq
 import logging
 import tempfile
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Final, TypeVar
+from typing import Any, Final, TypeVar, cast
 
 import faust
 import numpy as np
@@ -61,7 +64,7 @@ from stream_app.pipeline import (
     ScoredBatch,
     ScoringPipeline,
     apply_labels,
-    validate_transactions,
+    validate_transaction,
 )
 from stream_app.records import ValidationLimits, dead_letter_headers
 from stream_app.redis_state import RedisStateStore
@@ -74,6 +77,15 @@ T = TypeVar("T")
 _BACKOFF_START_S: Final = 0.1
 _LAG_REFRESH_S: Final = 1.0  # while idle, the lag gauge is refreshed at most this often
 _NOTHING_SCORED: Final = ScoredBatch([], [], np.zeros(0, dtype=bool))
+# Batches scored and sent but not yet acknowledged and committed. Enough to keep the
+# producer busy while the next batches are scored; bounded so an outage stops polling.
+_MAX_UNSETTLED: Final = 4
+# Buffered records older than this mean a backlog: then partitions are kept abreast in
+# event time, a batch ends where a partition runs dry, and the next one waits up to
+# _CATCH_UP_WAIT_MS for that partition's fetch (a few ms unless the machine is starved).
+_CATCH_UP_AGE_MS: Final = 1000
+_CATCH_UP_WAIT_MS: Final = 500
+_ALIGN_STEP_S: Final = 0.002
 
 
 @functools.lru_cache(maxsize=1 << 16)
@@ -123,8 +135,9 @@ class Backoff:
                 on_error(exc)
                 self.metrics.ready.set(0)
                 failed = True
-                log.warning("%s failed (%s: %s); retrying in %.1f s", what, type(exc).__name__,
-                            exc, delay)  # fmt: skip
+                log.warning(
+                    "%s failed (%s: %s); retrying in %.1f s", what, type(exc).__name__, exc, delay
+                )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.max_s)
             else:
@@ -135,21 +148,20 @@ class Backoff:
 
 
 class Publisher:
-    """Publishes outputs in one batch per topic partition and waits for every ack.
+    """Publishes outputs in one batch per topic partition.
 
     Building ``BatchBuilder`` objects directly skips aiokafka's per-message ``send()``
-    bookkeeping: the batch is serialised once, one future per partition.
+    bookkeeping: each partition's outputs are serialised once, with one future for all.
     """
 
     def __init__(self, producer: AIOKafkaProducer) -> None:
         self.producer = producer
 
-    async def publish(self, outputs: Sequence[Output]) -> None:
-        """Send every output; returns once all are acknowledged.
+    async def send(self, outputs: Sequence[Output]) -> list[asyncio.Future[Any]]:
+        """Queue every output; the futures resolve when the broker acknowledges them.
 
         Raises:
-            KafkaError: some output was not acknowledged (others may have been: the
-                caller re-sends all, which is safe as consumers dedupe by transaction id).
+            KafkaError: an output could not even be queued.
         """
         groups: dict[tuple[str, int], list[Output]] = {}
         for output in outputs:
@@ -158,18 +170,40 @@ class Publisher:
         for (topic, partition), items in groups.items():
             batch = self.producer.create_batch()
             for item in items:
-                appended = batch.append(
-                    key=item.key, value=item.value, timestamp=item.timestamp_ms,
-                    headers=item.headers,
-                )  # fmt: skip
-                if appended is None:  # full: ship it and start another
-                    futures.append(await self.producer.send_batch(batch, topic, partition=partition))
-                    batch = self.producer.create_batch()
-                    if batch.append(key=item.key, value=item.value, timestamp=item.timestamp_ms,
-                                    headers=item.headers) is None:  # fmt: skip
-                        raise KafkaError(f"a {len(item.value)}-byte message exceeds the batch size")
+                if self._append(batch, item):
+                    continue
+                # Full: ship it and start another.
+                futures.append(await self.producer.send_batch(batch, topic, partition=partition))
+                batch = self.producer.create_batch()
+                if not self._append(batch, item):
+                    raise KafkaError(f"a {len(item.value)}-byte message exceeds the batch size")
             futures.append(await self.producer.send_batch(batch, topic, partition=partition))
-        await asyncio.gather(*futures)
+        return futures
+
+    @staticmethod
+    def _append(batch: Any, item: Output) -> bool:
+        metadata = batch.append(
+            key=item.key, value=item.value, timestamp=item.timestamp_ms, headers=item.headers
+        )
+        return metadata is not None
+
+    async def publish(self, outputs: Sequence[Output]) -> None:
+        """Send every output and wait until all are acknowledged.
+
+        Raises:
+            KafkaError: some output was not acknowledged (others may have been: the caller
+                re-sends all, which is safe as consumers dedupe by transaction id).
+        """
+        await asyncio.gather(*await self.send(outputs))
+
+
+@dataclass(frozen=True, slots=True)
+class _Polled:
+    """A consumed message, validated, waiting in its partition's buffer."""
+
+    tp: TopicPartition
+    outcome: Accepted | Rejected
+    clock: float  # the partition's latest event time up to this message: the merge key
 
 
 @dataclass
@@ -184,6 +218,8 @@ class _Batch:
     rejected: list[Rejected]
     polled_at: float
     state: asyncio.Task[BatchState] | None = None
+    outputs: list[Output] = field(default_factory=list)
+    acks: list[asyncio.Future[Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -226,26 +262,39 @@ def redis_client(settings: Settings) -> aioredis.Redis:
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
-    def __init__(self, loop: ScoringLoop) -> None:
-        self.loop = loop
+    def __init__(self, scoring: ScoringLoop) -> None:
+        self.scoring = scoring
 
     async def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
-        await self.loop.finish_in_flight()
+        # Finish and commit what we hold, so the next owner starts where we stopped.
+        self.scoring.metrics.ready.set(0)
+        await self.scoring.finish_in_flight()
+        # Positions go back to the committed offsets on assignment: what we buffered is
+        # read again, by us or by the next owner.
+        self.scoring.forget_buffered()
         for tp in revoked:
             with contextlib.suppress(KeyError):
-                self.loop.runtime.metrics.consumer_lag.remove(tp.topic, str(tp.partition))
+                self.scoring.metrics.consumer_lag.remove(tp.topic, str(tp.partition))
 
     async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
-        log.info("scoring partitions assigned: %s", sorted((tp.topic, tp.partition) for tp in assigned))
+        names = sorted(f"{tp.topic}[{tp.partition}]" for tp in assigned)
+        log.info("scoring partitions assigned: %s", ", ".join(names))
+        self.scoring.metrics.ready.set(1)
 
 
 class ScoringLoop:
-    """The transactions path: poll, process, publish, commit; one micro-batch at a time.
+    """The transactions path, as three overlapping stages, each in batch order:
 
-    The next batch's Redis call is started as soon as the current batch's state is back,
-    so Redis works on batch k+1 while Python scores and publishes batch k. State calls
-    still run strictly in batch order (k+1 is sent only after k's reply), which keeps each
-    customer's history in arrival order.
+    1. **state**: a batch's Redis call is sent as soon as the previous batch's reply is
+       back, so Redis works on batch k+1 while Python scores batch k; state calls never
+       overlap, which keeps every customer's history in arrival order;
+    2. **score and send**: features, model calls and records; outputs are queued to the
+       producer without waiting for acknowledgements;
+    3. **settle** (a task of its own): waits for each batch's acknowledgements in order,
+       re-sends a batch whose outputs failed, and only then commits its offsets.
+
+    At most ``_MAX_UNSETTLED`` batches wait in stage 3; past that, polling waits. Under
+    ``exactly_once`` stages 2 and 3 are one Kafka transaction per batch instead.
     """
 
     def __init__(self, runtime: WorkerRuntime, store: RedisStateStore) -> None:
@@ -254,13 +303,21 @@ class ScoringLoop:
         self.settings = s
         self.metrics = runtime.metrics
         self.pipeline = ScoringPipeline(
-            store, runtime.models, runtime.metrics, max_reasons=s.max_reasons,
+            store,
+            runtime.models,
+            runtime.metrics,
+            max_reasons=s.max_reasons,
             psi_window=s.psi_window,
-        )  # fmt: skip
+        )
         self.backoff = Backoff(runtime.metrics, s.retry_backoff_max_s)
         self.source_partitions = runtime.partitions[s.topic_transactions]
         self._lock = asyncio.Lock()
+        self._buffered: dict[TopicPartition, deque[_Polled]] = {}
+        self._clocks: dict[TopicPartition, float] = {}
+        self._drained_at: dict[TopicPartition, float] = {}  # epoch ms, by partition
         self._pending: _Batch | None = None
+        self._unsettled: asyncio.Queue[_Batch] = asyncio.Queue(maxsize=_MAX_UNSETTLED)
+        self._settler: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
         self._processed: dict[TopicPartition, int] = {}
         self._lag_refreshed = 0.0
@@ -276,15 +333,22 @@ class ScoringLoop:
 
     async def start(self) -> None:
         """Connect to Kafka (retrying until it answers) and subscribe."""
-        await self.backoff.run(self.producer.start, "starting the Kafka producer", (KafkaError,),
-                               self._kafka_error("produce"))  # fmt: skip
-        await self.backoff.run(self.consumer.start, "starting the Kafka consumer", (KafkaError,),
-                               self._kafka_error("consume"))  # fmt: skip
+        await self.backoff.run(
+            self.producer.start,
+            "starting the Kafka producer",
+            (KafkaError,),
+            self._kafka_error("produce"),
+        )
+        await self.backoff.run(
+            self.consumer.start,
+            "starting the Kafka consumer",
+            (KafkaError,),
+            self._kafka_error("consume"),
+        )
         self.consumer.subscribe(
             [self.settings.topic_transactions, self.settings.topic_repartition],
             listener=_Rebalance(self),
         )
-        self.metrics.ready.set(1)
 
     def _kafka_error(self, operation: str) -> Callable[[BaseException], None]:
         counter = self.metrics.kafka_errors.labels(operation)
@@ -294,29 +358,144 @@ class ScoringLoop:
         self.metrics.redis_errors.inc()
 
     async def run(self) -> None:
-        """Consume until :meth:`stop` is called, then finish the batch in flight."""
+        """Consume until :meth:`stop` is called, then finish everything in flight."""
+        self._settler = asyncio.create_task(self._settle_forever(), name="settle")
         wait_ms = max(1, int(self.settings.batch_max_wait_s * 1000))
-        while not self._stopping.is_set():
-            # With a batch in flight, take only what is already fetched: it must not wait.
-            timeout = 0 if self._pending is not None else wait_ms
-            try:
-                polled = await self.consumer.getmany(
-                    timeout_ms=timeout, max_records=self.settings.batch_size
-                )
-            except KafkaError as exc:
-                self.metrics.kafka_errors.labels("consume").inc()
-                log.warning("polling transactions failed (%s); retrying", exc)
-                await asyncio.sleep(_BACKOFF_START_S)
-                continue
-            async with self._lock:
-                batch = self._prepare(polled) if polled else None
-                await self._advance(batch)
-            if batch is None:
-                self._refresh_lag(force=False)
-        await self.finish_in_flight()
+        try:
+            while not self._stopping.is_set():
+                if self._settler.done():  # it only ends by failing: surface its error
+                    self._settler.result()
+                # With a batch in flight, take only what is already fetched: never wait.
+                timeout = 0 if self._pending is not None else wait_ms
+                try:
+                    polled = await self._poll(timeout)
+                except KafkaError as exc:
+                    self.metrics.kafka_errors.labels("consume").inc()
+                    log.warning("polling transactions failed (%s); retrying", exc)
+                    await asyncio.sleep(_BACKOFF_START_S)
+                    continue
+                async with self._lock:
+                    batch = self._prepare(polled) if polled else None
+                    await self._advance(batch)
+                if batch is None:
+                    self._refresh_lag(force=False)
+            await self.finish_in_flight()
+        finally:
+            self._settler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._settler
+
+    async def _poll(self, timeout_ms: int) -> list[_Polled]:
+        """Up to a batch of validated messages, the earliest events first across partitions.
+
+        aiokafka's ``getmany`` drains one partition's whole fetch (up to a megabyte)
+        before the next. Catching up on a backlog, one partition would then run ahead of
+        the others in event time, and terminal windows, which count the transactions of
+        every partition, would miss some. So each partition's messages are validated and
+        buffered (up to a batch each), and a batch takes the earliest by event time: a
+        k-way merge in which each partition contributes a prefix, so committed offsets stay
+        contiguous. While catching up, a batch also ends where a partition runs dry, and
+        the next one first waits for that partition's fetch (:meth:`_align`). Live,
+        partitions are caught up, nothing waits, and this is simply arrival order.
+        """
+        size = self.settings.batch_size
+        assignment = self.consumer.assignment()
+        for tp in list(self._buffered):
+            if tp not in assignment:
+                del self._buffered[tp]
+                self._drained_at.pop(tp, None)
+        for tp in assignment:
+            room = size - len(self._buffered.get(tp, ()))
+            if room > 0:
+                self._buffer(await self.consumer.getmany(tp, timeout_ms=0, max_records=room))
+        if timeout_ms and not any(self._buffered.values()):
+            self._buffer(await self.consumer.getmany(timeout_ms=timeout_ms, max_records=size))
+        catching_up = self._catching_up()
+        if catching_up:
+            await self._align(assignment)
+        heads = [
+            (buffer[0].clock, i, tp)
+            for i, (tp, buffer) in enumerate(self._buffered.items())
+            if buffer
+        ]
+        heapq.heapify(heads)
+        taken: list[_Polled] = []
+        while heads and len(taken) < size:
+            _, i, tp = heapq.heappop(heads)
+            buffer = self._buffered[tp]
+            taken.append(buffer.popleft())
+            if buffer:
+                heapq.heappush(heads, (buffer[0].clock, i, tp))
+            else:
+                self._drained_at[tp] = time.time() * 1000
+                if catching_up:
+                    # Its next records are still on the broker: going on with the other
+                    # partitions alone would run ahead of them. The next poll waits.
+                    break
+        return taken
+
+    def _buffer(self, fetched: Mapping[TopicPartition, Sequence[Any]]) -> None:
+        limits = self.runtime.limits
+        for tp, records in fetched.items():
+            buffer = self._buffered.setdefault(tp, deque())
+            clock = buffer[-1].clock if buffer else self._clocks.get(tp, 0.0)
+            for r in records:
+                message = Inbound(r.topic, r.partition, r.offset, r.key, r.value, r.timestamp)
+                outcome = validate_transaction(message, limits)
+                if isinstance(outcome, Accepted):
+                    # A running maximum: the merge needs each partition's keys in order.
+                    clock = max(clock, outcome.event.event_time_s)
+                buffer.append(_Polled(tp, outcome, clock))
+            self._clocks[tp] = clock
+
+    def _catching_up(self) -> bool:
+        """Whether the buffered records are old: a backlog, not live traffic."""
+        heads = [b[0].outcome.message.timestamp_ms for b in self._buffered.values() if b]
+        return bool(heads) and time.time() * 1000 - min(heads) > _CATCH_UP_AGE_MS
+
+    async def _align(self, assignment: Iterable[TopicPartition]) -> None:
+        """Give partitions that may have unread records a moment to fill their buffers.
+
+        Only while catching up: a partition with records on the broker but none here yet
+        (its fetch is in flight) would let the others run ahead in event time. Live, the
+        records are fresh, nothing waits, and latency is untouched.
+        """
+        deadline = time.monotonic() + _CATCH_UP_WAIT_MS / 1000
+        while time.monotonic() < deadline:
+            behind = [
+                tp for tp in assignment if not self._buffered.get(tp) and await self._has_unread(tp)
+            ]
+            if not behind:
+                return
+            for tp in behind:
+                room = self.settings.batch_size
+                self._buffer(await self.consumer.getmany(tp, timeout_ms=0, max_records=room))
+            await asyncio.sleep(_ALIGN_STEP_S)
+
+    async def _has_unread(self, tp: TopicPartition) -> bool:
+        """Whether the broker may hold records of ``tp`` that we have not received.
+
+        The high watermark is as of the partition's last fetch, and a partition is not
+        fetched while records of it wait in a buffer: after we drain it, its watermark is
+        stale until the next fetch answers, and then it counts as possibly behind.
+        """
+        highwater = self.consumer.highwater(tp)
+        if highwater is None:  # no fetch answered yet: cannot tell, do not wait
+            return False
+        fetched_at = self.consumer.last_poll_timestamp(tp) or 0
+        if fetched_at <= self._drained_at.get(tp, -1.0):
+            return True
+        position: int = await self.consumer.position(tp)
+        return bool(position < highwater)
+
+    def forget_buffered(self) -> None:
+        """Drop records polled but not yet taken (on a rebalance: they will be re-read)."""
+        self._buffered.clear()
+        self._clocks.clear()
+        self._drained_at.clear()
 
     async def stop(self) -> None:
-        """Stop polling; :meth:`run` then finishes the batch in flight and returns."""
+        """Stop polling; :meth:`run` then finishes what is in flight and returns."""
         self._stopping.set()
 
     async def close(self) -> None:
@@ -327,9 +506,11 @@ class ScoringLoop:
             await self.producer.stop()
 
     async def finish_in_flight(self) -> None:
-        """Complete the batch whose state is in flight (before a rebalance or a stop)."""
+        """Score, publish and commit everything polled (before a rebalance or a stop)."""
         async with self._lock:
             await self._advance(None)
+        if self._settler is not None and not self._settler.done():
+            await self._unsettled.join()
 
     async def _advance(self, batch: _Batch | None) -> None:
         """Start ``batch``'s state call and finish the one before it (holding the lock)."""
@@ -340,7 +521,7 @@ class ScoringLoop:
             batch.state = asyncio.create_task(self.pipeline.update_state(events))
             await asyncio.sleep(0)  # let the call go out before the CPU-bound work below
         if previous is not None:
-            await self._finish(previous, state)
+            await self._score_and_send(previous, state)
         self._pending = batch
 
     async def _state_of(self, batch: _Batch) -> BatchState | None:
@@ -353,40 +534,44 @@ class ScoringLoop:
             self._redis_error(exc)
             log.warning("updating state failed (%s); retrying", exc)
         return await self.backoff.run(
-            lambda: self.pipeline.update_state(events), "updating state in Redis",
-            (RedisError,), self._redis_error,
-        )  # fmt: skip
+            lambda: self.pipeline.update_state(events),
+            "updating state in Redis",
+            (RedisError,),
+            self._redis_error,
+        )
 
-    def _prepare(self, polled: Mapping[TopicPartition, Sequence[Any]]) -> _Batch:
-        """Validate and route a polled batch: no I/O."""
+    def _prepare(self, polled: Sequence[_Polled]) -> _Batch:
+        """Route a polled batch and build its dead letters: no I/O."""
         s = self.settings
-        assignment = self.consumer.assignment()
-        messages: list[Inbound] = []
         offsets: dict[TopicPartition, int] = {}
-        for tp, records in polled.items():
-            if not records or tp not in assignment:  # revoked while we were polling
-                continue
-            offsets[tp] = records[-1].offset + 1
-            messages.extend(
-                Inbound(r.topic, r.partition, r.offset, r.key, r.value, r.timestamp)
-                for r in records
-            )
-        accepted, rejected = validate_transactions(messages, self.runtime.limits)
+        accepted: list[Accepted] = []
+        rejected: list[Rejected] = []
+        for item in polled:
+            offsets[item.tp] = max(offsets.get(item.tp, 0), item.outcome.message.offset + 1)
+            if isinstance(item.outcome, Accepted):
+                accepted.append(item.outcome)
+            else:
+                rejected.append(item.outcome)
         local: list[Accepted] = []
         forwards: list[Output] = []
-        for item in accepted:
-            message = item.message
-            key = item.event.customer_id.encode()
+        for valid in accepted:
+            message = valid.message
+            key = valid.event.customer_id.encode()
             home = key_partition(key, self.source_partitions)
             # Events read from the repartition topic are processed wherever they are, so a
             # partition-count change can never bounce an event between the two topics.
             if message.topic == s.topic_repartition or message.partition == home:
-                local.append(item)
+                local.append(valid)
             else:
                 forwards.append(
-                    Output(s.topic_repartition, home, key, message.value or b"",
-                           timestamp_ms=message.timestamp_ms)
-                )  # fmt: skip
+                    Output(
+                        s.topic_repartition,
+                        home,
+                        key,
+                        message.value or b"",
+                        timestamp_ms=message.timestamp_ms,
+                    )
+                )
         dlq_partitions = self.runtime.partitions[s.topic_dead_letters]
         dead_letters = [
             Output(
@@ -394,13 +579,15 @@ class ScoringLoop:
                 r.message.partition % dlq_partitions,  # source order kept per partition
                 r.message.key,
                 r.message.value or b"",
-                dead_letter_headers(r.error, r.message.topic, r.message.partition,
-                                    r.message.offset),
-            )  # fmt: skip
+                dead_letter_headers(
+                    r.error, r.message.topic, r.message.partition, r.message.offset
+                ),
+            )
             for r in rejected
         ]
-        return _Batch(offsets, len(messages), local, forwards, dead_letters, rejected,
-                      time.perf_counter())  # fmt: skip
+        return _Batch(
+            offsets, len(polled), local, forwards, dead_letters, rejected, time.perf_counter()
+        )
 
     def _outputs(self, scored: ScoredBatch) -> list[Output]:
         s = self.settings
@@ -410,26 +597,105 @@ class ScoringLoop:
         outputs: list[Output] = []
         keys = [r.customer_id.encode() for r in scored.records]
         for key, record in zip(keys, scored.records, strict=True):
-            outputs.append(Output(s.topic_scores, key_partition(key, scores_n), key,
-                                  record.to_json()))  # fmt: skip
+            outputs.append(
+                Output(s.topic_scores, key_partition(key, scores_n), key, record.to_json())
+            )
         for i in scored.alerts:
             record = scored.records[i]
-            outputs.append(Output(s.topic_alerts, key_partition(keys[i], alerts_n), keys[i],
-                                  record.to_json()))  # fmt: skip
-        for key, record in zip(keys, scored.shadow, strict=True):
-            outputs.append(Output(s.topic_shadow_scores, key_partition(key, shadow_n), key,
-                                  record.to_json()))  # fmt: skip
+            outputs.append(
+                Output(s.topic_alerts, key_partition(keys[i], alerts_n), keys[i], record.to_json())
+            )
+        for key, record in zip(keys, scored.shadow, strict=False):  # no shadow: empty
+            outputs.append(
+                Output(s.topic_shadow_scores, key_partition(key, shadow_n), key, record.to_json())
+            )
         return outputs
 
-    async def _finish(self, batch: _Batch, state: BatchState | None) -> None:
-        """Score, publish, and commit one batch; returns once its offsets are committed."""
+    async def _score_and_send(self, batch: _Batch, state: BatchState | None) -> None:
+        """Score a batch and queue its outputs; stage 3 commits it once acknowledged."""
         for swap in self.runtime.models.activate_pending():
             log.info("model swap between batches: %s", swap)
         events = [a.event for a in batch.local]
         scored = self.pipeline.score(events, state) if state is not None else _NOTHING_SCORED
-        outputs = [*batch.dead_letters, *batch.forwards, *self._outputs(scored)]
-        if await self._publish_and_commit(outputs, batch.offsets):
+        batch.outputs = [*batch.dead_letters, *batch.forwards, *self._outputs(scored)]
+        if self.settings.exactly_once:
+            await self.backoff.run(
+                lambda: self._transaction(batch),
+                "publishing a transaction",
+                (KafkaError,),
+                self._kafka_error("produce"),
+            )
+            self._settled(batch)
+            self.metrics.last_commit_timestamp.set(time.time())
             self.metrics.offsets_committed.inc(batch.messages)
+            self._processed.update(batch.offsets)
+            return
+        batch.acks = await self.backoff.run(
+            lambda: self.publisher.send(batch.outputs),
+            "queueing outputs",
+            (KafkaError,),
+            self._kafka_error("produce"),
+        )
+        await self._unsettled.put(batch)
+
+    async def _transaction(self, batch: _Batch) -> None:
+        try:
+            async with self.producer.transaction():
+                await self.publisher.publish(batch.outputs)
+                await self.producer.send_offsets_to_transaction(
+                    dict(batch.offsets), self.settings.scoring_group_id
+                )
+        except ProducerFenced as exc:
+            # Another instance with our transactional id took over: we must not go on.
+            raise FraudStreamError(
+                f"this worker's producer was fenced ({exc}): is FRAUDSTREAM_INSTANCE_ID "
+                "shared by two running workers?"
+            ) from exc
+
+    async def _settle_forever(self) -> None:
+        """Stage 3: acknowledgements then commits, batch after batch, in order."""
+        while True:
+            batch = await self._unsettled.get()
+            ready = [batch]
+            # Batches already queued behind this one share its commit request.
+            while not self._unsettled.empty() and len(ready) < _MAX_UNSETTLED:
+                ready.append(self._unsettled.get_nowait())
+            try:
+                for item in ready:
+                    await self._acknowledged(item)
+                    self._settled(item)
+                offsets: dict[TopicPartition, int] = {}
+                for item in ready:
+                    offsets.update(item.offsets)
+                if await self._commit(offsets):
+                    self.metrics.offsets_committed.inc(sum(item.messages for item in ready))
+                    self._processed.update(offsets)
+                    self._refresh_lag(force=False)
+            finally:
+                for _ in ready:
+                    self._unsettled.task_done()
+
+    async def _acknowledged(self, batch: _Batch) -> None:
+        """Wait for a batch's acknowledgements, re-sending it until the broker has it all."""
+
+        async def wait_or_resend() -> None:
+            try:
+                await asyncio.gather(*batch.acks)
+            except KafkaError:
+                batch.acks = []  # the next attempt re-sends; retrying a failed future won't
+                raise
+
+        async def attempt() -> None:
+            if not batch.acks:
+                batch.acks = await self.publisher.send(batch.outputs)
+            await wait_or_resend()
+
+        await self.backoff.run(
+            attempt, "publishing outputs", (KafkaError,), self._kafka_error("produce")
+        )
+
+    def _settled(self, batch: _Batch) -> None:
+        """Metrics of a batch whose outputs were just acknowledged."""
         acked_s = time.time()
         latency = self.metrics.end_to_end_latency.observe
         for item in batch.local:
@@ -440,47 +706,13 @@ class ScoringLoop:
         self.metrics.repartitioned.inc(len(batch.forwards))
         self.metrics.batch_size.observe(batch.messages)
         self.metrics.processing.observe(time.perf_counter() - batch.polled_at)
-        self._processed.update(batch.offsets)
-        self._refresh_lag(force=True)
-
-    async def _publish_and_commit(
-        self, outputs: Sequence[Output], offsets: Mapping[TopicPartition, int]
-    ) -> bool:
-        """Publish, then commit; returns whether the offsets were committed."""
-        if self.settings.exactly_once:
-            await self.backoff.run(lambda: self._transaction(outputs, offsets),
-                                   "publishing a transaction", (KafkaError,),
-                                   self._kafka_error("produce"))  # fmt: skip
-            self.metrics.last_commit_timestamp.set(time.time())
-            return True
-        if outputs:
-            await self.backoff.run(lambda: self.publisher.publish(outputs), "publishing outputs",
-                                   (KafkaError,), self._kafka_error("produce"))  # fmt: skip
-        return await self._commit(offsets)
-
-    async def _transaction(
-        self, outputs: Sequence[Output], offsets: Mapping[TopicPartition, int]
-    ) -> None:
-        try:
-            async with self.producer.transaction():
-                await self.publisher.publish(outputs)
-                await self.producer.send_offsets_to_transaction(
-                    dict(offsets), self.settings.scoring_group_id
-                )
-        except ProducerFenced as exc:
-            # Another instance with our transactional id took over: we must not go on.
-            raise FraudStreamError(
-                f"this worker's producer was fenced ({exc}): is FRAUDSTREAM_INSTANCE_ID "
-                "shared by two running workers?"
-            ) from exc
 
     async def _commit(self, offsets: Mapping[TopicPartition, int]) -> bool:
-        assignment = self.consumer.assignment()
-        owned = {tp: offset for tp, offset in offsets.items() if tp in assignment}
-        if not owned:
-            return False
-
         async def commit() -> bool:
+            assignment = self.consumer.assignment()
+            owned = {tp: offset for tp, offset in offsets.items() if tp in assignment}
+            if not owned:
+                return False
             try:
                 await self.consumer.commit(owned)
             except (CommitFailedError, IllegalStateError) as exc:
@@ -492,8 +724,9 @@ class ScoringLoop:
             self.metrics.last_commit_timestamp.set(time.time())
             return True
 
-        return await self.backoff.run(commit, "committing offsets", (KafkaError,),
-                                      self._kafka_error("commit"))  # fmt: skip
+        return await self.backoff.run(
+            commit, "committing offsets", (KafkaError,), self._kafka_error("commit")
+        )
 
     def _refresh_lag(self, *, force: bool) -> None:
         now = time.monotonic()
@@ -509,9 +742,7 @@ class ScoringLoop:
             self.metrics.consumer_lag.labels(tp.topic, str(tp.partition)).set(lag)
 
 
-
-
-class ScoringService(Service):  # type: ignore[misc]
+class ScoringService(Service):
     """Runs the :class:`ScoringLoop` for as long as the Faust application runs.
 
     On stop (SIGTERM) the loop stops polling and finishes its batch in flight, for at most
@@ -537,8 +768,11 @@ class ScoringService(Service):  # type: ignore[misc]
         self._watch = asyncio.create_task(
             self.runtime.models.watch(interval, self._watch_stop), name="model-watch"
         )
-        log.info("scoring %s with model %s", self.runtime.settings.topic_transactions,
-                 self.runtime.models.champion.version)  # fmt: skip
+        log.info(
+            "scoring %s with model %s",
+            self.runtime.settings.topic_transactions,
+            self.runtime.models.champion.version,
+        )
 
     async def _guarded(self, work: Awaitable[None]) -> None:
         try:
@@ -600,6 +834,11 @@ def build_app(runtime: WorkerRuntime) -> faust.App:
         consumer_auto_offset_reset="earliest",
         producer_acks=-1,
         broker_commit_interval=1.0,
+        # Faust's 60 s defaults suit table recovery, which this app does not have; some
+        # brokers (the bundled one) hold the first join for part of the rebalance timeout.
+        broker_session_timeout=s.consumer_session_timeout_s,
+        broker_rebalance_timeout=s.consumer_session_timeout_s,
+        broker_heartbeat_interval=s.consumer_session_timeout_s / 3,
     )
     store = RedisStateStore(
         redis_client(s),
@@ -608,8 +847,7 @@ def build_app(runtime: WorkerRuntime) -> faust.App:
         ttl_s=s.state_ttl_s,
     )
     labels_topic = app.topic(s.topic_labels, key_serializer="raw", value_serializer="raw")
-    label_dlq = app.topic(s.topic_label_dead_letters, key_serializer="raw",
-                          value_serializer="raw")  # fmt: skip
+    label_dlq = app.topic(s.topic_label_dead_letters, key_serializer="raw", value_serializer="raw")
     backoff = Backoff(runtime.metrics, s.retry_backoff_max_s)
     metrics = runtime.metrics
 
@@ -625,38 +863,63 @@ def build_app(runtime: WorkerRuntime) -> faust.App:
                 key=r.message.key,
                 value=r.message.value or b"",
                 partition=r.message.partition % runtime.partitions[s.topic_label_dead_letters],
-                headers=dead_letter_headers(r.error, r.message.topic, r.message.partition,
-                                            r.message.offset),
-            )  # fmt: skip
+                headers=dead_letter_headers(
+                    r.error, r.message.topic, r.message.partition, r.message.offset
+                ),
+            )
             for r in rejected
         ]
         await asyncio.gather(*futures)
 
+    def record_label_lag(next_offsets: dict[Any, int]) -> None:
+        for tp, offset in next_offsets.items():
+            with contextlib.suppress(Exception):  # not yet known right after an assignment
+                highwater = app.consumer.highwater(tp)
+                if highwater is not None:
+                    lag = max(highwater - offset, 0)
+                    metrics.consumer_lag.labels(tp.topic, str(tp.partition)).set(lag)
+
     @app.agent(labels_topic, name="labels")
     async def count_labels(stream: faust.StreamT[bytes]) -> None:
         """Count fraud labels into the terminals' per-day counters, a micro-batch at a time."""
-        async for events in stream.take_events(s.batch_size, within=s.batch_max_wait_s):
+        # take_events is on the concrete Stream, which is what Faust passes in.
+        batches = cast("faust.Stream[bytes]", stream).take_events(
+            s.batch_size, within=s.batch_max_wait_s
+        )
+        async for events in batches:
             # Our own reference: Faust acks the batch's events whatever happens below, and
             # this one, released only on success, keeps a failed batch uncommitted.
             for event in events:
                 event.message.incref()
             messages = [
-                Inbound(e.message.topic, e.message.partition, e.message.offset, e.message.key,
-                        e.message.value, int(e.message.timestamp * 1000))  # fmt: skip
+                Inbound(
+                    e.message.topic,
+                    e.message.partition,
+                    e.message.offset,
+                    e.message.key,
+                    e.message.value,
+                    int(e.message.timestamp * 1000),
+                )
                 for e in events
             ]
             outcome = await backoff.run(
-                lambda: apply_labels(messages, store, runtime.limits, metrics),
-                "applying labels in Redis", (RedisError,), redis_error,
-            )  # fmt: skip
+                functools.partial(apply_labels, messages, store, runtime.limits, metrics),
+                "applying labels in Redis",
+                (RedisError,),
+                redis_error,
+            )
             if outcome.rejected:
-                await backoff.run(lambda: publish_label_dead_letters(outcome.rejected),
-                                  "publishing label dead letters", (KafkaError,),
-                                  kafka_error)  # fmt: skip
+                await backoff.run(
+                    functools.partial(publish_label_dead_letters, outcome.rejected),
+                    "publishing label dead letters",
+                    (KafkaError,),
+                    kafka_error,
+                )
                 for r in outcome.rejected:
                     metrics.dead_letters.labels(r.error.reason.value).inc()
             for event in events:
                 event.ack()
+            record_label_lag({e.message.tp: e.message.offset + 1 for e in events})
 
     class _Scoring(ScoringService):
         # Faust instantiates services itself (with loop and beacon); bind ours to runtime.
@@ -685,12 +948,17 @@ async def prepare(settings: Settings, metrics: WorkerMetrics) -> dict[str, int]:
     partitions = await backoff.run(
         lambda: kafka_config.ensure_topics(settings),
         f"connecting to Kafka at {settings.kafka_bootstrap_servers}",
-        (KafkaError, OSError), kafka_error,
-    )  # fmt: skip
+        (KafkaError, OSError),
+        kafka_error,
+    )
     client = redis_client(settings)
     try:
-        await backoff.run(client.ping, f"connecting to Redis at {settings.redis_display_url}",
-                          (RedisError, OSError), redis_error)  # fmt: skip
+        await backoff.run(
+            client.ping,
+            f"connecting to Redis at {settings.redis_display_url}",
+            (RedisError, OSError),
+            redis_error,
+        )
     finally:
         await client.aclose()
     return partitions
@@ -753,9 +1021,13 @@ def run_worker(settings: Settings) -> int:
     asyncio.set_event_loop(loop)
     partitions = loop.run_until_complete(prepare(settings, metrics))
     runtime = WorkerRuntime(settings, metrics, models, limits, partitions)
+    # The state keeps this many transactions per customer from now on: a model reloaded
+    # later that reads longer sequences is refused rather than fed short histories.
+    models.options = dataclasses.replace(options, max_sequence_length=runtime.state_sequence_length)
     app = build_app(runtime)
-    worker = faust.Worker(app, loop=loop, loglevel=settings.log_level, quiet=True,
-                          redirect_stdouts=False)  # fmt: skip
+    worker = faust.Worker(
+        app, loop=loop, loglevel=settings.log_level, quiet=True, redirect_stdouts=False
+    )
     try:
         worker.execute_from_commandline()
     except SystemExit as exc:

@@ -9,6 +9,14 @@ from collections.abc import AsyncIterator
 import pytest
 import redis.asyncio as aioredis
 
+from tests.kafka_fixtures import (  # noqa: F401  (fixtures, re-exported for every test)
+    kafka_broker,
+    make_settings,
+    second_model,
+    served_model,
+    small_transactions,
+)
+
 REDIS_URL = os.environ.get("FRAUDSTREAM_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 

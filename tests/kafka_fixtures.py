@@ -4,6 +4,8 @@
   (or ``FRAUDSTREAM_TEST_KAFKA_BOOTSTRAP`` to use a running one);
 * ``make_settings``: worker :class:`Settings` on that broker and the real Redis, with topics,
   consumer group and Redis key prefix no other test uses (keys deleted afterwards);
+* :class:`WorkerProcess`: the worker as a real subprocess (SIGTERM, SIGKILL), and
+  :func:`read_topic` to read what it published;
 * ``small_transactions`` / ``served_model`` / ``second_model``: a small simulated dataset
   and real exported ONNX models, built once per session.
 
@@ -13,7 +15,13 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
 import uuid
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,9 +31,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import redis
+from aiokafka import AIOKafkaConsumer
+from aiokafka.structs import ConsumerRecord
+from prometheus_client.parser import text_string_to_metric_families
 
-from stream_app.broker import BundledBroker
-from stream_app.config import Settings, load_settings
+from stream_app import kafka_config
+from stream_app.broker import BundledBroker, free_port
+from stream_app.config import Settings, load_settings, settings_environment
 from stream_app.model_card import Thresholds
 
 REDIS_URL = os.environ.get("FRAUDSTREAM_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -52,6 +64,43 @@ def unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:10]}"
 
 
+def new_settings(bootstrap: str, **overrides: Any) -> Settings:
+    """Worker settings with topics, group and key prefix no other test uses."""
+    tag = uuid.uuid4().hex[:10]
+    values: dict[str, Any] = {
+        "kafka_bootstrap_servers": bootstrap,
+        "redis_url": REDIS_URL,
+        "group_id": f"g-{tag}",
+        "instance_id": "test",
+        "idempotent_producer": False,
+        "topic_transactions": f"tx-{tag}",
+        "topic_labels": f"labels-{tag}",
+        "topic_scores": f"scores-{tag}",
+        "topic_alerts": f"alerts-{tag}",
+        "topic_shadow_scores": f"shadow-{tag}",
+        "topic_dead_letters": f"dlq-{tag}",
+        "topic_label_dead_letters": f"labels-dlq-{tag}",
+        "topic_partitions": 2,
+        "state_key_prefix": f"test-{tag}",
+        "metrics_port": 0,
+        "model_poll_interval_s": 0.5,
+        "consumer_session_timeout_s": 6.0,
+    }
+    values.update(overrides)
+    return load_settings(**values)
+
+
+def delete_state(prefix: str) -> None:
+    """Delete every Redis key under ``prefix``."""
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
+        for start in range(0, len(keys), 1000):
+            client.delete(*keys[start : start + 1000])
+    finally:
+        client.close()
+
+
 @pytest.fixture
 def make_settings(kafka_broker: str) -> Iterator[Callable[..., Settings]]:
     """Factory of worker settings isolated from every other test.
@@ -60,42 +109,129 @@ def make_settings(kafka_broker: str) -> Iterator[Callable[..., Settings]]:
     arguments override any setting. The Redis keys of every prefix handed out are deleted
     when the test ends.
     """
-    prefixes: list[str] = []
+    made: list[Settings] = []
 
     def factory(**overrides: Any) -> Settings:
-        tag = uuid.uuid4().hex[:10]
-        prefix = f"test-{tag}"
-        prefixes.append(overrides.get("state_key_prefix", prefix))
-        values: dict[str, Any] = {
-            "kafka_bootstrap_servers": kafka_broker,
-            "redis_url": REDIS_URL,
-            "group_id": f"g-{tag}",
-            "instance_id": "test",
-            "idempotent_producer": False,
-            "topic_transactions": f"tx-{tag}",
-            "topic_labels": f"labels-{tag}",
-            "topic_scores": f"scores-{tag}",
-            "topic_alerts": f"alerts-{tag}",
-            "topic_shadow_scores": f"shadow-{tag}",
-            "topic_dead_letters": f"dlq-{tag}",
-            "topic_label_dead_letters": f"labels-dlq-{tag}",
-            "topic_partitions": 2,
-            "state_key_prefix": prefix,
-            "metrics_port": 0,
-            "model_poll_interval_s": 0.5,
-        }
-        values.update(overrides)
-        return load_settings(**values)
+        settings = new_settings(kafka_broker, **overrides)
+        made.append(settings)
+        return settings
 
     yield factory
-    client = redis.Redis.from_url(REDIS_URL)
+    for settings in made:
+        delete_state(settings.state_key_prefix)
+
+
+class WorkerProcess:
+    """``fraudstream worker`` as a subprocess, so a test can SIGTERM or SIGKILL it for real.
+
+    Its metrics endpoint (on a free port) tells when it is ready.
+    """
+
+    def __init__(self, settings: Settings, log_path: Path) -> None:
+        self.settings = settings
+        self.log_path = log_path
+        self.metrics_port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def metrics_url(self) -> str:
+        """Where the worker serves its metrics."""
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
+    def start(self, timeout_s: float = 90.0) -> WorkerProcess:
+        """Start the worker and wait until its scoring consumer has partitions."""
+        env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("FRAUDSTREAM_")},
+            **settings_environment(self.settings),
+            "FRAUDSTREAM_METRICS_PORT": str(self.metrics_port),
+        }
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "stream_app.cli", "worker"],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"the worker exited early:\n{self.log()}")
+            if self.metric("fraudstream_ready") == 1.0:
+                return self
+            time.sleep(0.2)
+        raise AssertionError(f"the worker was not ready in {timeout_s} s:\n{self.log()}")
+
+    def log(self) -> str:
+        """The worker's output so far (the end of it)."""
+        return self.log_path.read_text(errors="replace")[-6000:]
+
+    def scrape(self) -> dict[str, float]:
+        """Every sample of the metrics endpoint, ``name{labels}`` -> value ({} if down)."""
+        try:
+            with urllib.request.urlopen(self.metrics_url, timeout=2) as response:
+                text = response.read().decode()
+        except OSError:
+            return {}
+        samples: dict[str, float] = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+                samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+        return samples
+
+    def metric(self, name: str) -> float | None:
+        """One sample's value, None when absent or the endpoint is down."""
+        return self.scrape().get(name)
+
+    def wait_for(self, name: str, at_least: float, timeout_s: float = 60.0) -> None:
+        """Wait until a metric reaches ``at_least``."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            value = self.metric(name)
+            if value is not None and value >= at_least:
+                return
+            time.sleep(0.2)
+        raise AssertionError(f"{name} stayed below {at_least}:\n{self.log()}")
+
+    def terminate(self, timeout_s: float = 60.0) -> int:
+        """SIGTERM, then wait; returns the exit code."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=timeout_s)
+
+    def kill(self) -> None:
+        """SIGKILL: no drain, no commit, no goodbye."""
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait(timeout=30)
+
+    def __enter__(self) -> WorkerProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=30)
+
+
+async def read_topic(
+    settings: Settings, topic: str, *, until: int, timeout_s: float = 60.0
+) -> list[ConsumerRecord[bytes, bytes]]:
+    """Every message of ``topic`` from the beginning, once there are ``until`` (or time out)."""
+    consumer = AIOKafkaConsumer(
+        topic, **kafka_config.client_kwargs(settings), group_id=None, auto_offset_reset="earliest"
+    )
+    await consumer.start()
+    records: list[ConsumerRecord[bytes, bytes]] = []
     try:
-        for prefix in prefixes:
-            keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
-            for start in range(0, len(keys), 1000):
-                client.delete(*keys[start : start + 1000])
+        deadline = time.monotonic() + timeout_s
+        while len(records) < until and time.monotonic() < deadline:
+            batch = await consumer.getmany(timeout_ms=200, max_records=10_000)
+            for partition_records in batch.values():
+                records.extend(partition_records)
     finally:
-        client.close()
+        await consumer.stop()
+    return records
 
 
 @dataclass(frozen=True)
@@ -184,18 +320,20 @@ def build_model(
     model.eval()
     scores = predict(model, sequences)
     review, decline = np.quantile(scores, [0.93, 0.98])
-    export_model(
-        model,
-        directory,
-        version=version,
-        parity_sequences=sequences,
-        thresholds=Thresholds(review=float(review), decline=float(decline)),
-        reference_scores=scores,
-        reference_source="tests: simulated training rows",
-        training={"epochs": epochs, "seed": seed},
-        metrics={},
-        overwrite=True,
-    )
+    with warnings.catch_warnings():  # torch's tracer chatters about the LSTM
+        warnings.simplefilter("ignore")
+        export_model(
+            model,
+            directory,
+            version=version,
+            parity_sequences=sequences,
+            thresholds=Thresholds(review=float(review), decline=float(decline)),
+            reference_scores=scores,
+            reference_source="tests: simulated training rows",
+            training={"epochs": epochs, "seed": seed},
+            metrics={},
+            overwrite=True,
+        )
     return directory
 
 

@@ -15,6 +15,7 @@ end-to-end latency is measured from when the replay produced the event, not from
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import re
 import time
@@ -42,6 +43,7 @@ _UNIT_S: Final = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86_400}
 _MAX_IN_FLIGHT: Final = 20_000
 # A paced replay sends in slices this long, so a high rate is not one sleep per message.
 _PACE_SLICE_S: Final = 0.01
+_REPLAY_LINGER_MS: Final = 5
 
 
 def parse_duration(text: str) -> timedelta:
@@ -126,8 +128,9 @@ def replay_messages(
 
     def label(row: int) -> ReplayMessage:
         reported = times[row] + (delay_ms or 0)
-        value = label_payload(tx_ids[row], customers[row], terminals[row], times[row],
-                              frauds[row], reported)  # fmt: skip
+        value = label_payload(
+            tx_ids[row], customers[row], terminals[row], times[row], frauds[row], reported
+        )
         return ReplayMessage(labels_topic, str(customers[row]).encode(), value, True)
 
     for row in range(len(order)):
@@ -171,10 +174,8 @@ async def ensure_input_topics(settings: Settings) -> None:
             if name not in existing
         ]
         if missing:
-            try:
+            with contextlib.suppress(TopicAlreadyExistsError):  # created meanwhile
                 await admin.create_topics(missing)
-            except TopicAlreadyExistsError:
-                pass
     finally:
         await admin.close()
 
@@ -199,7 +200,13 @@ async def replay(
     if rate < 0:
         raise ConfigError(f"--rate must be 0 (as fast as possible) or positive, got {rate}")
     await ensure_input_topics(settings)
-    producer = AIOKafkaProducer(**kafka_config.producer_kwargs(settings))
+    options = kafka_config.producer_kwargs(settings)
+    if not rate:
+        # Flat out, one send() per message: a few ms of linger lets requests fill up. A
+        # paced replay sends small slices, which linger would only delay (and the
+        # worker's latency is measured from the record's creation).
+        options["linger_ms"] = max(options["linger_ms"], _REPLAY_LINGER_MS)
+    producer = AIOKafkaProducer(**options)
     await producer.start()
     stats = ReplayStats()
     started = time.perf_counter()
@@ -214,8 +221,7 @@ async def replay(
                 if message is None:
                     exhausted = True
                     break
-                in_flight.append(await producer.send(message.topic, message.value,
-                                                     key=message.key))  # fmt: skip
+                in_flight.append(await producer.send(message.topic, message.value, key=message.key))
                 if message.is_label:
                     stats.labels += 1
                 else:

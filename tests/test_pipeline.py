@@ -1,0 +1,447 @@
+"""The micro-batch pipeline against the real Redis and real exported models (no broker).
+
+Also the pieces it is made of: reasons, the drift gauge, the metrics, the model registry.
+"""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import orjson
+import pandas as pd
+import pytest
+import redis.asyncio as aioredis
+from prometheus_client import CollectorRegistry, generate_latest
+
+from stream_app import features as F
+from stream_app.errors import ModelError, RejectReason
+from stream_app.metrics import ScoreDrift, WorkerMetrics, population_stability_index
+from stream_app.model_card import CARD_FILE, SCORE_BUCKET_EDGES
+from stream_app.model_registry import ModelOptions, ModelRegistry, load_model, resolve_model_dir
+from stream_app.pipeline import Inbound, ScoringPipeline, apply_labels, validate_transactions
+from stream_app.reasons import (
+    FEATURE_GROUPS,
+    MIN_CONTRIBUTION,
+    AlertContext,
+    explain,
+    fallback_reason,
+)
+from stream_app.records import DEFAULT_LIMITS, Decision, ScoreRecord, TransactionEvent
+from stream_app.redis_state import RedisStateStore
+from tests.kafka_fixtures import REDIS_URL, Dataset
+from training.replay import label_payload
+from training.score_file import score_table
+from training.transactions import event_payload, to_arrays
+
+LABEL_DELAY_MS = 86_400_000  # one day: well inside the features' seven
+
+
+def _inbound(values: list[bytes], topic: str = "tx") -> list[Inbound]:
+    return [Inbound(topic, 0, i, None, v, 0) for i, v in enumerate(values)]
+
+
+def _events_in_replay_order(frame: pd.DataFrame) -> tuple[list[TransactionEvent], list[bytes]]:
+    """The dataset's transactions and fraud labels as the replay would publish them."""
+    a = to_arrays(frame)
+    order = np.lexsort((a.transaction_ids, a.times_ms))
+    payloads = [
+        event_payload(
+            int(a.transaction_ids[i]),
+            int(a.customer_ids[i]),
+            int(a.terminal_ids[i]),
+            int(a.times_ms[i]),
+            float(a.amounts[i]),
+        )
+        for i in order
+    ]
+    accepted, rejected = validate_transactions(_inbound(payloads), DEFAULT_LIMITS)
+    assert not rejected
+    labels = [
+        label_payload(
+            int(a.transaction_ids[i]),
+            int(a.customer_ids[i]),
+            int(a.terminal_ids[i]),
+            int(a.times_ms[i]),
+            True,
+            int(a.times_ms[i]) + LABEL_DELAY_MS,
+        )
+        for i in order
+        if a.is_fraud[i]
+    ]
+    return [x.event for x in accepted], labels
+
+
+@pytest.fixture
+async def store(redis_prefix: str) -> AsyncIterator[RedisStateStore]:
+    client = aioredis.Redis.from_url(REDIS_URL, decode_responses=False)
+    yield RedisStateStore(client, prefix=redis_prefix, sequence_length=5)
+    keys = [k async for k in client.scan_iter(match=f"{redis_prefix}:*", count=1000)]
+    for start in range(0, len(keys), 1000):
+        await client.delete(*keys[start : start + 1000])
+    await client.aclose()
+
+
+def _registry(champion: Path, challenger: Path | None = None, **options: object) -> ModelRegistry:
+    metrics = WorkerMetrics(CollectorRegistry(), process_collectors=False)
+    registry = ModelRegistry(champion, challenger, ModelOptions(**options), metrics)  # type: ignore[arg-type]
+    registry.load_initial()
+    return registry
+
+
+async def _replay(
+    pipeline: ScoringPipeline,
+    store: RedisStateStore,
+    events: list[TransactionEvent],
+    labels: list[bytes],
+    batch: int,
+) -> dict[str, ScoreRecord]:
+    """Labels first when known (their report time has come), then transactions by batch."""
+    label_times = [orjson.loads(raw)["reported_at"] for raw in labels]
+    next_label = 0
+    records: dict[str, ScoreRecord] = {}
+    for start in range(0, len(events), batch):
+        chunk = events[start : start + batch]
+        first_ms = int(chunk[0].event_time_s * 1000)
+        due = next_label
+        while due < len(labels) and label_times[due] <= first_ms:
+            due += 1
+        if due > next_label:
+            await apply_labels(
+                _inbound(labels[next_label:due], "labels"), store, DEFAULT_LIMITS, pipeline.metrics
+            )
+            next_label = due
+        for record in (await pipeline.process(chunk)).records:
+            records[record.transaction_id] = record
+    return records
+
+
+@pytest.mark.integration
+async def test_pipeline_equals_the_offline_reference(
+    store: RedisStateStore, served_model: Path, small_transactions: Dataset
+) -> None:
+    registry = _registry(served_model)
+    pipeline = ScoringPipeline(store, registry, registry.metrics)
+    events, labels = _events_in_replay_order(small_transactions.frame)
+    records = await _replay(pipeline, store, events, labels, batch=64)
+
+    reference = score_table(small_transactions.frame, registry.champion.scorer).table
+    assert len(records) == len(reference)
+    ours = np.array([records[str(t)].score for t in reference["TRANSACTION_ID"]])
+    np.testing.assert_allclose(ours, reference["score"].to_numpy(), rtol=0, atol=1e-5)
+    decisions = [records[str(t)].decision.value for t in reference["TRANSACTION_ID"]]
+    assert decisions == list(reference["decision"])
+    assert {r.model_version for r in records.values()} == {"test-a"}
+    # The terminal risk features took part: some terminal saw frauds in its window.
+    frauds = reference.loc[small_transactions.frame["TX_FRAUD"] == 1]
+    assert len(frauds) > 10
+
+
+@pytest.mark.integration
+async def test_a_redelivered_batch_changes_nothing_and_scores_the_same(
+    store: RedisStateStore, served_model: Path, small_transactions: Dataset
+) -> None:
+    registry = _registry(served_model)
+    pipeline = ScoringPipeline(store, registry, registry.metrics)
+    events, _ = _events_in_replay_order(small_transactions.frame)
+    await pipeline.process(events[:300])
+    batch = events[300:400]
+    first = await pipeline.process(batch)
+    snapshot = await _dump(store)
+    again = await pipeline.process(batch)
+    assert await _dump(store) == snapshot
+    assert again.duplicate.all() and not first.duplicate.any()
+    for a, b in zip(first.records, again.records, strict=True):
+        assert a.model_dump(exclude={"scored_at"}) == b.model_dump(exclude={"scored_at"})
+    events_total = registry.metrics.events
+    assert events_total.labels("duplicate")._value.get() == len(batch)
+    assert events_total.labels("scored")._value.get() == 400
+
+
+async def _dump(store: RedisStateStore) -> dict[bytes, object]:
+    client = store.client
+    out: dict[bytes, object] = {}
+    async for key in client.scan_iter(match=f"{store.prefix}:*", count=1000):
+        kind = await client.type(key)
+        out[key] = await (client.hgetall(key) if kind == b"hash" else client.get(key))
+    return out
+
+
+@pytest.mark.integration
+async def test_alerts_carry_reasons_from_one_extra_model_call(
+    store: RedisStateStore, served_model: Path, small_transactions: Dataset
+) -> None:
+    registry = _registry(served_model)
+    pipeline = ScoringPipeline(store, registry, registry.metrics, max_reasons=2)
+    scorer = registry.champion.scorer
+    calls: list[int] = []
+    real_score = scorer.score
+
+    def counting_score(batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
+        calls.append(len(batch))
+        return real_score(batch)
+
+    scorer.score = counting_score  # type: ignore[method-assign]
+    events, _ = _events_in_replay_order(small_transactions.frame)
+    alerts: list[ScoreRecord] = []
+    for start in range(0, 1200, 200):
+        calls.clear()
+        scored = await pipeline.process(events[start : start + 200])
+        batch_alerts = [scored.records[i] for i in scored.alerts]
+        alerts.extend(batch_alerts)
+        # one call for the batch, one for every alert's variants, none per event
+        expected = [200] + ([len(batch_alerts) * len(FEATURE_GROUPS)] if batch_alerts else [])
+        assert calls == expected
+        for i, record in enumerate(scored.records):
+            assert (i in scored.alerts) == (record.decision is not Decision.APPROVE)
+            assert bool(record.reasons) == (i in scored.alerts)
+    assert alerts, "the test model's thresholds should alert on some events"
+    for record in alerts:
+        assert 1 <= len(record.reasons) <= 2
+    # Large amounts are what this model learnt; their reasons quote the amount.
+    big = [r for r in alerts if r.amount > 200]
+    assert big and all(any(f"{r.amount:,.2f}" in text for text in r.reasons) for r in big)
+    counted = registry.metrics.alerts
+    assert counted.labels("review")._value.get() + counted.labels("decline")._value.get() == len(
+        alerts
+    )
+
+
+@pytest.mark.integration
+async def test_the_challenger_scores_every_event_in_shadow(
+    store: RedisStateStore, served_model: Path, second_model: Path, small_transactions: Dataset
+) -> None:
+    registry = _registry(served_model, second_model)
+    pipeline = ScoringPipeline(store, registry, registry.metrics)
+    events, _ = _events_in_replay_order(small_transactions.frame)
+    scored = await pipeline.process(events[:150])
+    assert [r.transaction_id for r in scored.shadow] == [r.transaction_id for r in scored.records]
+    assert {r.model_version for r in scored.shadow} == {"test-b"}
+    assert all(r.reasons == () for r in scored.shadow)
+    assert any(a.score != b.score for a, b in zip(scored.records, scored.shadow, strict=True))
+
+
+@pytest.mark.integration
+async def test_labels_count_once_and_invalid_ones_are_rejected(
+    store: RedisStateStore, small_transactions: Dataset
+) -> None:
+    metrics = WorkerMetrics(CollectorRegistry(), process_collectors=False)
+    fraud = label_payload(1, 2, 3, 1_522_540_992_000, True, 1_522_627_392_000)
+    genuine = label_payload(4, 2, 3, 1_522_540_992_000, False, 1_522_627_392_000)
+    broken = b'{"transaction_id": "9", "is_fraud": "yes"}'
+    outcome = await apply_labels(
+        _inbound([fraud, genuine, broken, fraud]), store, DEFAULT_LIMITS, metrics
+    )
+    assert (outcome.frauds, outcome.genuine, outcome.new_frauds) == (2, 1, 1)
+    assert [r.error.reason for r in outcome.rejected] == [RejectReason.MISSING_FIELD]
+    values = {
+        o: metrics.labels.labels(o)._value.get()
+        for o in ("fraud", "genuine", "duplicate", "dead_letter")
+    }
+    assert values == {"fraud": 1, "genuine": 1, "duplicate": 1, "dead_letter": 1}
+    day = 1_522_540_992_000 // F.MS_PER_DAY
+    assert await store.terminal_counts("3", day) == (0, 1)
+
+
+# --- reasons -------------------------------------------------------------------------
+
+
+def _context(**values: float) -> AlertContext:
+    vector = np.zeros(F.N_FEATURES)
+    for name, value in values.items():
+        vector[F.FEATURE_INDEX[name]] = value
+    amount = values.get("TX_AMOUNT", 10.0)
+    return AlertContext(0.9, amount, 1_522_540_992_000, vector)
+
+
+def test_reasons_follow_the_largest_contributions_with_actual_values() -> None:
+    context = _context(
+        TX_AMOUNT=512.30,
+        AMOUNT_TO_CUSTOMER_PRIOR_AVG_30DAY=5.1,
+        CUSTOMER_ID_NB_TX_30DAY_WINDOW=40,
+        TERMINAL_ID_NB_TX_30DAY_WINDOW=27,
+        TERMINAL_ID_RISK_30DAY_WINDOW=4 / 27,
+        TX_DURING_NIGHT=1,
+    )
+    mean = np.ones(F.N_FEATURES)
+    mean[F.FEATURE_INDEX["TX_AMOUNT"]] = 50.0
+    terminal = next(g for g in FEATURE_GROUPS if g.name == "terminal_risk")
+    usual = next(g for g in FEATURE_GROUPS if g.name == "amount_vs_usual")
+
+    def model(batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
+        # A transparent "model": terminal risk counts most, the amount ratio next.
+        last = batch[:, -1, :].astype(np.float64)
+        risk = last[:, terminal.index].sum(axis=1) > 26
+        ratio = last[:, usual.index[0]] > 2
+        return 0.1 + 0.5 * risk + 0.3 * ratio
+
+    sequences = context.features[None, None, :].astype(np.float32)
+    scores = model(sequences)
+    (reasons,) = explain(sequences, scores, [context], mean, model, max_reasons=3)
+    assert reasons == (
+        "terminal had 4 known frauds in 27 transactions over 30 days",
+        "amount 512.30 is 5.1x the customer's 30-day average (100.45)",
+    )
+
+
+def test_every_alert_gets_a_reason_even_when_no_group_stands_out() -> None:
+    context = _context(TX_AMOUNT=20.0)
+
+    def flat(batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
+        return np.full(len(batch), 0.7)
+
+    sequences = context.features[None, None, :].astype(np.float32)
+    (reasons,) = explain(sequences, np.array([0.7]), [context], np.zeros(F.N_FEATURES), flat)
+    assert reasons == (fallback_reason(context.score),)
+    assert MIN_CONTRIBUTION > 0
+
+
+def test_feature_groups_cover_every_feature_once() -> None:
+    covered = [name for group in FEATURE_GROUPS for name in group.features]
+    assert sorted(covered) == sorted(F.FEATURE_NAMES)
+
+
+# --- metrics -------------------------------------------------------------------------
+
+REQUIRED_METRICS = (
+    "fraudstream_events_total",
+    "fraudstream_alerts_total",
+    "fraudstream_dead_letters_total",
+    "fraudstream_labels_total",
+    "fraudstream_end_to_end_latency_seconds_bucket",
+    "fraudstream_processing_seconds_bucket",
+    "fraudstream_inference_seconds_bucket",
+    "fraudstream_redis_seconds_bucket",
+    "fraudstream_batch_size_bucket",
+    "fraudstream_score_bucket",
+    "fraudstream_score_psi",
+    "fraudstream_model_info",
+    "fraudstream_model_reloads_total",
+    "fraudstream_consumer_lag",
+    "fraudstream_last_commit_timestamp_seconds",
+    "fraudstream_offsets_committed_total",
+    "fraudstream_redis_errors_total",
+    "fraudstream_kafka_errors_total",
+    "process_resident_memory_bytes",
+    "process_cpu_seconds_total",
+)
+
+
+def test_every_metric_is_declared_on_the_registry_passed_in() -> None:
+    registry = CollectorRegistry()
+    metrics = WorkerMetrics(registry)
+    metrics.consumer_lag.labels("transactions", "0").set(3)
+    metrics.model_info.labels("v1", "champion").set(1)
+    text = generate_latest(registry).decode()
+    for name in REQUIRED_METRICS:
+        assert f"\n{name}" in text or text.startswith(name), name
+    score_buckets = [f'le="{edge}"' for edge in SCORE_BUCKET_EDGES]
+    assert all(f"fraudstream_score_bucket{{{b}}}" in text for b in score_buckets)
+    assert 'fraudstream_events_total{outcome="dead_letter"} 0.0' in text
+
+
+def test_psi_is_zero_on_the_reference_and_grows_with_drift() -> None:
+    reference = np.full(len(SCORE_BUCKET_EDGES), 1 / len(SCORE_BUCKET_EDGES))
+    assert population_stability_index(reference, reference) == 0.0
+    drift = ScoreDrift(list(reference), window=1300)
+    rng = np.random.default_rng(0)
+    like_reference = rng.choice(np.asarray(SCORE_BUCKET_EDGES) - 1e-4, size=1300)
+    assert drift.update(like_reference) < 0.05
+    shifted = drift.update(np.full(1300, 0.95))  # the whole window now in one bucket
+    assert shifted > 1.0
+    # The window slides: recent normal scores bring it back down.
+    assert drift.update(like_reference) < 0.05
+
+
+def test_psi_waits_for_enough_scores() -> None:
+    drift = ScoreDrift([1 / 13] * 13, window=5000)
+    assert np.isnan(drift.update(np.linspace(0, 1, 999)))
+    assert not np.isnan(drift.update(np.linspace(0, 1, 1)))
+
+
+# --- model registry ------------------------------------------------------------------
+
+
+def _copy_model(source: Path, target: Path) -> Path:
+    shutil.copytree(source, target)
+    return target
+
+
+async def test_a_pointer_file_flip_is_loaded_and_swapped_between_batches(
+    tmp_path: Path, served_model: Path, second_model: Path
+) -> None:
+    pointer = tmp_path / "current"
+    pointer.write_text("models/a\n")
+    models = tmp_path / "models"
+    models.mkdir()
+    _copy_model(served_model, models / "a")
+    _copy_model(second_model, models / "b")
+    registry = _registry(pointer)
+    assert registry.champion.version == "test-a"
+    assert resolve_model_dir(pointer) == (models / "a").resolve()
+
+    await registry.poll()
+    assert registry.activate_pending() == []  # nothing changed
+    pointer.write_text(str(models / "b"))
+    await registry.poll()
+    assert registry.champion.version == "test-a"  # parked until the next batch boundary
+    assert registry.activate_pending() == ["champion test-a -> test-b"]
+    assert registry.champion.version == "test-b"
+    text = generate_latest(registry.metrics.registry).decode()
+    assert 'fraudstream_model_info{role="champion",version="test-b"} 1.0' in text
+    assert 'version="test-a"' not in text
+    assert 'fraudstream_model_reloads_total{outcome="loaded"} 2.0' in text
+
+
+async def test_a_broken_model_is_refused_and_the_current_one_keeps_serving(
+    tmp_path: Path, served_model: Path
+) -> None:
+    live = _copy_model(served_model, tmp_path / "live")
+    registry = _registry(live)
+    card = live / CARD_FILE
+    card.write_text(card.read_text().replace('"test-a"', '"test-c"'))  # probe scores still match
+    (live / "model.onnx").write_bytes(b"corrupt")  # but the model file no longer does
+    await registry.poll()
+    assert registry.activate_pending() == []
+    assert registry.champion.version == "test-a"
+    reloads = registry.metrics.model_reloads
+    assert reloads.labels("refused")._value.get() == 1
+    await registry.poll()  # the same broken files are not retried
+    assert reloads.labels("refused")._value.get() == 1
+
+
+def test_models_needing_a_longer_history_than_the_state_keeps_are_refused(
+    served_model: Path,
+) -> None:
+    with pytest.raises(ModelError, match="FRAUDSTREAM_STATE_SEQUENCE_LENGTH"):
+        load_model(served_model, "champion", ModelOptions(max_sequence_length=2))
+
+
+def test_threshold_overrides_apply_to_the_champion_only(
+    served_model: Path, second_model: Path
+) -> None:
+    registry = _registry(served_model, second_model, review_threshold=0.2)
+    assert registry.champion.thresholds.review == 0.2
+    assert registry.champion.thresholds.review_rule == "FRAUDSTREAM_REVIEW_THRESHOLD"
+    challenger = registry.challenger
+    assert challenger is not None
+    assert challenger.thresholds == challenger.scorer.card.thresholds
+    with pytest.raises(ModelError, match="contradicts"):
+        load_model(
+            served_model, "champion", ModelOptions(review_threshold=1.0, decline_threshold=0.5)
+        )
+
+
+def test_a_missing_champion_is_a_model_error(tmp_path: Path) -> None:
+    with pytest.raises(ModelError, match="does not exist"):
+        _registry(tmp_path / "nowhere")
+
+
+def test_a_broken_challenger_is_refused_at_start_up(tmp_path: Path, served_model: Path) -> None:
+    registry = _registry(served_model, tmp_path / f"missing-{uuid.uuid4().hex}")
+    assert registry.challenger is None
+    assert registry.metrics.model_reloads.labels("refused")._value.get() == 1
