@@ -278,3 +278,25 @@ class ScoreDrift:
         if self._filled < min(self.window, PSI_MIN_SCORES):
             return math.nan
         return population_stability_index(self._counts / self._filled, self.reference)
+
+
+def metrics_table() -> str:
+    """The README's metrics reference: every metric the worker exports, as Markdown."""
+    from prometheus_client.metrics import MetricWrapperBase
+
+    metrics = WorkerMetrics(CollectorRegistry(), process_collectors=False)
+    rows = ["| Metric | Type | Labels | Description |", "| --- | --- | --- | --- |"]
+    for value in vars(metrics).values():
+        if not isinstance(value, MetricWrapperBase):
+            continue
+        name = value._name  # the exported name, suffixes aside
+        kind = value._type
+        if kind == "counter":
+            name += "_total"
+        labels = ", ".join(f"`{label}`" for label in value._labelnames) or "-"
+        rows.append(f"| `{name}` | {kind} | {labels} | {value._documentation} |")
+    rows.append(
+        "| `process_*`, `python_*` | - | - | CPU seconds, resident memory, open files, GC "
+        "(prometheus_client's default collectors). |"
+    )
+    return "\n".join(rows) + "\n"
