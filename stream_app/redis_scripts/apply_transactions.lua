@@ -3,8 +3,9 @@
 --
 -- KEYS: per event, its customer key then its terminal key.
 -- ARGV: sequence_length, lookback_ms, ttl_ms, n_windows, then per window its inclusive day
---       offsets (lo, hi), then trim_slack, ring_days, then per event: tx_hash (8 bytes),
---       time_ms, amount.
+--       offsets (lo, hi), then trim_slack, ring_days, then one string packing every event
+--       as 24 bytes <8-byte tx hash, i8 time_ms, d amount> (one argument, not three per event:
+--       the client's command packing is per argument).
 -- Returns: { duplicate flags ('0'/'1' per event), then per event two strings whose
 --            concatenation is its retained history: the stored part and the new record }.
 --
@@ -29,7 +30,7 @@ end
 local trim_slack = tonumber(ARGV[5 + 2 * n_windows])
 local ring = tonumber(ARGV[6 + 2 * n_windows])
 local counts_fmt = '<' .. string.rep('i4', 2 * n_windows)
-local first_arg = 7 + 2 * n_windows
+local packed = ARGV[7 + 2 * n_windows]
 local n_events = #KEYS / 2
 local span = max_hi - min_lo + 1
 
@@ -64,10 +65,9 @@ local out = { '' }
 for e = 1, n_events do
   local ckey = KEYS[2 * e - 1]
   local tkey = KEYS[2 * e]
-  local a = first_arg + 3 * (e - 1)
-  local h = ARGV[a]
-  local t = tonumber(ARGV[a + 1])
-  local amount = tonumber(ARGV[a + 2])
+  local o = (e - 1) * 24
+  local h = string.sub(packed, o + 1, o + 8)
+  local t, amount = struct.unpack('<i8d', packed, o + 9)
   local blob = redis.call('GET', ckey) or ''
   local n = #blob / REC
 
