@@ -48,7 +48,8 @@ class BaselineScores:
 def make_classifier(name: str, threads: int = 2) -> _Classifier:
     """A fresh, seeded reference classifier by name (see :data:`BASELINE_NAMES`)."""
     if name == "logistic_regression":
-        return LogisticRegression(random_state=0, max_iter=1000, **LOGISTIC_PARAMS)
+        model: _Classifier = LogisticRegression(random_state=0, max_iter=1000, **LOGISTIC_PARAMS)
+        return model
     if name == "xgboost":
         return XGBClassifier(
             random_state=0, n_jobs=threads, verbosity=0, tree_method="hist", **XGBOOST_PARAMS

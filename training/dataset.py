@@ -43,7 +43,10 @@ def epoch_day(day: dt.date | str) -> int:
     >>> epoch_day("2018-07-25")
     17737
     """
-    date = dt.date.fromisoformat(day) if isinstance(day, str) else day
+    try:
+        date = dt.date.fromisoformat(day) if isinstance(day, str) else day
+    except ValueError:
+        raise ConfigError(f"expected an ISO date such as 2018-07-25, got {day!r}") from None
     return (date - _EPOCH).days
 
 
@@ -101,8 +104,10 @@ class FileFeatures:
     offline: features.OfflineFeatures
     days: IntArray
     customers: IntArray
+    terminals: IntArray
     labels: IntArray
     transaction_ids: IntArray
+    scenarios: IntArray
 
     @property
     def first_day(self) -> int:
@@ -158,8 +163,10 @@ def file_features(df: pd.DataFrame) -> FileFeatures:
         offline=offline,
         days=features.day_index(arrays.times_ms[order]),
         customers=arrays.customer_ids[order],
+        terminals=arrays.terminal_ids[order],
         labels=arrays.is_fraud[order].astype(np.int64),
         transaction_ids=arrays.transaction_ids[order],
+        scenarios=df["TX_FRAUD_SCENARIO"].to_numpy(dtype=np.int64)[order],
     )
 
 
@@ -231,7 +238,8 @@ class SequenceSet:
     @property
     def frauds(self) -> SequenceArray:
         """The fraud sequences (what the GAN learns from)."""
-        return self.sequences[self.labels == 1]
+        frauds: SequenceArray = self.sequences[self.labels == 1]
+        return frauds
 
     def subset(self, mask: npt.NDArray[np.bool_] | IntArray) -> SequenceSet:
         """Rows selected by a boolean mask or an index array."""

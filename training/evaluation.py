@@ -12,20 +12,42 @@ Le Borgne et al., *Reproducible Machine Learning for Credit Card Fraud Detection
   Handbook's ``start_date_training_for_test``).
 * **metrics**: AUC ROC and average precision over test transactions, and the card precision
   top-k of :func:`card_precision_top_k`.
+
+:func:`run_fold` trains every model of a comparison on one split and scores its test set:
+the LSTM (early-stopped on the week before its training days, see :func:`training_window`:
+those labels are older than the training labels, so known whenever they are, and the test
+set plays no part in model choice),
+the reference baselines on the 15 baseline features, and an *oracle bound* that uses the
+simulator's ground truth to show what the data allows (see :func:`oracle_scores`).
 """
 
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Final
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from training.dataset import FileFeatures, IntArray, Period, epoch_day, known_compromised
+from stream_app import features
+from stream_app.errors import ConfigError
+from training.baselines import BASELINE_NAMES, fit_and_score
+from training.dataset import (
+    FileFeatures,
+    IntArray,
+    Period,
+    SequenceSet,
+    epoch_day,
+    known_compromised,
+)
+from training.sequence_model import predict
+from training.train import AugmentConfig, EpochLog, FitResult, TrainConfig, fit_sequence_model
 
 FloatArray = npt.NDArray[np.float64]
 
@@ -70,20 +92,10 @@ class Split:
             return None
         return Period(self.train.last_day + 1, self.train.last_day + self.delay_days)
 
-    @property
-    def validation(self) -> Period:
-        """The week before the training period, the LSTM's early-stopping set.
-
-        Its labels are older than the training period's, so they are known whenever the
-        training labels are; the test set is untouched by model choice.
-        """
-        return self.train.shifted(-self.train.days)
-
     def describe(self) -> dict[str, str]:
         """ISO ranges of each period (for reports and the model card)."""
         delay = self.delay
         return {
-            "validation": self.validation.label,
             "train": self.train.label,
             "delay": delay.label if delay else "",
             "test": self.test.label,
@@ -115,7 +127,7 @@ def prequential_splits(
     ]
 
 
-def test_rows(data: FileFeatures, split: Split) -> IntArray:
+def assessment_rows(data: FileFeatures, split: Split) -> IntArray:
     """The split's test rows, cards already known to be compromised removed."""
     rows = data.rows(split.test)
     known = known_compromised(
@@ -218,3 +230,205 @@ def mean_and_std(results: Sequence[dict[str, float]]) -> dict[str, dict[str, flo
         values = np.array([r[name] for r in results], dtype=np.float64)
         summary[name] = {"mean": float(values.mean()), "std": float(values.std())}
     return summary
+
+
+LSTM: Final = "lstm"
+ORACLE: Final = "oracle"
+_MODEL_NAME = re.compile(r"^(?P<kind>[a-z_]+?)(?:_(?P<days>\d+)d)?$")
+_COMPROMISED_TERMINAL: Final = 2  # simulator scenario: every transaction of a terminal is fraud
+COMPROMISE_DAYS: Final = 28  # SimulatorConfig.terminal_compromise_days
+
+
+def undetectable_frauds(
+    data: FileFeatures,
+    rows: IntArray,
+    compromise_days: int = COMPROMISE_DAYS,
+    delay_days: int = features.LABEL_DELAY_DAYS,
+) -> npt.NDArray[np.bool_]:
+    """Which rows are frauds that no model of these features can tell from genuine ones.
+
+    A fraud of the compromised-terminal scenario on day ``t`` shows only once a fraud of the
+    same compromise is known: one on the same terminal between day ``t - compromise_days + 1``
+    (the earliest the compromise can have started) and ``t - delay_days - 1`` (the last day
+    the terminal windows see). During the first ``delay_days + 1`` days of a compromise
+    nothing in any feature differs from a genuine transaction. Reads the simulator's
+    ``TX_FRAUD_SCENARIO`` column.
+    """
+    scenario_2 = np.flatnonzero(data.scenarios == _COMPROMISED_TERMINAL)
+    span = int(data.days.max()) + 1
+    known = np.sort(data.terminals[scenario_2] * span + data.days[scenario_2])
+    key = data.terminals[rows] * span + data.days[rows]
+    earlier = np.searchsorted(known, key - delay_days - 1, side="right") - np.searchsorted(
+        known, key - compromise_days + 1, side="left"
+    )
+    hidden: npt.NDArray[np.bool_] = (data.scenarios[rows] == _COMPROMISED_TERMINAL) & (earlier == 0)
+    return hidden
+
+
+def oracle_scores(data: FileFeatures, rows: IntArray, seed: int = 0) -> FloatArray:
+    """Scores of an oracle that ranks every detectable fraud above everything else and the
+    :func:`undetectable_frauds` at random among the genuine transactions: an upper bound in
+    expectation for any model of these features, not a model.
+    """
+    rng = np.random.default_rng(seed)
+    detectable = (data.labels[rows] == 1) & ~undetectable_frauds(data, rows)
+    scores: FloatArray = (rng.random(len(rows)) + detectable) / 2.0
+    return scores
+
+
+def model_name(kind: str, history_days: int | None = None) -> str:
+    """A model's name in reports: its kind, with ``_<n>d`` when it trains on ``n`` days
+    instead of the protocol's training period.
+
+    >>> model_name("xgboost"), model_name("lstm", 28)
+    ('xgboost', 'lstm_28d')
+    """
+    return kind if history_days is None else f"{kind}_{history_days}d"
+
+
+def parse_model_name(name: str) -> tuple[str, int | None]:
+    """Inverse of :func:`model_name`.
+
+    >>> parse_model_name("logistic_regression_14d")
+    ('logistic_regression', 14)
+    """
+    match = _MODEL_NAME.match(name)
+    if match is None:
+        raise ValueError(f"not a model name: {name!r}")
+    days = match.group("days")
+    return match.group("kind"), int(days) if days else None
+
+
+@dataclass(frozen=True)
+class ProtocolSettings:
+    """What a comparison trains on every split.
+
+    ``models`` names kinds (:data:`LSTM`, the :data:`BASELINE_NAMES`, :data:`ORACLE`), each
+    optionally with a training history (``lstm_28d``: the 28 days ending with the split's
+    training period); without one a model trains on the training period, as the protocol
+    has it. The LSTM stops early on the ``valid_days`` just before its training days.
+    """
+
+    train: TrainConfig = field(default_factory=TrainConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    models: tuple[str, ...] = (LSTM, *BASELINE_NAMES, ORACLE)
+    valid_days: int = DELTA_DAYS
+    top_k: int = TOP_K
+
+
+@dataclass(frozen=True)
+class ModelRun:
+    """One model's test scores and metrics on one split (and, for the LSTM, the model)."""
+
+    name: str
+    scores: FloatArray
+    metrics: dict[str, float]
+    seconds: float
+    details: dict[str, Any] = field(default_factory=dict)
+    fit: FitResult | None = None
+    valid: SequenceSet | None = None
+
+
+@dataclass(frozen=True)
+class FoldResult:
+    """Every model of a comparison on one split."""
+
+    split: Split
+    test_labels: IntArray
+    runs: dict[str, ModelRun]
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-ready description of the fold (without per-transaction scores)."""
+        return {
+            "periods": self.split.describe(),
+            "test_transactions": len(self.test_labels),
+            "test_frauds": int(self.test_labels.sum()),
+            "metrics": {name: run.metrics for name, run in self.runs.items()},
+            "seconds": {name: round(run.seconds, 2) for name, run in self.runs.items()},
+            "details": {name: run.details for name, run in self.runs.items() if run.details},
+        }
+
+
+def training_window(
+    split: Split, history_days: int | None, valid_days: int
+) -> tuple[Period, Period]:
+    """A model's training days (ending with the split's training period) and, just before
+    them, its validation days.
+
+    >>> train, valid = training_window(Split.starting("2018-07-25"), 14, 7)
+    >>> train.label, valid.label
+    ('2018-07-18..2018-07-31', '2018-07-11..2018-07-17')
+    """
+    days = split.train.days if history_days is None else history_days
+    train = Period(split.train.last_day - days + 1, split.train.last_day)
+    return train, Period(train.first_day - valid_days, train.first_day - 1)
+
+
+def run_fold(
+    data: FileFeatures,
+    split: Split,
+    settings: ProtocolSettings,
+    on_epoch: Callable[[str, EpochLog], None] | None = None,
+) -> FoldResult:
+    """Train every model of ``settings.models`` on one split and assess it on the test set.
+
+    A test period outside the file gives empty scores and no metrics (the ``train``
+    command's model may be trained up to the file's end). ``on_epoch`` receives the model's
+    name with each LSTM epoch.
+    """
+    test = assessment_rows(data, split)
+    days, cards, labels = data.days[test], data.customers[test], data.labels[test]
+    gradable = len(test) > 0 and 0 < labels.sum() < len(test)
+    runs: dict[str, ModelRun] = {}
+    for name in settings.models:
+        kind, history = parse_model_name(name)
+        window, valid_period = training_window(split, history, settings.valid_days)
+        started = time.perf_counter()
+        details: dict[str, Any] = {"train_days": window.label}
+        fit: FitResult | None = None
+        valid: SequenceSet | None = None
+        rows = data.require(window, "training")
+        details.update(train_transactions=len(rows), train_frauds=int(data.labels[rows].sum()))
+        if kind == LSTM:
+            t = settings.train.sequence_length
+            valid = data.sequence_set(data.require(valid_period, "validation"), t)
+            callback = None if on_epoch is None else partial(on_epoch, name)
+            fit = fit_sequence_model(
+                data.sequence_set(rows, t),
+                valid,
+                settings.train,
+                settings.augment,
+                callback,
+            )
+            scores = predict(fit.trained.model, data.offline.sequences(t, test))
+            details.update(fit.describe(), validation_days=valid_period.label)
+        elif kind == ORACLE:
+            scores = oracle_scores(data, test)
+            hidden = int(undetectable_frauds(data, test).sum())
+            details.update(undetectable_frauds=hidden, test_frauds=int(labels.sum()))
+        elif kind in BASELINE_NAMES:
+            scores = fit_and_score(
+                kind,
+                data.baseline(rows),
+                data.labels[rows],
+                data.baseline(test),
+                settings.train.threads,
+            ).scores
+        else:
+            raise ConfigError(f"unknown model {name!r}")
+        runs[name] = ModelRun(
+            name=name,
+            scores=scores,
+            metrics=assess(days, cards, labels, scores, settings.top_k) if gradable else {},
+            seconds=time.perf_counter() - started,
+            details=details,
+            fit=fit,
+            valid=valid,
+        )
+    return FoldResult(split=split, test_labels=labels, runs=runs)
+
+
+def summarise_folds(folds: Sequence[FoldResult]) -> dict[str, dict[str, dict[str, float]]]:
+    """Per model, the mean and standard deviation of each metric over folds."""
+    names = folds[0].runs.keys() if folds else []
+    return {name: mean_and_std([fold.runs[name].metrics for fold in folds]) for name in names}

@@ -5,6 +5,10 @@ raw feature values exactly as :mod:`stream_app.features` computes them. Padding 
 zero rows in front of a short history) are recognised by a zero transaction count in the
 1-day customer window, which a real transaction never has (it counts itself), and are
 masked to zero after normalisation, with a presence channel telling the LSTM which is which.
+
+With ``ModelConfig.derived_features`` (the default) the graph also feeds each row's known
+terminal frauds per window (``log1p(risk x count)``) and ``log1p`` of the amount ratio: a
+product of two inputs is cheap to compute and slow to learn from a week of frauds.
 """
 
 from __future__ import annotations
@@ -20,6 +24,11 @@ from torch import nn
 from stream_app import features
 
 _PRESENCE_FEATURE = features.FEATURE_INDEX["CUSTOMER_ID_NB_TX_1DAY_WINDOW"]
+_WINDOWS = features.TERMINAL_WINDOWS_DAYS
+_TERMINAL_COUNTS = [features.FEATURE_INDEX[f"TERMINAL_ID_NB_TX_{w}DAY_WINDOW"] for w in _WINDOWS]
+_TERMINAL_RISKS = [features.FEATURE_INDEX[f"TERMINAL_ID_RISK_{w}DAY_WINDOW"] for w in _WINDOWS]
+_AMOUNT_RATIO = features.FEATURE_INDEX["AMOUNT_TO_CUSTOMER_PRIOR_AVG_30DAY"]
+N_DERIVED = len(_TERMINAL_COUNTS) + 1
 
 
 @dataclass(frozen=True)
@@ -30,6 +39,10 @@ class ModelConfig:
     num_layers: int = 1
     head_size: int = 64
     dropout: float = 0.1
+    # Known terminal frauds per window (risk x count) and the log amount ratio, computed in
+    # the graph: a compromised terminal's state is a product the network would otherwise
+    # have to learn from ~500 frauds a week.
+    derived_features: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict, for the model card."""
@@ -53,15 +66,17 @@ class LstmScorer(nn.Module):
         self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32))
         self.register_buffer("inv_std", torch.as_tensor(1.0 / std, dtype=torch.float32))
         cfg = self.config
+        self.n_derived = N_DERIVED if self.config.derived_features else 0
+        n_inputs = n_features + self.n_derived
         self.lstm = nn.LSTM(
-            input_size=n_features + 1,
+            input_size=n_inputs + 1,
             hidden_size=cfg.hidden_size,
             num_layers=cfg.num_layers,
             batch_first=True,
             dropout=cfg.dropout if cfg.num_layers > 1 else 0.0,
         )
         self.head = nn.Sequential(
-            nn.Linear(cfg.hidden_size + n_features, cfg.head_size),
+            nn.Linear(cfg.hidden_size + n_inputs, cfg.head_size),
             nn.ReLU(),
             nn.Dropout(cfg.dropout),
             nn.Linear(cfg.head_size, 1),
@@ -71,7 +86,16 @@ class LstmScorer(nn.Module):
         """Standardise real rows, zero the padding rows, append the presence channel."""
         present = (x[:, :, _PRESENCE_FEATURE : _PRESENCE_FEATURE + 1] > 0).to(x.dtype)
         z = (x - self.get_buffer("mean")) * self.get_buffer("inv_std") * present
-        return torch.cat([z, present], dim=2)
+        parts = [z]
+        if self.n_derived:
+            frauds = x[:, :, _TERMINAL_RISKS] * x[:, :, _TERMINAL_COUNTS]
+            ratio = x[:, :, _AMOUNT_RATIO : _AMOUNT_RATIO + 1]
+            # log1p keeps them O(1) without statistics; clamp guards log1p against a
+            # negative ratio no real row has.
+            derived = torch.log1p(torch.cat([frauds, ratio], dim=2).clamp(min=0.0))
+            parts.append(derived * present)
+        parts.append(present)
+        return torch.cat(parts, dim=2)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Fraud logit of each sequence ``[B, T, F]`` (training uses this)."""

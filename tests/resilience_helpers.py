@@ -1,0 +1,623 @@
+"""What the resilience tests share: services they own, a paced publisher, and an accounting.
+
+* :class:`OwnedRedis` and :class:`OwnedBroker`: a ``redis-server`` and a Tansu broker of the
+  test's own, which it may kill, restart, SIGSTOP and SIGCONT without disturbing the session
+  services other tests use;
+* :class:`BackgroundPublisher`: publishes at a set rate from a thread, so the test's main
+  thread can kill and restart workers meanwhile;
+* :func:`account`: the end of every resilience test, every transaction accounted for:
+  which were scored, which were lost, and whether the duplicates are identical;
+* :func:`make_certificates`: a CA and a server certificate for 127.0.0.1, with openssl.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pandas as pd
+import pytest
+import redis
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.structs import ConsumerRecord
+
+from stream_app import kafka_config
+from stream_app.broker import LOOPBACK, broker_binary, free_port, wait_for_port
+from stream_app.config import Settings
+from stream_app.records import ScoreRecord
+from stream_app.redis_state import RedisStateStore
+from stream_app.state import TransactionUpdate
+from training.replay import replay_messages
+from training.simulator import SimulatorConfig, simulate
+from training.transactions import to_arrays
+
+
+def redis_server_binary() -> str:
+    """The ``redis-server`` executable, or skip the test."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("redis-server is not installed")
+    return binary
+
+
+class OwnedRedis:
+    """A ``redis-server`` owned by one test, on a free loopback port.
+
+    With ``durable`` (the default) it runs with ``--appendonly yes --appendfsync always``
+    in ``directory``: every write acknowledged to a client is on disk before the reply, so
+    a SIGKILL and a restart on the same directory keep every acknowledged write, which is
+    what a production Redis with persistence promises (and what the worker's retry relies
+    on: a batch either applied entirely, or not at all, and retried).
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        durable: bool = True,
+        password: str | None = None,
+        tls: tuple[Path, Path, Path] | None = None,
+    ) -> None:
+        self.directory = directory
+        self.port = free_port()
+        self.durable = durable
+        self.password = password
+        self.tls = tls  # (CA, certificate, key): TLS only, clients not authenticated
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        """``redis://`` (``rediss://`` with TLS) URL of the server, without the password."""
+        return f"{'rediss' if self.tls else 'redis'}://{LOOPBACK}:{self.port}/0"
+
+    def start(self) -> OwnedRedis:
+        """Start (or restart, on the same port and directory) and wait until it answers."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        persistence = (
+            ["--appendonly", "yes", "--appendfsync", "always", "--save", ""]
+            if self.durable
+            else ["--appendonly", "no", "--save", ""]
+        )
+        listen = ["--port", str(self.port)]
+        if self.tls is not None:
+            ca, cert, key = self.tls
+            listen = ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", str(cert),
+                      "--tls-key-file", str(key), "--tls-ca-cert-file", str(ca),
+                      "--tls-auth-clients", "no"]  # fmt: skip
+        if self.password is not None:
+            listen += ["--requirepass", self.password]
+        command = [redis_server_binary(), "--bind", LOOPBACK, "--dir", str(self.directory),
+                   *persistence, *listen]  # fmt: skip
+        with (self.directory / "redis.log").open("ab") as log:
+            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        if not wait_for_port(LOOPBACK, self.port, 10.0):
+            raise AssertionError(f"redis-server did not start on port {self.port}")
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL: a crash, no shutdown save."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+
+    def stop(self) -> None:
+        """Terminate if running."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+
+    def client(self) -> redis.Redis:
+        """A plain client (only without TLS)."""
+        return redis.Redis(host=LOOPBACK, port=self.port)
+
+
+class OwnedBroker:
+    """A Tansu broker process owned by one test: it may be paused with SIGSTOP."""
+
+    def __init__(self, log_path: Path) -> None:
+        self.port = free_port()
+        self.log_path = log_path
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def bootstrap_servers(self) -> str:
+        """``host:port``."""
+        return f"{LOOPBACK}:{self.port}"
+
+    def start(self) -> OwnedBroker:
+        """Start and wait until it accepts connections."""
+        url = f"tcp://{LOOPBACK}:{self.port}"
+        command = [
+            broker_binary(),
+            "broker",
+            "--listener-url",
+            url,
+            "--advertised-listener-url",
+            url,
+            "--storage-engine",
+            "memory://tansu/",
+        ]
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        if not wait_for_port(LOOPBACK, self.port, 20.0):
+            raise AssertionError("the test's broker did not start")
+        return self
+
+    def pause(self) -> None:
+        """SIGSTOP: the process freezes, its sockets stay open and answer nothing."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGCONT)
+
+    def stop(self) -> None:
+        """Resume (a stopped process ignores SIGTERM until then) and terminate."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGCONT)
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
+
+
+@dataclass(frozen=True)
+class Message:
+    """One message to publish; ``partition`` None lets the producer's partitioner pick."""
+
+    topic: str
+    key: bytes | None
+    value: bytes | None
+    partition: int | None = None
+
+
+def simulated(n_customers: int, n_days: int, seed: int) -> pd.DataFrame:
+    """A small population over many days: cheap state, long customer histories."""
+    return simulate(
+        SimulatorConfig(
+            n_customers=n_customers,
+            n_terminals=2 * n_customers,
+            n_days=n_days,
+            radius=10.0,
+            seed=seed,
+            compromised_terminals_per_day=1,
+            terminal_compromise_days=7,
+            compromised_customers_per_day=1,
+            customer_compromise_days=7,
+        )
+    )
+
+
+def transaction_messages(
+    frame: pd.DataFrame, settings: Settings, limit: int | None = None
+) -> list[Message]:
+    """The table's transactions in event-time order, keyed by customer id; no labels."""
+    return [
+        Message(m.topic, m.key, m.value)
+        for m in replay_messages(
+            frame,
+            transactions_topic=settings.topic_transactions,
+            labels_topic=settings.topic_labels,
+            limit=limit,
+        )
+    ]
+
+
+class BackgroundPublisher:
+    """Publishes messages at ``rate`` a second from a thread of its own.
+
+    ``published`` counts acknowledged messages; :meth:`join` waits for the end and
+    re-raises any error of the thread.
+    """
+
+    def __init__(self, settings: Settings, messages: Sequence[Message], rate: float) -> None:
+        self.settings = settings
+        self.messages = messages
+        self.rate = rate
+        self.published = 0
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="publisher", daemon=True)
+
+    def start(self) -> BackgroundPublisher:
+        """Start publishing."""
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        try:
+            asyncio.run(self._publish())
+        except BaseException as exc:  # surfaced by join()
+            self.error = exc
+
+    async def _publish(self) -> None:
+        producer = AIOKafkaProducer(**kafka_config.producer_kwargs(self.settings))
+        await producer.start()
+        try:
+            started = time.monotonic()
+            step = max(1, int(self.rate / 100))  # 10 ms slices
+            for start in range(0, len(self.messages), step):
+                futures = [
+                    await producer.send(m.topic, m.value, key=m.key, partition=m.partition)
+                    for m in self.messages[start : start + step]
+                ]
+                await asyncio.gather(*futures)
+                self.published = start + len(futures)
+                ahead = self.published / self.rate - (time.monotonic() - started)
+                if ahead > 0:
+                    await asyncio.sleep(ahead)
+        finally:
+            await producer.stop()
+
+    def wait_for(self, count: int, timeout_s: float = 120.0) -> None:
+        """Until ``count`` messages are acknowledged."""
+        deadline = time.monotonic() + timeout_s
+        while self.published < count and self._thread.is_alive():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"published {self.published} of {count} in {timeout_s} s")
+            time.sleep(0.05)
+        if self.error is not None:
+            raise self.error
+
+    def join(self, timeout_s: float = 180.0) -> None:
+        """Until everything is published."""
+        self._thread.join(timeout_s)
+        if self.error is not None:
+            raise self.error
+        assert not self._thread.is_alive(), f"publishing took over {timeout_s} s"
+
+
+async def _read_records(
+    settings: Settings, topic: str, ids: set[str] | None, timeout_s: float
+) -> list[ConsumerRecord[bytes, bytes]]:
+    consumer = AIOKafkaConsumer(
+        topic, **kafka_config.client_kwargs(settings), group_id=None, auto_offset_reset="earliest"
+    )
+    await consumer.start()
+    records: list[ConsumerRecord[bytes, bytes]] = []
+    missing = set(ids) if ids is not None else set()
+    try:
+        partitions = consumer.partitions_for_topic(topic) or set()
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            batch = await consumer.getmany(timeout_ms=200, max_records=20_000)
+            for partition_records in batch.values():
+                for r in partition_records:
+                    records.append(r)
+                    if missing and r.value is not None:
+                        missing.discard(str(orjson.loads(r.value).get("transaction_id")))
+            if missing:
+                continue
+            assigned = consumer.assignment()
+            positions = [(await consumer.position(tp), consumer.highwater(tp)) for tp in assigned]
+            if len(assigned) >= len(partitions) and all(
+                high is not None and position >= high for position, high in positions
+            ):
+                break
+    finally:
+        await consumer.stop()
+    return records
+
+
+def read_records(
+    settings: Settings, topic: str, *, ids: Iterable[str] | None = None, timeout_s: float = 120.0
+) -> list[ConsumerRecord[bytes, bytes]]:
+    """Every record of ``topic`` from the start to its end, once ``ids`` all have a record.
+
+    Returns what was read by the timeout: the caller's accounting says what is missing.
+    """
+    return asyncio.run(_read_records(settings, topic, set(ids) if ids else None, timeout_s))
+
+
+def score_records(records: Iterable[ConsumerRecord[bytes, bytes]]) -> list[ScoreRecord]:
+    """The ``ScoreRecord`` of each message."""
+    return [ScoreRecord.from_json(r.value) for r in records if r.value is not None]
+
+
+def transaction_ids(messages: Iterable[Message]) -> list[str]:
+    """The transaction id of each (valid) transaction message."""
+    return [str(orjson.loads(m.value)["transaction_id"]) for m in messages if m.value]
+
+
+def publish(settings: Settings, messages: Sequence[Message], rate: float = 20_000) -> None:
+    """Publish everything (fast by default) and return when it is acknowledged."""
+    BackgroundPublisher(settings, messages, rate).start().join()
+
+
+@dataclass
+class Accounting:
+    """Every transaction of a run accounted for."""
+
+    expected: int
+    scored: int
+    records: int
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    inconsistent: list[str] = field(default_factory=list)
+
+    @property
+    def duplicates(self) -> int:
+        """Records published more than once (after a crash, a retry or a redelivery)."""
+        return self.records - self.scored
+
+    def assert_complete(self) -> None:
+        """Nothing lost, nothing invented, every duplicate identical to its first copy."""
+        assert not self.missing, f"{len(self.missing)} transactions lost: {self.missing[:5]}"
+        assert not self.unexpected, f"records for unknown ids: {self.unexpected[:5]}"
+        assert not self.inconsistent, f"duplicates that differ: {self.inconsistent[:5]}"
+
+
+# ONNX Runtime's kernels depend on the batch size, so the same sequence scored in another
+# micro-batch (a redelivery, a retry after a crash) may differ in the last float32 bits
+# (~1e-7 seen). Duplicates must agree to the model's parity tolerance, and exactly in
+# every other field but ``scored_at``.
+SCORE_TOLERANCE = 1e-5
+
+
+def identity(record: ScoreRecord) -> dict[str, Any]:
+    """A record without ``scored_at`` (the only field a re-published copy may change) and
+    without its score (compared within :data:`SCORE_TOLERANCE` by :func:`same_record`)."""
+    return record.model_dump(exclude={"scored_at", "score"})
+
+
+def same_record(a: ScoreRecord, b: ScoreRecord) -> bool:
+    """Whether ``b`` is a faithful copy of ``a``."""
+    return identity(a) == identity(b) and abs(a.score - b.score) <= SCORE_TOLERANCE
+
+
+def account(records: Iterable[ScoreRecord], expected_ids: Iterable[str]) -> Accounting:
+    """Compare the score records of a run with the transactions published."""
+    first: dict[str, ScoreRecord] = {}
+    inconsistent: list[str] = []
+    n = 0
+    for record in records:
+        n += 1
+        seen = first.setdefault(record.transaction_id, record)
+        if seen is not record and not same_record(seen, record):
+            inconsistent.append(record.transaction_id)
+    expected = set(expected_ids)
+    return Accounting(
+        expected=len(expected),
+        scored=len(first),
+        records=n,
+        missing=sorted(expected - set(first)),
+        unexpected=sorted(set(first) - expected),
+        inconsistent=inconsistent,
+    )
+
+
+def redis_state(client: redis.Redis, prefix: str) -> dict[str, object]:
+    """Every key under a prefix, without the prefix, with its value (TTLs ignored)."""
+    state: dict[str, object] = {}
+    for key in client.scan_iter(match=f"{prefix}:*", count=1000):
+        name = key.decode()[len(prefix) :]
+        kind = client.type(key)
+        state[name] = client.hgetall(key) if kind == b"hash" else client.get(key)
+    return state
+
+
+def uninterrupted_state(
+    url: str, prefix: str, frame: pd.DataFrame, sequence_length: int, limit: int | None = None
+) -> None:
+    """Apply the table's transactions in event-time order, in batches, under ``prefix``.
+
+    The state after a stream does not depend on how it was cut into batches, nor on how
+    partitions interleave within a few days of event time (terminal windows end eight days
+    back): this is the state an uninterrupted worker leaves.
+    """
+    import redis.asyncio as aioredis
+
+    from training.replay import replay_order
+
+    arrays = to_arrays(frame)
+    order = replay_order(frame)[:limit]
+    updates = [
+        TransactionUpdate(
+            str(arrays.transaction_ids[i]),
+            str(arrays.customer_ids[i]),
+            str(arrays.terminal_ids[i]),
+            int(arrays.times_ms[i]),
+            float(arrays.amounts[i]),
+        )
+        for i in order
+    ]
+
+    async def apply() -> None:
+        client = aioredis.Redis.from_url(url)
+        try:
+            store = RedisStateStore(client, prefix=prefix, sequence_length=sequence_length)
+            for start in range(0, len(updates), 1000):
+                await store.apply_transactions(updates[start : start + 1000])
+        finally:
+            await client.aclose()
+
+    asyncio.run(apply())
+
+
+def delete_keys(client: redis.Redis, prefix: str) -> None:
+    """Delete every key under a prefix."""
+    keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
+    for start in range(0, len(keys), 1000):
+        client.delete(*keys[start : start + 1000])
+
+
+def make_certificates(directory: Path, name: str = "ca") -> tuple[Path, Path, Path]:
+    """A self-signed CA and a server certificate it signs for 127.0.0.1 and localhost.
+
+    Returns:
+        ``(ca_cert, server_cert, server_key)``, PEM files in ``directory``.
+    """
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("openssl is not installed")
+    directory.mkdir(parents=True, exist_ok=True)
+    ca_key, ca_cert = directory / f"{name}.key", directory / f"{name}.crt"
+    key, csr, cert = directory / "server.key", directory / "server.csr", directory / "server.crt"
+    ext = directory / "san.ext"
+    ext.write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+
+    def run(*args: str) -> None:
+        subprocess.run([openssl, *args], check=True, capture_output=True)
+
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
+        f"/CN=fraudstream test {name}", "-keyout", str(ca_key), "-out", str(ca_cert))  # fmt: skip
+    run("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1",
+        "-keyout", str(key), "-out", str(csr))  # fmt: skip
+    run("x509", "-req", "-in", str(csr), "-CA", str(ca_cert), "-CAkey", str(ca_key),
+        "-CAcreateserial", "-days", "2", "-extfile", str(ext), "-out", str(cert))  # fmt: skip
+    return ca_cert, cert, key
+
+
+def wait_until(condition: Any, timeout_s: float, what: str, interval_s: float = 0.1) -> None:
+    """Poll ``condition()`` until true; fail naming ``what`` after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(interval_s)
+
+
+def environment_without_settings() -> dict[str, str]:
+    """This process's environment minus every ``FRAUDSTREAM_*`` variable."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("FRAUDSTREAM_")}
+
+
+def chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    """Consecutive slices of ``size``."""
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+class FakeSaslBroker:
+    """A TLS listener that speaks just enough Kafka to see what a client authenticates with.
+
+    The bundled broker has no TLS, so the Kafka security settings are checked against
+    this: a real aiokafka client connects over TLS (verifying the server against its CA
+    file, presenting its client certificate if it has one), looks up API versions, performs
+    the SASL handshake and authenticates. The listener records the client id, the TLS
+    client certificate, the mechanism, the user name and whether the password was the
+    expected one (PLAIN: sent as such; SCRAM: the client proof is verified, RFC 5802), then
+    fails the authentication so the client stops.
+
+    Args:
+        cert: Server certificate (PEM) and ``key``: its private key.
+        password: The password the SCRAM proof is checked against.
+        client_ca: When given, clients must present a certificate signed by it.
+    """
+
+    def __init__(self, cert: Path, key: Path, password: str, client_ca: Path | None = None) -> None:
+        import ssl
+
+        self.password = password
+        self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        self.context.load_cert_chain(str(cert), str(key))
+        if client_ca is not None:
+            self.context.load_verify_locations(str(client_ca))
+            self.context.verify_mode = ssl.CERT_REQUIRED
+        self.port = free_port()
+        self.client_ids: list[str] = []
+        self.client_certificates: list[dict[str, Any]] = []
+        self.mechanisms: list[str] = []
+        self.usernames: list[str] = []
+        self.passwords: list[str] = []  # PLAIN only: what arrived on the wire
+        self.proofs_valid: list[bool] = []  # SCRAM only
+        self.server: asyncio.AbstractServer | None = None
+
+    @property
+    def bootstrap_servers(self) -> str:
+        """``host:port``."""
+        return f"{LOOPBACK}:{self.port}"
+
+    async def __aenter__(self) -> FakeSaslBroker:
+        self.server = await asyncio.start_server(self._serve, LOOPBACK, self.port, ssl=self.context)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+        await self.server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        from aiokafka.protocol import admin
+
+        peer = writer.get_extra_info("peercert")
+        if peer:
+            self.client_certificates.append(peer)
+        scram: dict[str, Any] = {}
+        try:
+            while True:
+                size = int.from_bytes(await reader.readexactly(4), "big")
+                frame = await reader.readexactly(size)
+                api_key = int.from_bytes(frame[0:2], "big")
+                version = int.from_bytes(frame[2:4], "big")
+                correlation = frame[4:8]
+                id_length = int.from_bytes(frame[8:10], "big")
+                self.client_ids.append(frame[10 : 10 + id_length].decode())
+                body = frame[10 + id_length :]
+                if api_key == 18:  # ApiVersions
+                    versions = [(18, 0, 0), (17, 0, 1), (36, 0, 0)]
+                    response: Any = admin.ApiVersionResponse_v0(0, versions)
+                elif api_key == 17:  # SaslHandshake
+                    n = int.from_bytes(body[0:2], "big")
+                    self.mechanisms.append(body[2 : 2 + n].decode())
+                    handshake = [admin.SaslHandShakeResponse_v0, admin.SaslHandShakeResponse_v1]
+                    response = handshake[version](0, [self.mechanisms[-1]])
+                elif api_key == 36:  # SaslAuthenticate
+                    n = int.from_bytes(body[0:4], "big")
+                    reply = self._authenticate(body[4 : 4 + n], scram)
+                    code, message = (0, "") if reply is not None else (58, "refused by the test")
+                    response = admin.SaslAuthenticateResponse_v0(code, message, reply or b"")
+                else:
+                    return
+                payload = correlation + response.encode()
+                writer.write(len(payload).to_bytes(4, "big") + payload)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError, OSError):
+            return
+        finally:
+            writer.close()
+
+    def _authenticate(self, token: bytes, scram: dict[str, Any]) -> bytes | None:
+        """The server's reply to one SASL step, or None to refuse (the last step)."""
+        import base64
+        import hashlib
+        import hmac
+
+        mechanism = self.mechanisms[-1]
+        if mechanism == "PLAIN":
+            _, user, password = token.decode().split("\0")
+            self.usernames.append(user)
+            self.passwords.append(password)
+            return None
+        digest = hashlib.sha256 if mechanism == "SCRAM-SHA-256" else hashlib.sha512
+        if not scram:  # client-first: n,,n=user,r=nonce
+            bare = token.decode().split(",", 2)[2]
+            attributes = dict(part.split("=", 1) for part in bare.split(","))
+            self.usernames.append(attributes["n"])
+            salt = os.urandom(16)
+            first = f"r={attributes['r']}server-nonce,s={base64.b64encode(salt).decode()},i=4096"
+            scram.update(bare=bare, first=first, salt=salt)
+            return first.encode()
+        final = token.decode()  # c=biws,r=...,p=proof
+        without_proof, proof = final.rsplit(",p=", 1)
+        salted = hashlib.pbkdf2_hmac(digest().name, self.password.encode(), scram["salt"], 4096)
+        client_key = hmac.new(salted, b"Client Key", digest).digest()
+        stored_key = digest(client_key).digest()
+        auth_message = f"{scram['bare']},{scram['first']},{without_proof}".encode()
+        signature = hmac.new(stored_key, auth_message, digest).digest()
+        expected = bytes(a ^ b for a, b in zip(client_key, signature, strict=True))
+        self.proofs_valid.append(hmac.compare_digest(expected, base64.b64decode(proof)))
+        return None

@@ -1,0 +1,128 @@
+"""The train / evaluate / score-file commands' surface: help, defaults, error messages."""
+
+from __future__ import annotations
+
+import inspect
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from stream_app.cli import _register_training_commands, app
+from training import commands, evaluation, thresholds
+from training.gan import GanConfig
+from training.sequence_model import ModelConfig
+from training.train import AugmentConfig, TrainConfig
+
+_register_training_commands()
+runner = CliRunner()
+
+
+def _defaults(command: Any) -> dict[str, Any]:
+    return {
+        name: p.default
+        for name, p in inspect.signature(command).parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
+
+
+@pytest.mark.parametrize("name", ["train", "evaluate", "score-file"])
+def test_help(name: str) -> None:
+    result = runner.invoke(app, [name, "--help"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert "--data" in result.output
+
+
+@pytest.mark.parametrize("command", [commands.train_command, commands.evaluate_command])
+def test_option_defaults_are_the_configs_defaults(command: Any) -> None:
+    # The options repeat the defaults as literals (so --help imports nothing heavy);
+    # they must not drift from the dataclasses the commands build.
+    defaults = _defaults(command)
+    train, model, gan, augment = TrainConfig(), ModelConfig(), GanConfig(), AugmentConfig()
+    assert defaults["sequence_length"] == train.sequence_length
+    assert defaults["epochs"] == train.max_epochs
+    assert defaults["patience"] == train.patience
+    assert defaults["batch_size"] == train.batch_size
+    assert defaults["learning_rate"] == train.learning_rate
+    assert defaults["fraud_weight"] == train.fraud_weight
+    assert defaults["seed"] == train.seed
+    assert defaults["threads"] == train.threads
+    assert defaults["device"] == train.device
+    assert defaults["hidden_size"] == model.hidden_size
+    assert defaults["augment"] == augment.mode.value
+    assert defaults["augment_ratio"] == augment.ratio
+    assert defaults["gan_steps"] == gan.generator_steps
+
+
+def test_evaluate_defaults_are_the_protocol() -> None:
+    defaults = _defaults(commands.evaluate_command)
+    assert defaults["start"] == evaluation.PREQUENTIAL_START
+    assert defaults["single_split_start"] == evaluation.SINGLE_SPLIT_START
+    assert defaults["folds"] == evaluation.N_FOLDS
+    for delta in ("delta_train", "delta_delay", "delta_test"):
+        assert defaults[delta] == evaluation.DELTA_DAYS
+
+
+def test_train_defaults_are_the_threshold_rules() -> None:
+    defaults = _defaults(commands.train_command)
+    assert defaults["review_cards_per_day"] == thresholds.DEFAULT_CARDS_PER_DAY
+    assert defaults["decline_precision"] == thresholds.DEFAULT_MIN_PRECISION
+
+
+def test_a_bad_augment_mode_is_a_clear_error(tmp_path: Path) -> None:
+    result = runner.invoke(
+        app, ["train", "--data", str(tmp_path / "x.parquet"), "--augment", "smote"]
+    )
+    assert result.exit_code == 2
+    assert "--augment must be one of none, oversample, gan" in result.output
+
+
+def test_a_missing_data_file_is_a_clear_error(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["evaluate", "--data", str(tmp_path / "missing.parquet")])
+    assert result.exit_code == 2
+    assert "does not exist" in result.output
+
+
+def test_score_file_refuses_a_directory_without_a_model(tmp_path: Path) -> None:
+    data = tmp_path / "tx.parquet"
+    assert (
+        runner.invoke(
+            app, ["simulate", "--out", str(data), "--n-customers", "20", "--n-days", "3"]
+        ).exit_code
+        == 0
+    )
+    result = runner.invoke(
+        app,
+        [
+            "score-file",
+            "--data",
+            str(data),
+            "--model",
+            str(tmp_path),
+            "--out",
+            str(tmp_path / "s.csv"),
+        ],
+    )
+    assert result.exit_code == 2
+    assert "model_card.json" in result.output
+
+
+@pytest.mark.parametrize("name", ["train", "evaluate", "score-file"])
+def test_help_needs_no_heavy_package(name: str) -> None:
+    # `fraudstream <command> --help` must work where torch, pandas and sklearn are missing.
+    code = (
+        "import sys\n"
+        "for heavy in ('torch', 'pandas', 'sklearn', 'xgboost', 'onnx', 'matplotlib'):\n"
+        "    sys.modules[heavy] = None  # any import of them now fails\n"
+        "from stream_app.cli import _register_training_commands, app\n"
+        "_register_training_commands()\n"
+        f"app([{name!r}, '--help'])\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert "--data" in result.stdout

@@ -1,0 +1,902 @@
+"""``fraudstream bench``: one worker's end-to-end throughput and latency, and two references.
+
+What one run measures, on its own bundled broker and the configured Redis::
+
+    1. publish warm-up + N events (a backlog)  ──► limit reference (aiokafka + ONNX per batch)
+                                               ──► worker(s): events/s over the N events
+                                               ──► naive reference (Faust, per-event I/O)
+    2. paced replay at each offered load       ──► worker: latency p50/p95/p99, CPU
+       (event creation -> score record received by a consumer)
+
+Throughput is the slope of the ``scored`` counter(s) between the warm-up count and the
+warm-up + N count, sampled every 0.25 s; CPU is ``/proc/<pid>/stat`` over the same window
+(in cores), as for Redis (``INFO cpu``) and the broker; peak RSS is ``VmHWM``. ``--soak``
+instead replays at a fixed rate for minutes and records RSS and Redis ``used_memory`` over
+time. :mod:`training.bench_references` holds the two references; the command and its table
+are in :mod:`training.bench_commands`.
+
+Everything runs on loopback, with a broker, topics, consumer groups and a Redis key prefix
+of the run's own (its keys are deleted at the end); every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, Final
+
+import numpy as np
+import orjson
+import redis.asyncio as aioredis
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from prometheus_client.parser import text_string_to_metric_families
+
+from stream_app import features, kafka_config
+from stream_app.broker import BundledBroker, free_port, wait_for_port
+from stream_app.config import Settings, load_settings, redact_url, settings_environment
+from stream_app.errors import ConfigError
+from training.replay import ReplayMessage, replay, replay_messages
+
+DEFAULT_DATA: Final = Path("data/tx.parquet")
+DEFAULT_MODEL: Final = Path("onnx_models/default")
+SAMPLE_INTERVAL_S: Final = 0.25
+_PACE_SLICE_S: Final = 0.005
+# The latency consumer's fetch wait: the bundled broker holds a fetch this long even when
+# data is there (Kafka answers at once), so it adds up to this much to every latency.
+_PROBE_FETCH_WAIT_MS: Final = 2
+_DRAIN_TIMEOUT_S: Final = 60.0
+_CLOCK_TICKS: Final = os.sysconf("SC_CLK_TCK")
+_SCORED: Final = 'fraudstream_events_total{outcome="scored"}'
+
+
+# --- processes ------------------------------------------------------------------------
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (0 once it is gone)."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0
+    fields = text.rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+
+
+def memory_mib(pid: int, field_name: str = "VmHWM") -> float:
+    """A memory figure of ``/proc/<pid>/status`` (VmHWM: peak RSS; VmRSS: now), in MiB."""
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def child_pids(name_part: str) -> list[int]:
+    """Children of this process whose command name contains ``name_part`` (the broker)."""
+    pids: list[int] = []
+    for task in Path(f"/proc/{os.getpid()}/task").iterdir():
+        with contextlib.suppress(OSError):
+            for pid in (task / "children").read_text().split():
+                if name_part in Path(f"/proc/{pid}/comm").read_text():
+                    pids.append(int(pid))
+    return pids
+
+
+class Subject:
+    """A measured process: a worker (counts from its metrics) or a reference (from a file).
+
+    Args:
+        name: How the tables call it.
+        command: The command line.
+        env: Its environment.
+        log_path: Where its output goes.
+        metrics_port: The worker's metrics port, or None for a reference.
+        progress_path: The file a reference writes its count to, or None for a worker.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        command: list[str],
+        env: dict[str, str],
+        log_path: Path,
+        *,
+        metrics_port: int | None = None,
+        progress_path: Path | None = None,
+    ) -> None:
+        self.name = name
+        self.log_path = log_path
+        self.metrics_port = metrics_port
+        self.progress_path = progress_path
+        with log_path.open("ab") as log:
+            self.process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+    @property
+    def pid(self) -> int:
+        """The process id."""
+        return self.process.pid
+
+    def metrics(self) -> dict[str, float]:
+        """The worker's metric samples (empty for a reference or while it is down)."""
+        if self.metrics_port is None:
+            return {}
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                text = response.read().decode()
+        except OSError:
+            return {}
+        samples: dict[str, float] = {}
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
+                samples[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
+        return samples
+
+    def count(self) -> int:
+        """Events processed so far."""
+        if self.progress_path is not None:
+            with contextlib.suppress(OSError, ValueError):
+                return int(json.loads(self.progress_path.read_text())["events"])
+            return 0
+        return int(self.metrics().get(_SCORED, 0))
+
+    def check_alive(self) -> None:
+        """Raise with the end of its log if the process has exited."""
+        if self.process.poll() is not None:
+            tail = self.log_path.read_text(errors="replace")[-3000:]
+            raise ConfigError(f"{self.name} exited with code {self.process.returncode}:\n{tail}")
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """SIGTERM, then SIGKILL if it does not exit in time."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=timeout_s)
+
+
+def start_worker(settings: Settings, log_path: Path, name: str = "worker") -> Subject:
+    """``fraudstream worker`` as a subprocess with these settings, metrics on a free port."""
+    port = free_port()
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("FRAUDSTREAM_")},
+        **settings_environment(settings),
+        "FRAUDSTREAM_METRICS_PORT": str(port),
+        "FRAUDSTREAM_LOG_LEVEL": "INFO",
+    }
+    command = [sys.executable, "-m", "stream_app.cli", "worker"]
+    return Subject(name, command, env, log_path, metrics_port=port)
+
+
+async def wait_ready(subjects: Sequence[Subject], timeout_s: float = 120.0) -> None:
+    """Until every worker's metrics endpoint answers (a reference: until it is running)."""
+    deadline = time.monotonic() + timeout_s
+    for subject in subjects:
+        while subject.metrics_port is not None and not subject.metrics():
+            subject.check_alive()
+            if time.monotonic() > deadline:
+                raise ConfigError(f"{subject.name} did not start in {timeout_s:g} s")
+            await asyncio.sleep(0.2)
+
+
+# --- sampling -------------------------------------------------------------------------
+
+CpuProbe = Callable[[], float]
+"""CPU seconds used so far by something (a process, Redis)."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    """Combined count of the measured processes, and each probe's CPU time, at one moment."""
+
+    t: float
+    count: int
+    cpu_s: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class Window:
+    """What happened between two counts; ``cpu_cores`` in the probes' order."""
+
+    events: int
+    seconds: float
+    cpu_cores: tuple[float, ...]
+
+    @property
+    def rate(self) -> float:
+        """Events per second."""
+        return self.events / self.seconds if self.seconds > 0 else 0.0
+
+
+def process_probe(subjects: Sequence[Subject]) -> CpuProbe:
+    """The combined CPU time of processes."""
+    return lambda: sum(cpu_seconds(s.pid) for s in subjects)
+
+
+def redis_probe(settings: Settings) -> CpuProbe:
+    """Redis's CPU time (``INFO cpu``), wherever it runs."""
+    import redis
+
+    client = redis.Redis.from_url(settings.redis_url.get_secret_value())
+
+    def probe() -> float:
+        info = client.info("cpu")
+        return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+    return probe
+
+
+def take_sample(subjects: Sequence[Subject], probes: Sequence[CpuProbe]) -> Sample:
+    """Count of every subject and every probe's CPU, now."""
+    return Sample(
+        time.monotonic(), sum(s.count() for s in subjects), tuple(probe() for probe in probes)
+    )
+
+
+async def sample_until(
+    subjects: Sequence[Subject],
+    done: Callable[[Sample], bool],
+    timeout_s: float,
+    probes: Sequence[CpuProbe] = (),
+) -> list[Sample]:
+    """Sample every :data:`SAMPLE_INTERVAL_S` until ``done(latest)`` or the timeout.
+
+    The first probe is always the subjects' own CPU time.
+    """
+    probes = [process_probe(subjects), *probes]
+    samples = [await asyncio.to_thread(take_sample, subjects, probes)]
+    deadline = time.monotonic() + timeout_s
+    while not done(samples[-1]) and time.monotonic() < deadline:
+        for s in subjects:
+            s.check_alive()
+        await asyncio.sleep(SAMPLE_INTERVAL_S)
+        samples.append(await asyncio.to_thread(take_sample, subjects, probes))
+    return samples
+
+
+def _crossing(samples: Sequence[Sample], count: int) -> tuple[float, tuple[float, ...]] | None:
+    """Time and CPU at which the count reached ``count``, interpolated between samples."""
+    if not samples or samples[-1].count < count:
+        return None
+    if samples[0].count >= count:
+        return samples[0].t, samples[0].cpu_s
+    for before, after in itertools.pairwise(samples):
+        if after.count >= count:  # counts never decrease: before.count < count here
+            share = (count - before.count) / (after.count - before.count)
+            cpu = tuple(b + share * (a - b) for b, a in zip(before.cpu_s, after.cpu_s, strict=True))
+            return before.t + share * (after.t - before.t), cpu
+    return None  # pragma: no cover - unreachable, the last sample reached count
+
+
+def window(samples: Sequence[Sample], start: int, end: int) -> Window | None:
+    """The window between the counts ``start`` and ``end``; None if ``end`` was not reached.
+
+    >>> samples = [Sample(0.0, 0, (0.0,)), Sample(1.0, 100, (0.5,)), Sample(2.0, 300, (1.5,))]
+    >>> w = window(samples, 100, 200)
+    >>> (w.events, w.seconds, w.cpu_cores)
+    (100, 0.5, (1.0,))
+    """
+    a, b = _crossing(samples, start), _crossing(samples, end)
+    if a is None or b is None or b[0] <= a[0]:
+        return None
+    seconds = b[0] - a[0]
+    cores = tuple((after - before) / seconds for before, after in zip(a[1], b[1], strict=True))
+    return Window(end - start, seconds, cores)
+
+
+# --- results --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Throughput:
+    """One path's sustained rate over a window of events."""
+
+    name: str
+    events: int
+    seconds: float
+    events_per_s: float
+    cpu_cores: float
+    peak_rss_mib: float
+    redis_cpu_cores: float
+    broker_cpu_cores: float
+
+
+@dataclass(frozen=True)
+class Latency:
+    """End-to-end latency at one offered load."""
+
+    offered_per_s: float
+    achieved_per_s: float
+    events: int
+    received: int
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    max_ms: float
+    worker_cpu_cores: float
+    load_average: float
+
+
+@dataclass
+class BenchResult:
+    """Everything one bench run measured (the JSON file)."""
+
+    started_at: str
+    machine: dict[str, Any]
+    model_version: str
+    data: str
+    settings: dict[str, Any]
+    worker: Throughput | None = None
+    workers: int = 1
+    partition_split: dict[str, list[str]] = field(default_factory=dict)
+    naive: Throughput | None = None
+    limit: Throughput | None = None
+    latencies: list[Latency] = field(default_factory=list)
+    redis: dict[str, float] = field(default_factory=dict)
+    load_average: dict[str, float] = field(default_factory=dict)
+    soak: dict[str, Any] | None = None
+
+    def to_json(self) -> str:
+        """Indented JSON."""
+        return json.dumps(asdict(self), indent=2) + "\n"
+
+
+def percentiles_ms(latencies_s: Sequence[float]) -> tuple[float, float, float, float]:
+    """p50, p95, p99 and max of latencies in seconds, in milliseconds (NaN when empty)."""
+    if not latencies_s:
+        return (float("nan"),) * 4
+    values = np.asarray(latencies_s, dtype=np.float64) * 1000
+    p50, p95, p99 = np.percentile(values, [50, 95, 99])
+    return float(p50), float(p95), float(p99), float(values.max())
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU model, cores, memory, kernel and library versions of this machine."""
+    import aiokafka
+    import onnxruntime
+
+    cpu = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    mem_gib = 0.0
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        mem_gib = int(Path("/proc/meminfo").read_text().split()[1]) / 1024**2
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gib": round(mem_gib, 1),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "onnxruntime": onnxruntime.__version__,
+        "aiokafka": aiokafka.__version__,
+    }
+
+
+# --- events ---------------------------------------------------------------------------
+
+
+def take_transactions(messages: Iterator[ReplayMessage], n: int) -> list[ReplayMessage]:
+    """The next messages up to and including the ``n``-th transaction (labels ride along)."""
+    out: list[ReplayMessage] = []
+    taken = 0
+    while taken < n:
+        message = next(messages, None)
+        if message is None:
+            break
+        out.append(message)
+        taken += not message.is_label
+    return out
+
+
+def event_stream(settings: Settings, data: Path | None, needed: int) -> Iterator[ReplayMessage]:
+    """The dataset's first ``needed`` transactions in event-time order, with fraud labels a
+    label delay later (``data/tx.parquet`` by default, else a fresh simulation).
+
+    Raises:
+        ConfigError: the file holds fewer transactions than needed.
+    """
+    from training.transactions import read_transactions
+
+    path = data if data is not None else DEFAULT_DATA
+    if path.is_file():
+        frame = read_transactions(path)
+    else:
+        from training.simulator import SimulatorConfig, simulate
+
+        # The default population makes ~9,500 transactions a day.
+        frame = simulate(SimulatorConfig(n_days=needed // 9000 + 2))
+    if len(frame) < needed:
+        raise ConfigError(f"{path} holds {len(frame):,} transactions, the bench needs {needed:,}")
+    return replay_messages(
+        frame,
+        transactions_topic=settings.topic_transactions,
+        labels_topic=settings.topic_labels,
+        labels_delay=timedelta(days=features.LABEL_DELAY_DAYS),
+        limit=needed,
+    )
+
+
+# --- offered load ---------------------------------------------------------------------
+
+
+async def _score_consumer(settings: Settings) -> AIOKafkaConsumer:
+    """A consumer of every scores partition, positioned at the end."""
+    consumer = AIOKafkaConsumer(
+        **kafka_config.client_kwargs(settings),
+        group_id=None,
+        fetch_max_wait_ms=_PROBE_FETCH_WAIT_MS,
+        max_poll_records=10_000,
+    )
+    await consumer.start()
+    partitions = [
+        TopicPartition(settings.topic_scores, p) for p in range(settings.topic_partitions)
+    ]
+    consumer.assign(partitions)
+    await consumer.seek_to_end(*partitions)
+    for tp in partitions:  # resolve the positions now, before anything is produced
+        await consumer.position(tp)
+    return consumer
+
+
+async def offered_load(
+    settings: Settings,
+    messages: Iterator[ReplayMessage],
+    *,
+    rate: float,
+    transactions: int,
+    workers: Sequence[Subject],
+    latencies: list[float] | None = None,
+) -> Latency:
+    """Publish ``transactions`` at ``rate`` a second and time each one's score record.
+
+    Latency runs from the moment an event is handed to the producer (also its record
+    timestamp) to the moment a consumer of the scores topic holds its record. Events are
+    sent in slices of :data:`_PACE_SLICE_S`; acknowledgements are not awaited in between.
+
+    Args:
+        latencies: Filled with every latency (seconds) as it is measured (for the soak).
+    """
+    latencies = [] if latencies is None else latencies
+    consumer = await _score_consumer(settings)
+    producer = AIOKafkaProducer(**kafka_config.producer_kwargs(settings))
+    await producer.start()
+    sent: dict[str, float] = {}
+    done_sending = asyncio.Event()
+
+    async def receive() -> None:
+        while sent or not done_sending.is_set():
+            batch = await consumer.getmany(timeout_ms=50)
+            now = time.time()
+            for records in batch.values():
+                for r in records:
+                    created = sent.pop(orjson.loads(r.value)["transaction_id"], None)
+                    if created is not None:
+                        latencies.append(now - created)
+
+    receiver = asyncio.create_task(receive())
+    cpu_before = sum(cpu_seconds(w.pid) for w in workers)
+    started = time.monotonic()
+    count = 0
+    try:
+        acks: list[asyncio.Future[Any]] = []
+        per_slice = max(1, round(rate * _PACE_SLICE_S))
+        while count < transactions:
+            chunk = take_transactions(messages, min(per_slice, transactions - count))
+            if not chunk:
+                break  # the dataset ran out
+            for message in chunk:
+                created = time.time()
+                if not message.is_label:
+                    sent[orjson.loads(message.value)["transaction_id"]] = created
+                    count += 1
+                acks.append(
+                    await producer.send(
+                        message.topic,
+                        message.value,
+                        key=message.key,
+                        timestamp_ms=int(created * 1000),
+                    )
+                )
+            if len(acks) >= 20_000:
+                await asyncio.gather(*acks)
+                acks.clear()
+            ahead = count / rate - (time.monotonic() - started)
+            if ahead > 0:
+                await asyncio.sleep(ahead)
+        await asyncio.gather(*acks)
+        seconds = time.monotonic() - started
+        done_sending.set()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(receiver), _DRAIN_TIMEOUT_S)
+    finally:
+        receiver.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await receiver
+        await producer.stop()
+        await consumer.stop()
+    elapsed = time.monotonic() - started
+    cpu = sum(cpu_seconds(w.pid) for w in workers) - cpu_before
+    p50, p95, p99, worst = percentiles_ms(latencies)
+    return Latency(
+        offered_per_s=rate,
+        achieved_per_s=round(count / seconds, 1),
+        events=count,
+        received=len(latencies),
+        p50_ms=round(p50, 2),
+        p95_ms=round(p95, 2),
+        p99_ms=round(p99, 2),
+        max_ms=round(worst, 2),
+        worker_cpu_cores=round(cpu / elapsed, 3),
+        load_average=round(os.getloadavg()[0], 2),
+    )
+
+
+# --- Redis ----------------------------------------------------------------------------
+
+
+async def redis_stats(settings: Settings) -> dict[str, float]:
+    """Redis CPU seconds, memory, and the state script's calls and time so far."""
+    client = aioredis.Redis.from_url(settings.redis_url.get_secret_value())
+    try:
+        info = await client.info("all")
+    finally:
+        await client.aclose()
+    evalsha = info.get("cmdstat_evalsha", {})
+    return {
+        "cpu_s": float(info["used_cpu_user"]) + float(info["used_cpu_sys"]),
+        "used_memory": float(info["used_memory"]),
+        "evalsha_calls": float(evalsha.get("calls", 0)),
+        "evalsha_usec": float(evalsha.get("usec", 0)),
+    }
+
+
+async def delete_prefix(settings: Settings, prefix: str) -> None:
+    """Delete every key under ``prefix:``."""
+    client = aioredis.Redis.from_url(settings.redis_url.get_secret_value())
+    try:
+        batch: list[bytes] = []
+        async for key in client.scan_iter(match=f"{prefix}:*", count=5000):
+            batch.append(key)
+            if len(batch) >= 5000:
+                await client.unlink(*batch)
+                batch.clear()
+        if batch:
+            await client.unlink(*batch)
+    finally:
+        await client.aclose()
+
+
+# --- the run --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    """What ``fraudstream bench`` measures (see its ``--help``)."""
+
+    model_dir: Path = DEFAULT_MODEL
+    data: Path | None = None
+    events: int = 200_000
+    warmup_events: int = 50_000
+    loads: tuple[float, ...] = (1_000.0, 2_000.0, 5_000.0)
+    max_load: bool = True
+    load_seconds: float = 15.0
+    workers: int = 1
+    references: bool = True
+    naive_seconds: float = 30.0
+    partitions: int = 4
+    soak_seconds: float = 0.0
+    soak_rate: float = 2_000.0
+    redis_url: str | None = None  # None: a redis-server of the run's own
+    workdir: Path = Path("/tmp")
+
+    @property
+    def needed(self) -> int:
+        """Transactions the run may publish (the maximum load is reserved at 30,000/s)."""
+        if self.soak_seconds:
+            return int(self.soak_rate * self.soak_seconds)
+        paced = sum(self.loads) + (30_000 if self.max_load else 0)
+        return self.warmup_events + self.events + int(paced * self.load_seconds)
+
+
+@contextlib.contextmanager
+def own_redis(workdir: Path) -> Iterator[str]:
+    """A redis-server of the run's own on a free loopback port (no persistence); its URL.
+
+    Other clients of a shared Redis would queue our calls behind theirs (one thread) and
+    blur its CPU figures: the bench measures on a server nothing else uses.
+    """
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise ConfigError("redis-server is not installed: install it or pass --redis-url")
+    port = free_port()
+    command = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
+               "no", "--dir", str(workdir)]  # fmt: skip
+    with (workdir / "redis.log").open("ab") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        if not wait_for_port("127.0.0.1", port, 10.0):
+            raise ConfigError(f"redis-server did not start; see {workdir / 'redis.log'}")
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def bench_settings(
+    bootstrap: str, options: BenchOptions, tag: str, redis_url: str | None = None
+) -> Settings:
+    """Worker settings of one run: its own topics, group and Redis key prefix."""
+    names = ("transactions", "labels", "scores", "alerts", "shadow_scores", "dead_letters")
+    extra = {"redis_url": redis_url} if redis_url else {}
+    return load_settings(
+        **extra,
+        kafka_bootstrap_servers=bootstrap,
+        group_id=f"bench-{tag}",
+        instance_id="bench-0",
+        idempotent_producer=False,
+        topic_partitions=options.partitions,
+        state_key_prefix=f"bench-{tag}",
+        model_dir=options.model_dir,
+        topic_label_dead_letters=f"bench-{tag}-label_dead_letters",
+        **{f"topic_{name}": f"bench-{tag}-{name}" for name in names},
+    )
+
+
+def partition_split(workers: Sequence[Subject]) -> dict[str, list[str]]:
+    """Each worker's last logged partition assignment."""
+    split: dict[str, list[str]] = {}
+    for worker in workers:
+        lines = [
+            line.split("scoring partitions assigned:", 1)[1].strip()
+            for line in worker.log_path.read_text(errors="replace").splitlines()
+            if "scoring partitions assigned:" in line
+        ]
+        split[worker.name] = lines[-1].split(", ") if lines and lines[-1] else []
+    return split
+
+
+def _model_version(model_dir: Path) -> str:
+    from stream_app.model_card import load_card
+    from stream_app.model_registry import resolve_model_dir
+
+    return load_card(resolve_model_dir(model_dir)).version
+
+
+class BenchRun:
+    """One bench run: a broker, topics, Redis prefix and processes of its own.
+
+    Args:
+        options: What to measure.
+        say: Progress lines (the command prints them).
+    """
+
+    def __init__(self, options: BenchOptions, say: Callable[[str], None]) -> None:
+        self.options = options
+        self.say = say
+        self.tag = uuid.uuid4().hex[:8]
+        self.workdir = options.workdir / f"fraudstream-bench-{self.tag}"
+        self.workdir.mkdir(parents=True)
+        self.subjects: list[Subject] = []
+
+    async def run(self) -> BenchResult:
+        """Run every phase; stops its processes and deletes its Redis keys whatever happens."""
+        o = self.options
+        with contextlib.ExitStack() as services:
+            broker = services.enter_context(BundledBroker(log_path=self.workdir / "broker.log"))
+            redis_url = o.redis_url or services.enter_context(own_redis(self.workdir))
+            settings = bench_settings(broker.bootstrap_servers, o, self.tag, redis_url)
+            result = BenchResult(
+                started_at=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                machine=machine_info(),
+                model_version=_model_version(o.model_dir),
+                data=str(o.data or DEFAULT_DATA),
+                settings={
+                    "redis": "shared " + redact_url(o.redis_url) if o.redis_url else "own",
+                    "partitions": o.partitions,
+                    "batch_size": settings.batch_size,
+                    "batch_max_wait_s": settings.batch_max_wait_s,
+                    "warmup_events": o.warmup_events,
+                    "events": o.events,
+                    "workers": o.workers,
+                },
+                workers=o.workers,
+                load_average={"before": round(os.getloadavg()[0], 2)},
+            )
+            stream = event_stream(settings, o.data, o.needed)
+            try:
+                if o.soak_seconds:
+                    result.soak = await self._soak(settings, stream)
+                else:
+                    await self._throughput_and_latency(settings, stream, result)
+            finally:
+                for subject in self.subjects:
+                    subject.stop()
+                for prefix in (settings.state_key_prefix, settings.state_key_prefix + "-naive"):
+                    await delete_prefix(settings, prefix)
+            result.load_average["after"] = round(os.getloadavg()[0], 2)
+        return result
+
+    def _worker(self, settings: Settings, index: int) -> Subject:
+        instance = settings.model_copy(update={"instance_id": f"bench-{index}"})
+        name = f"worker-{index}"
+        subject = start_worker(instance, self.workdir / f"{name}.log", name)
+        self.subjects.append(subject)
+        return subject
+
+    async def _measure(
+        self,
+        settings: Settings,
+        subjects: list[Subject],
+        start: int,
+        done: Callable[[Sample], bool],
+        timeout_s: float,
+    ) -> Throughput:
+        """Sample until ``done``; the rate and CPU from count ``start`` to the last sample."""
+        brokers = child_pids("tansu")
+        probes = [redis_probe(settings), lambda: sum(map(cpu_seconds, brokers))]
+        samples = await sample_until(subjects, done, timeout_s, probes)
+        end = samples[-1].count
+        w = window(samples, start, end) if done(samples[-1]) else None
+        if w is None:
+            raise ConfigError(
+                f"{subjects[0].name} processed {end:,} events in {timeout_s:g} s "
+                f"(the measurement starts at {start:,}); see {subjects[0].log_path}"
+            )
+        own, redis_cores, broker_cores = w.cpu_cores
+        return Throughput(
+            name=subjects[0].name if len(subjects) == 1 else f"{len(subjects)} workers",
+            events=w.events,
+            seconds=round(w.seconds, 2),
+            events_per_s=round(w.rate, 1),
+            cpu_cores=round(own, 3),
+            peak_rss_mib=round(sum(memory_mib(s.pid) for s in subjects), 1),
+            redis_cpu_cores=round(redis_cores, 3),
+            broker_cpu_cores=round(broker_cores, 3),
+        )
+
+    async def _throughput_and_latency(
+        self, settings: Settings, stream: Iterator[ReplayMessage], result: BenchResult
+    ) -> None:
+        o = self.options
+        from training.bench_references import start_reference
+
+        start, end = o.warmup_events, o.warmup_events + o.events
+        timeout = 60 + end / 1000
+        self.say(f"publishing {end:,} transactions (warm-up {start:,})")
+        published = await replay(iter(take_transactions(stream, end)), settings, rate=0)
+        self.say(f"published at {published.rate:,.0f}/s")
+
+        def reached_end(sample: Sample) -> bool:
+            return sample.count >= end
+
+        if o.references:
+            limit = start_reference("limit", settings, self.workdir)
+            self.subjects.append(limit)
+            result.limit = await self._measure(settings, [limit], start, reached_end, timeout)
+            limit.stop()
+            self.say(f"limit: {result.limit.events_per_s:,.0f} events/s")
+
+        workers = [self._worker(settings, i) for i in range(o.workers)]
+        await wait_ready(workers)
+        before = await redis_stats(settings)
+        worker = await self._measure(settings, workers, start, reached_end, timeout)
+        after = await redis_stats(settings)
+        result.redis = {
+            "script_us_per_event": round((after["evalsha_usec"] - before["evalsha_usec"]) / end, 1),
+            "script_calls": after["evalsha_calls"] - before["evalsha_calls"],
+            "used_memory_mib": round(after["used_memory"] / 2**20, 1),
+        }
+        result.partition_split = partition_split(workers)
+        self.say(f"{worker.name}: {worker.events_per_s:,.0f} events/s, {worker.cpu_cores} cores")
+
+        loads = list(o.loads)
+        if o.max_load:
+            loads.append(float(int(worker.events_per_s / 100) * 100))
+        for rate in loads:
+            self.say(f"offered load {rate:,.0f} events/s for {o.load_seconds:g} s")
+            latency = await offered_load(
+                settings,
+                stream,
+                rate=rate,
+                transactions=int(rate * o.load_seconds),
+                workers=workers,
+            )
+            result.latencies.append(latency)
+            self.say(f"  p50 {latency.p50_ms} ms, p99 {latency.p99_ms} ms")
+            await asyncio.sleep(2)
+        # Peak RSS after the offered loads too.
+        peak = round(sum(memory_mib(w.pid) for w in workers), 1)
+        result.worker = replace(worker, peak_rss_mib=peak)
+        for w in workers:
+            w.stop()
+
+        if o.references:
+            naive = start_reference("naive", settings, self.workdir)
+            self.subjects.append(naive)
+            skip = 1000  # start-up and first connections
+            began: list[float] = []
+
+            def ran_long_enough(sample: Sample) -> bool:
+                if sample.count >= skip and not began:
+                    began.append(sample.t)
+                return bool(began) and sample.t - began[0] >= o.naive_seconds
+
+            result.naive = await self._measure(
+                settings, [naive], skip, ran_long_enough, 120 + o.naive_seconds
+            )
+            naive.stop()
+            self.say(f"naive: {result.naive.events_per_s:,.0f} events/s")
+
+    async def _soak(self, settings: Settings, stream: Iterator[ReplayMessage]) -> dict[str, Any]:
+        o = self.options
+        worker = self._worker(settings, 0)
+        await wait_ready([worker])
+        await asyncio.sleep(3)  # the group forms
+        latencies: list[float] = []
+        series: list[dict[str, float]] = []
+        started = time.monotonic()
+
+        async def record() -> None:
+            seen = 0
+            while True:
+                stats = await redis_stats(settings)
+                p99 = percentiles_ms(latencies[seen:])[2]
+                seen = len(latencies)
+                series.append(
+                    {
+                        "t_s": round(time.monotonic() - started, 1),
+                        "rss_mib": round(memory_mib(worker.pid, "VmRSS"), 1),
+                        "redis_used_memory_mib": round(stats["used_memory"] / 2**20, 1),
+                        "p99_ms": round(p99, 2),
+                        "scored": worker.count(),
+                    }
+                )
+                await asyncio.sleep(30)
+
+        recorder = asyncio.create_task(record())
+        try:
+            latency = await offered_load(
+                settings,
+                stream,
+                rate=o.soak_rate,
+                transactions=int(o.soak_rate * o.soak_seconds),
+                workers=[worker],
+                latencies=latencies,
+            )
+        finally:
+            recorder.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await recorder
+        series.append(
+            {
+                "t_s": round(time.monotonic() - started, 1),
+                "rss_mib": round(memory_mib(worker.pid, "VmRSS"), 1),
+                "redis_used_memory_mib": round(
+                    (await redis_stats(settings))["used_memory"] / 2**20, 1
+                ),
+                "p99_ms": float("nan"),
+                "scored": worker.count(),
+            }
+        )
+        return {"latency": asdict(latency), "series": series}

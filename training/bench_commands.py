@@ -1,0 +1,239 @@
+"""The ``bench`` command of the ``fraudstream`` CLI, and the table it prints.
+
+:func:`register_bench_command` adds it to the application. Only typer is imported at
+module level; the command imports :mod:`training.bench` when it runs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Final
+
+import typer
+
+if TYPE_CHECKING:
+    from training.bench import BenchResult
+
+# The targets of issue #6, on this project's reference machine (2 shared cores).
+TARGET_RATE: Final = 20_000.0
+TARGET_P99_MS: Final = 20.0
+TARGET_P99_LOAD: Final = 2_000.0
+TARGET_VS_NAIVE: Final = 10.0
+TARGET_VS_LIMIT: Final = 0.40
+
+
+@dataclass(frozen=True)
+class Target:
+    """One target, what was measured, and whether it is met (None: not measured)."""
+
+    name: str
+    measured: str
+    met: bool | None
+
+
+def targets(result: BenchResult) -> list[Target]:
+    """The issue's targets checked against a result."""
+    out: list[Target] = []
+    rate = result.worker.events_per_s if result.worker else math.nan
+    out.append(
+        Target(f">= {TARGET_RATE:,.0f} events/s, one worker", f"{rate:,.0f}", rate >= TARGET_RATE)
+    )
+    at = [x for x in result.latencies if x.offered_per_s == TARGET_P99_LOAD]
+    out.append(
+        Target(
+            f"p99 <= {TARGET_P99_MS:g} ms at {TARGET_P99_LOAD:,.0f} events/s",
+            f"{at[0].p99_ms:.1f} ms" if at else "not run",
+            at[0].p99_ms <= TARGET_P99_MS if at else None,
+        )
+    )
+    if result.naive and result.worker:
+        ratio = result.worker.events_per_s / result.naive.events_per_s
+        out.append(Target(f">= {TARGET_VS_NAIVE:g}x naive", f"{ratio:.1f}x", ratio >= 10))
+    if result.limit and result.worker:
+        share = result.worker.events_per_s / result.limit.events_per_s
+        out.append(
+            Target(f">= {TARGET_VS_LIMIT:.0%} of limit", f"{share:.0%}", share >= TARGET_VS_LIMIT)
+        )
+    return out
+
+
+def _mark(met: bool | None) -> str:
+    return "n/a" if met is None else ("yes" if met else "**no**")
+
+
+def render_markdown(result: BenchResult) -> str:
+    """The README's benchmark section: machine, throughput, latency, targets."""
+    m = result.machine
+    s = result.settings
+    lines = [
+        f"Measured {result.started_at} by `fraudstream bench` on {m['cpu']}, {m['cores']} cores, "
+        f"{m['memory_gib']} GiB, Linux {m['kernel']}, Python {m['python']}, ONNX Runtime "
+        f"{m['onnxruntime']}. Broker (bundled Tansu), Redis ({s.get('redis')}), load generator "
+        f"and worker share the cores; load average (1 min) {result.load_average.get('before')} "
+        "before, "
+        f"{result.load_average.get('after')} after.",
+        "",
+        f"Model `{result.model_version}`; data: `{result.data}` in event-time order, fraud "
+        f"labels 7 days after their frauds; {s.get('partitions')} partitions, batches of up to "
+        f"{s.get('batch_size')} events.",
+        "",
+    ]
+    if result.worker is not None:
+        lines += [
+            "| Path | Events measured | Events/s | CPU (cores) | Peak RSS (MiB) "
+            "| Redis CPU | Broker CPU | Worker ÷ path |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        w = result.worker
+        for t in (w, result.naive, result.limit):
+            if t is None:
+                continue
+            label = {w.name: f"{w.name} (warm-up {s.get('warmup_events'):,} events first)"}.get(
+                t.name, t.name
+            )
+            if t is result.naive:
+                label = f"naive: {t.name}"
+            elif t is result.limit:
+                label = f"limit: {t.name}"
+            ratio = w.events_per_s / t.events_per_s if t.events_per_s else math.nan
+            lines.append(
+                f"| {label} | {t.events:,} in {t.seconds:.1f} s | {t.events_per_s:,.0f} | "
+                f"{t.cpu_cores:.2f} | {t.peak_rss_mib:,.0f} | {t.redis_cpu_cores:.2f} | "
+                f"{t.broker_cpu_cores:.2f} | {ratio:.2f}x |"
+            )
+        lines += [
+            "",
+            f"Meanwhile, Redis used {w.redis_cpu_cores:.2f} cores "
+            f"({result.redis.get('script_us_per_event')} µs/event in the state script, "
+            f"`INFO commandstats`) and the broker {w.broker_cpu_cores:.2f} cores.",
+        ]
+        if len(result.partition_split) > 1:
+            split = "; ".join(f"{k}: {', '.join(v)}" for k, v in result.partition_split.items())
+            lines.append(f"Partition split: {split}.")
+        lines.append("")
+    if result.latencies:
+        lines += [
+            "Latency: event handed to the producer -> its score record held by a consumer "
+            "(the bundled broker holds each fetch for its full wait: +2 ms consumer, +5 ms "
+            "worker at most).",
+            "",
+            "| Offered events/s | Achieved | Events | Scored | p50 ms | p95 ms | p99 ms "
+            "| max ms | Worker CPU | Load avg |",
+            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for x in result.latencies:
+            lines.append(
+                f"| {x.offered_per_s:,.0f} | {x.achieved_per_s:,.0f} | {x.events:,} | "
+                f"{x.received:,} | {x.p50_ms:.1f} | {x.p95_ms:.1f} | {x.p99_ms:.1f} | "
+                f"{x.max_ms:.0f} | {x.worker_cpu_cores:.2f} | {x.load_average:.2f} |"
+            )
+        lines.append("")
+    if result.worker is not None:
+        lines += ["| Target | Measured | Met |", "| --- | ---: | :---: |"]
+        lines += [f"| {t.name} | {t.measured} | {_mark(t.met)} |" for t in targets(result)]
+        lines.append("")
+    if result.soak is not None:
+        lat = result.soak["latency"]
+        lines += [
+            f"Soak: {lat['events']:,} events at {lat['offered_per_s']:,.0f}/s; p50 "
+            f"{lat['p50_ms']:.1f} ms, p99 {lat['p99_ms']:.1f} ms.",
+            "",
+            "| t (s) | Worker RSS (MiB) | Redis used_memory (MiB) | p99 since last (ms) | Scored |",
+            "| ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for row in result.soak["series"]:
+            lines.append(
+                f"| {row['t_s']:.0f} | {row['rss_mib']:.1f} | {row['redis_used_memory_mib']:.1f}"
+                f" | {row['p99_ms']:.1f} | {row['scored']:,} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def bench_command(
+    model_dir: Annotated[
+        Path, typer.Option(help="Model directory (or pointer file / symlink) the worker serves.")
+    ] = Path("onnx_models/default"),
+    data: Annotated[
+        Path | None,
+        typer.Option(help="Transactions file; default data/tx.parquet, else a simulation."),
+    ] = None,
+    events: Annotated[int, typer.Option(help="Events the throughput is measured over.")] = 200_000,
+    warmup_events: Annotated[
+        int, typer.Option(help="Events processed before the measurement starts.")
+    ] = 50_000,
+    load: Annotated[
+        list[float] | None,
+        typer.Option(help="Offered loads (events/s) for latency; repeat the option."),
+    ] = None,
+    max_load: Annotated[bool, typer.Option(help="Also offer the measured maximum rate.")] = True,
+    load_seconds: Annotated[float, typer.Option(help="Seconds per offered load.")] = 15.0,
+    workers: Annotated[int, typer.Option(help="Worker processes sharing the topic.", min=1)] = 1,
+    references: Annotated[
+        bool, typer.Option(help="Also measure the naive and limit references.")
+    ] = True,
+    naive_seconds: Annotated[float, typer.Option(help="Seconds the naive reference runs.")] = 30.0,
+    partitions: Annotated[int, typer.Option(help="Partitions of the bench topics.", min=1)] = 4,
+    redis_url: Annotated[
+        str | None,
+        typer.Option(
+            help="Measure against this Redis (e.g. the shared one); default a redis-server of "
+            "the bench's own, which nothing else slows down."
+        ),
+    ] = None,
+    soak: Annotated[
+        bool, typer.Option(help="Soak instead: a fixed rate for minutes; RSS and Redis memory.")
+    ] = False,
+    soak_seconds: Annotated[float, typer.Option(help="Length of the soak.")] = 600.0,
+    soak_rate: Annotated[float, typer.Option(help="Events/s during the soak.")] = 2_000.0,
+    out: Annotated[
+        Path, typer.Option(help="Folder for bench.md and bench.json (soak.md, soak.json).")
+    ] = Path("training/reports"),
+) -> None:
+    """End-to-end throughput and latency of the worker against the bundled broker and Redis.
+
+    Prints a table and writes it (Markdown and JSON) to --out.
+    """
+    import asyncio
+
+    from rich.console import Console
+
+    from stream_app.errors import FraudStreamError
+    from training.bench import BenchOptions, BenchRun
+
+    console = Console()
+    options = BenchOptions(
+        model_dir=model_dir,
+        data=data,
+        events=events,
+        warmup_events=warmup_events,
+        loads=tuple(load) if load else (1_000.0, 2_000.0, 5_000.0),
+        max_load=max_load,
+        load_seconds=load_seconds,
+        workers=workers,
+        references=references,
+        naive_seconds=naive_seconds,
+        partitions=partitions,
+        redis_url=redis_url,
+        soak_seconds=soak_seconds if soak else 0.0,
+        soak_rate=soak_rate,
+    )
+    try:
+        result = asyncio.run(BenchRun(options, console.print).run())
+    except FraudStreamError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(code=2) from exc
+    table = render_markdown(result)
+    console.print(table, markup=False, highlight=False)
+    stem = "soak" if soak else "bench"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.md").write_text(table)
+    (out / f"{stem}.json").write_text(result.to_json())
+    console.print(f"wrote {out / (stem + '.md')} and {out / (stem + '.json')}")
+
+
+def register_bench_command(app: typer.Typer) -> None:
+    """Add ``bench`` to the ``fraudstream`` application."""
+    app.command("bench")(bench_command)

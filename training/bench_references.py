@@ -1,0 +1,240 @@
+"""The two references ``fraudstream bench`` compares the worker with, as processes.
+
+* **naive**: what a tutorial would write. A Faust agent that, for each event, parses it,
+  reads and writes its customer's and terminal's state in Redis with plain commands (five
+  round trips: GET, HMGET, SET, HINCRBY, PEXPIRE), makes one ONNX Runtime call, and sends
+  one score record. Same state layout and features as the worker, no alert reasons.
+* **limit**: the floor cost of the transport and the model. Raw aiokafka ``getmany`` and
+  one ONNX Runtime call per batch (on a batch of the right shape), no parsing, no state,
+  no output: no worker that consumes from Kafka and scores with this model can beat it.
+
+Each runs as ``python -m training.bench_references {naive,limit} --progress FILE`` with the
+worker's ``FRAUDSTREAM_*`` settings, writes its event count to ``FILE`` every 10 ms,
+and stops on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Final
+
+import numpy as np
+import redis.asyncio as aioredis
+
+from stream_app import features, kafka_config
+from stream_app.config import Settings, load_settings, settings_environment
+from stream_app.decisions import decide
+from stream_app.errors import RejectedEvent
+from stream_app.model_registry import resolve_model_dir
+from stream_app.pipeline import epoch_ms
+from stream_app.records import ScoreRecord, TransactionEvent, iso_utc_millis, parse_transaction
+from stream_app.scoring import OnnxScorer
+from stream_app.state import ENTRY_DTYPE, history_from_records, retained, transaction_hash
+from training.bench import Subject
+
+PROGRESS_INTERVAL_S: Final = 0.01
+KINDS: Final = ("naive", "limit")
+
+
+class Progress:
+    """An event count, written atomically to a file at most every :data:`PROGRESS_INTERVAL_S`."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.events = 0
+        self._written = 0.0
+
+    def add(self, n: int) -> None:
+        """Count ``n`` more events (0: only write the count if it is due)."""
+        self.events += n
+        if time.monotonic() - self._written >= PROGRESS_INTERVAL_S:
+            self.write()
+
+    def write(self) -> None:
+        """Write the count now."""
+        self._written = time.monotonic()
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"events": self.events}))
+        os.replace(tmp, self.path)
+
+
+def start_reference(kind: str, settings: Settings, workdir: Path) -> Subject:
+    """Start a reference process on the worker's settings and topics."""
+    progress = workdir / f"{kind}.progress.json"
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("FRAUDSTREAM_")},
+        **settings_environment(settings),
+        "FRAUDSTREAM_METRICS_PORT": "0",
+    }
+    command = [sys.executable, "-m", "training.bench_references", kind, "--progress", str(progress)]
+    return Subject(kind, command, env, workdir / f"{kind}.log", progress_path=progress)
+
+
+# --- limit ----------------------------------------------------------------------------
+
+
+async def run_limit(settings: Settings, progress: Progress) -> None:
+    """Consume the transactions topic from the start, one model call per batch, until SIGTERM."""
+    from aiokafka import AIOKafkaConsumer
+
+    scorer = OnnxScorer(resolve_model_dir(settings.model_dir))
+    size = settings.batch_size
+    inputs = np.zeros((size, scorer.sequence_length, len(features.FEATURE_NAMES)), np.float32)
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    consumer = AIOKafkaConsumer(
+        settings.topic_transactions,
+        **kafka_config.consumer_kwargs(settings, f"{settings.group_id}.limit"),
+    )
+    await consumer.start()
+    try:
+        wait_ms = max(1, int(settings.batch_max_wait_s * 1000))
+        while not stop.is_set():
+            batch = await consumer.getmany(timeout_ms=wait_ms, max_records=size)
+            n = sum(len(records) for records in batch.values())
+            if n:
+                scorer.score(inputs[:n])
+            progress.add(n)
+    finally:
+        progress.write()
+        await consumer.stop()
+
+
+# --- naive ----------------------------------------------------------------------------
+
+
+class NaiveState:
+    """The worker's state layout, read and written with one Redis command at a time."""
+
+    def __init__(self, client: aioredis.Redis, prefix: str, sequence_length: int) -> None:
+        self.client = client
+        self.prefix = prefix
+        self.sequence_length = sequence_length
+        self.ttl_ms = 45 * features.MS_PER_DAY
+        self.windows = features.terminal_window_day_offsets(features.LABEL_DELAY_DAYS)
+
+    async def apply(self, tx: TransactionEvent) -> features.HistoryBatch:
+        """Append one transaction to its customer's history; returns the history."""
+        customer_key = f"{self.prefix}:c:{tx.customer_id}"
+        terminal_key = f"{self.prefix}:t:{tx.terminal_id}"
+        blob = await self.client.get(customer_key) or b""
+        assert isinstance(blob, bytes)  # the client does not decode responses
+        entries = np.frombuffer(blob, dtype=ENTRY_DTYPE)
+        digest = transaction_hash(tx.transaction_id)
+        seen = np.flatnonzero(entries["tx_hash"] == digest)
+        if seen.size:
+            return history_from_records([entries[: seen[0] + 1]])
+        time_ms = epoch_ms(tx.timestamp)
+        day = time_ms // features.MS_PER_DAY
+        low = min(lo for lo, _ in self.windows)
+        high = max(hi for _, hi in self.windows)
+        days = range(day + low, day + high + 1)
+        fields = [f"{kind}{d}" for d in days for kind in ("t", "f")]
+        values = [int(v or 0) for v in await self.client.hmget(terminal_key, fields)]
+        entry = np.zeros(1, dtype=ENTRY_DTYPE)
+        entry["time_ms"], entry["amount"], entry["tx_hash"] = time_ms, tx.amount, digest
+        for w, (lo, hi) in enumerate(self.windows):
+            picked = range(2 * (lo - low), 2 * (hi - low + 1), 2)
+            entry["terminal_tx"][0, w] = sum(values[i] for i in picked)
+            entry["terminal_fraud"][0, w] = sum(values[i + 1] for i in picked)
+        entries = retained(np.concatenate([entries, entry]), self.sequence_length)
+        await self.client.set(customer_key, entries.tobytes(), px=self.ttl_ms)
+        await self.client.hincrby(terminal_key, f"t{day}", 1)
+        await self.client.pexpire(terminal_key, self.ttl_ms)
+        return history_from_records([entries])
+
+
+def run_naive(settings: Settings, progress: Progress) -> int:
+    """A Faust worker scoring one event at a time, until SIGTERM; returns its exit code."""
+    import faust
+
+    scorer = OnnxScorer(resolve_model_dir(settings.model_dir))
+    thresholds = scorer.card.thresholds
+    app = faust.App(
+        f"{settings.group_id}-naive",
+        broker=[f"kafka://{server}" for server in settings.bootstrap_servers],
+        key_serializer="raw",
+        value_serializer="raw",
+        web_enabled=False,
+        autodiscover=False,
+        datadir=Path(tempfile.gettempdir()) / f"fraudstream-{settings.group_id}-naive",
+        topic_partitions=settings.topic_partitions,
+        consumer_auto_offset_reset="earliest",
+        broker_session_timeout=settings.consumer_session_timeout_s,
+        broker_rebalance_timeout=settings.consumer_session_timeout_s,
+        broker_heartbeat_interval=settings.consumer_session_timeout_s / 3,
+    )
+    source = app.topic(settings.topic_transactions)
+    scores = app.topic(f"{settings.topic_scores}.naive")
+    client = aioredis.Redis.from_url(settings.redis_url.get_secret_value())
+    state = NaiveState(client, f"{settings.state_key_prefix}-naive", scorer.sequence_length)
+
+    @app.agent(source, name="naive")
+    async def score(stream: faust.StreamT[bytes]) -> None:
+        async for value in stream:
+            try:
+                tx = parse_transaction(value)
+            except RejectedEvent:
+                continue
+            history = await state.apply(tx)
+            _, sequences = features.online_features(history, scorer.sequence_length)
+            probability = scorer.score(sequences.astype(np.float32))
+            record = ScoreRecord.model_construct(
+                transaction_id=tx.transaction_id,
+                customer_id=tx.customer_id,
+                terminal_id=tx.terminal_id,
+                amount=tx.amount,
+                event_time=iso_utc_millis(tx.event_time_s),
+                score=float(probability[0]),
+                decision=decide(probability, thresholds)[0],
+                reasons=(),
+                model_version=scorer.version,
+                scored_at=iso_utc_millis(time.time()),
+            )
+            await scores.send(key=tx.customer_id.encode(), value=record.to_json())
+            progress.add(1)
+
+    async def flush() -> None:
+        progress.add(0)
+
+    app.timer(PROGRESS_INTERVAL_S)(flush)  # the count is written while idle too
+
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    worker = faust.Worker(app, loop=loop, loglevel="WARNING", quiet=True, redirect_stdouts=False)
+    try:
+        worker.execute_from_commandline()
+    except SystemExit as exc:
+        return int(exc.code or 0) if isinstance(exc.code, int | None) else 1
+    finally:
+        progress.write()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m training.bench_references {naive,limit} --progress FILE``."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("kind", choices=KINDS)
+    parser.add_argument("--progress", type=Path, required=True)
+    args = parser.parse_args(argv)
+    settings = load_settings()
+    progress = Progress(args.progress)
+    progress.write()
+    if args.kind == "limit":
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(run_limit(settings, progress))
+        return 0
+    return run_naive(settings, progress)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
