@@ -50,7 +50,13 @@ from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError, Pr
 from aiokafka.partitioner import murmur2
 from mode import Service
 from prometheus_client import CollectorRegistry, start_http_server
-from redis.exceptions import RedisError
+from redis.exceptions import (
+    AuthenticationError,
+    AuthorizationError,
+    RedisError,
+    ResponseError,
+)
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from stream_app import kafka_config
 from stream_app.config import Settings, unknown_environment
@@ -954,7 +960,7 @@ async def prepare(settings: Settings, metrics: WorkerMetrics) -> dict[str, int]:
     client = redis_client(settings)
     try:
         await backoff.run(
-            client.ping,
+            functools.partial(ping_redis, client, settings),
             f"connecting to Redis at {settings.redis_display_url}",
             (RedisError, OSError),
             redis_error,
@@ -962,6 +968,38 @@ async def prepare(settings: Settings, metrics: WorkerMetrics) -> dict[str, int]:
     finally:
         await client.aclose()
     return partitions
+
+
+async def ping_redis(client: aioredis.Redis, settings: Settings) -> None:
+    """PING Redis; wrong credentials or an unverifiable certificate are configuration
+    errors (no retry will fix them), an unreachable server is retried by the caller.
+
+    Raises:
+        ConfigError: Redis refused the password, or its TLS certificate failed verification.
+    """
+    where = settings.redis_display_url
+    try:
+        await client.ping()
+    except (AuthenticationError, AuthorizationError) as exc:
+        raise ConfigError(
+            f"Redis at {where} refused the credentials ({type(exc).__name__}): check the "
+            "password in FRAUDSTREAM_REDIS_URL or FRAUDSTREAM_REDIS_PASSWORD"
+        ) from None
+    except ResponseError as exc:
+        if str(exc).startswith(("NOAUTH", "WRONGPASS")):
+            raise ConfigError(
+                f"Redis at {where} requires a password ({str(exc).split()[0]}): set it in "
+                "FRAUDSTREAM_REDIS_URL or FRAUDSTREAM_REDIS_PASSWORD"
+            ) from None
+        raise
+    except RedisConnectionError as exc:
+        text = f"{exc} {exc.__cause__ or ''}"
+        if "CERTIFICATE_VERIFY_FAILED" in text or "certificate verify failed" in text:
+            raise ConfigError(
+                f"the TLS certificate of Redis at {where} failed verification: set "
+                "FRAUDSTREAM_REDIS_SSL_CA_FILE to the CA that signed it"
+            ) from None
+        raise
 
 
 def start_metrics_server(settings: Settings, registry: CollectorRegistry) -> str | None:
