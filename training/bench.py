@@ -4,9 +4,9 @@ What one run measures, on its own bundled broker and the configured Redis::
 
     1. publish warm-up + N events (a backlog)  ──► limit reference (aiokafka + ONNX per batch)
                                                ──► worker(s): events/s over the N events
-                                               ──► naive reference (Faust, per-event I/O)
-    2. paced replay at each offered load       ──► worker: latency p50/p95/p99, CPU
-       (event creation -> score record received by a consumer)
+    2. paced replay at each offered load,      ──► a fresh worker: latency p50/p95/p99, CPU
+       on topics of its own, same Redis state      (event creation -> score record consumed)
+    3. the backlog again                       ──► naive reference (Faust, per-event I/O)
 
 Throughput is the slope of the ``scored`` counter(s) between the warm-up count and the
 warm-up + N count, sampled every 0.25 s; CPU is ``/proc/<pid>/stat`` over the same window
@@ -35,7 +35,7 @@ import time
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Final
@@ -50,12 +50,19 @@ from stream_app import features, kafka_config
 from stream_app.broker import BundledBroker, free_port, wait_for_port
 from stream_app.config import Settings, load_settings, redact_url, settings_environment
 from stream_app.errors import ConfigError
-from training.replay import ReplayMessage, replay, replay_messages
+from training.replay import ReplayMessage, ensure_input_topics, replay, replay_messages
 
 DEFAULT_DATA: Final = Path("data/tx.parquet")
 DEFAULT_MODEL: Final = Path("onnx_models/default")
 SAMPLE_INTERVAL_S: Final = 0.25
 _PACE_SLICE_S: Final = 0.005
+# The bundled broker's CPU per fetch grows with the partition's size (2 ms at 5,000 records,
+# 4 ms at 40,000): hundreds of short-wait fetches a second saturate it after a minute or
+# so, and then every fetch times out empty (the worker stalls, training/reports/PROFILE.md).
+# A soak therefore fetches at most ~10 times a second per consumer.
+_SOAK_SLICE_S: Final = 0.05
+_SOAK_BATCH_WAIT_S: Final = 0.1
+_SOAK_PROBE_WAIT_MS: Final = 100
 # The latency consumer's fetch wait: the bundled broker holds a fetch this long even when
 # data is there (Kafka answers at once), so it adds up to this much to every latency.
 _PROBE_FETCH_WAIT_MS: Final = 2
@@ -195,6 +202,16 @@ async def wait_ready(subjects: Sequence[Subject], timeout_s: float = 120.0) -> N
             if time.monotonic() > deadline:
                 raise ConfigError(f"{subject.name} did not start in {timeout_s:g} s")
             await asyncio.sleep(0.2)
+
+
+async def wait_scoring(worker: Subject, timeout_s: float = 120.0) -> None:
+    """Until the worker's scoring consumer has its partitions (``fraudstream_ready`` 1)."""
+    deadline = time.monotonic() + timeout_s
+    while worker.metrics().get("fraudstream_ready") != 1.0:
+        worker.check_alive()
+        if time.monotonic() > deadline:
+            raise ConfigError(f"{worker.name} got no partitions in {timeout_s:g} s")
+        await asyncio.sleep(0.25)
 
 
 # --- sampling -------------------------------------------------------------------------
@@ -358,6 +375,16 @@ class BenchResult:
         """Indented JSON."""
         return json.dumps(asdict(self), indent=2) + "\n"
 
+    @classmethod
+    def from_json(cls, text: str) -> BenchResult:
+        """Read back what :meth:`to_json` wrote (to re-render a table)."""
+        data = json.loads(text)
+        for name in ("worker", "naive", "limit"):
+            if data.get(name) is not None:
+                data[name] = Throughput(**data[name])
+        data["latencies"] = [Latency(**x) for x in data.get("latencies", [])]
+        return cls(**data)
+
 
 def percentiles_ms(latencies_s: Sequence[float]) -> tuple[float, float, float, float]:
     """p50, p95, p99 and max of latencies in seconds, in milliseconds (NaN when empty)."""
@@ -440,12 +467,12 @@ def event_stream(settings: Settings, data: Path | None, needed: int) -> Iterator
 # --- offered load ---------------------------------------------------------------------
 
 
-async def _score_consumer(settings: Settings) -> AIOKafkaConsumer:
+async def _score_consumer(settings: Settings, fetch_wait_ms: int) -> AIOKafkaConsumer:
     """A consumer of every scores partition, positioned at the end."""
     consumer = AIOKafkaConsumer(
         **kafka_config.client_kwargs(settings),
         group_id=None,
-        fetch_max_wait_ms=_PROBE_FETCH_WAIT_MS,
+        fetch_max_wait_ms=fetch_wait_ms,
         max_poll_records=10_000,
     )
     await consumer.start()
@@ -467,18 +494,22 @@ async def offered_load(
     transactions: int,
     workers: Sequence[Subject],
     latencies: list[float] | None = None,
+    slice_s: float = _PACE_SLICE_S,
+    probe_wait_ms: int = _PROBE_FETCH_WAIT_MS,
 ) -> Latency:
     """Publish ``transactions`` at ``rate`` a second and time each one's score record.
 
     Latency runs from the moment an event is handed to the producer (also its record
     timestamp) to the moment a consumer of the scores topic holds its record. Events are
-    sent in slices of :data:`_PACE_SLICE_S`; acknowledgements are not awaited in between.
+    sent in slices of ``slice_s``; acknowledgements are not awaited in between.
 
     Args:
         latencies: Filled with every latency (seconds) as it is measured (for the soak).
+        slice_s: How much of the rate is sent at once.
+        probe_wait_ms: The scores consumer's fetch wait (added to the latency measured).
     """
     latencies = [] if latencies is None else latencies
-    consumer = await _score_consumer(settings)
+    consumer = await _score_consumer(settings, probe_wait_ms)
     producer = AIOKafkaProducer(**kafka_config.producer_kwargs(settings))
     await producer.start()
     sent: dict[str, float] = {}
@@ -500,7 +531,7 @@ async def offered_load(
     count = 0
     try:
         acks: list[asyncio.Future[Any]] = []
-        per_slice = max(1, round(rate * _PACE_SLICE_S))
+        per_slice = max(1, round(rate * slice_s))
         while count < transactions:
             chunk = take_transactions(messages, min(per_slice, transactions - count))
             if not chunk:
@@ -510,9 +541,10 @@ async def offered_load(
                 if not message.is_label:
                     sent[orjson.loads(message.value)["transaction_id"]] = created
                     count += 1
+                topic = settings.topic_labels if message.is_label else settings.topic_transactions
                 acks.append(
                     await producer.send(
-                        message.topic,
+                        topic,
                         message.value,
                         key=message.key,
                         timestamp_ms=int(created * 1000),
@@ -644,22 +676,27 @@ def own_redis(workdir: Path) -> Iterator[str]:
 
 
 def bench_settings(
-    bootstrap: str, options: BenchOptions, tag: str, redis_url: str | None = None
+    bootstrap: str, options: BenchOptions, tag: str, redis_url: str | None = None, phase: str = ""
 ) -> Settings:
-    """Worker settings of one run: its own topics, group and Redis key prefix."""
+    """Worker settings of one run: its own topics, group and Redis key prefix.
+
+    Each ``phase`` gets topics and a consumer group of its own; the Redis state (and so
+    the customers' histories) carries over from phase to phase.
+    """
     names = ("transactions", "labels", "scores", "alerts", "shadow_scores", "dead_letters")
     extra = {"redis_url": redis_url} if redis_url else {}
+    topics = f"bench-{tag}{phase}"
     return load_settings(
         **extra,
         kafka_bootstrap_servers=bootstrap,
-        group_id=f"bench-{tag}",
+        group_id=topics,
         instance_id="bench-0",
         idempotent_producer=False,
         topic_partitions=options.partitions,
         state_key_prefix=f"bench-{tag}",
         model_dir=options.model_dir,
-        topic_label_dead_letters=f"bench-{tag}-label_dead_letters",
-        **{f"topic_{name}": f"bench-{tag}-{name}" for name in names},
+        topic_label_dead_letters=f"{topics}-label_dead_letters",
+        **{f"topic_{name}": f"{topics}-{name}" for name in names},
     )
 
 
@@ -765,7 +802,7 @@ class BenchRun:
             )
         own, redis_cores, broker_cores = w.cpu_cores
         return Throughput(
-            name=subjects[0].name if len(subjects) == 1 else f"{len(subjects)} workers",
+            name=f"{len(subjects)} process" + ("es" if len(subjects) > 1 else ""),
             events=w.events,
             seconds=round(w.seconds, 2),
             events_per_s=round(w.rate, 1),
@@ -808,28 +845,34 @@ class BenchRun:
             "used_memory_mib": round(after["used_memory"] / 2**20, 1),
         }
         result.partition_split = partition_split(workers)
-        self.say(f"{worker.name}: {worker.events_per_s:,.0f} events/s, {worker.cpu_cores} cores")
+        self.say(f"worker ({worker.name}): {worker.events_per_s:,.0f} events/s")
+
+        result.worker = worker  # the offered loads below run in fresh processes
+        for w in workers:
+            w.stop()
 
         loads = list(o.loads)
         if o.max_load:
             loads.append(float(int(worker.events_per_s / 100) * 100))
-        for rate in loads:
-            self.say(f"offered load {rate:,.0f} events/s for {o.load_seconds:g} s")
-            latency = await offered_load(
-                settings,
-                stream,
-                rate=rate,
-                transactions=int(rate * o.load_seconds),
-                workers=workers,
+        for i, rate in enumerate(loads):
+            # Fresh topics per load (the bundled broker slows down as a partition fills with
+            # small batches, see _SOAK_SLICE_S), a fresh worker, the same Redis state.
+            phase = bench_settings(
+                settings.kafka_bootstrap_servers,
+                o,
+                self.tag,
+                settings.redis_url.get_secret_value(),
+                phase=f"-load{i}",
             )
+            await ensure_input_topics(phase)
+            live = self._worker(phase, i + 1)
+            await wait_scoring(live)
+            self.say(f"offered load {rate:,.0f} events/s for {o.load_seconds:g} s")
+            n = int(rate * o.load_seconds)
+            latency = await offered_load(phase, stream, rate=rate, transactions=n, workers=[live])
             result.latencies.append(latency)
             self.say(f"  p50 {latency.p50_ms} ms, p99 {latency.p99_ms} ms")
-            await asyncio.sleep(2)
-        # Peak RSS after the offered loads too.
-        peak = round(sum(memory_mib(w.pid) for w in workers), 1)
-        result.worker = replace(worker, peak_rss_mib=peak)
-        for w in workers:
-            w.stop()
+            live.stop()
 
         if o.references:
             naive = start_reference("naive", settings, self.workdir)
@@ -850,9 +893,10 @@ class BenchRun:
 
     async def _soak(self, settings: Settings, stream: Iterator[ReplayMessage]) -> dict[str, Any]:
         o = self.options
+        settings = settings.model_copy(update={"batch_max_wait_s": _SOAK_BATCH_WAIT_S})
         worker = self._worker(settings, 0)
         await wait_ready([worker])
-        await asyncio.sleep(3)  # the group forms
+        await wait_scoring(worker)
         latencies: list[float] = []
         series: list[dict[str, float]] = []
         started = time.monotonic()
@@ -883,6 +927,8 @@ class BenchRun:
                 transactions=int(o.soak_rate * o.soak_seconds),
                 workers=[worker],
                 latencies=latencies,
+                slice_s=_SOAK_SLICE_S,
+                probe_wait_ms=_SOAK_PROBE_WAIT_MS,
             )
         finally:
             recorder.cancel()
