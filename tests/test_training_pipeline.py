@@ -24,7 +24,8 @@ pytestmark = pytest.mark.slow
 
 _register_training_commands()
 runner = CliRunner()
-FAST = ["--epochs", "2", "--patience", "1", "--gan-steps", "60"]
+# One thread: on data this small a second one only waits, and CI machines are shared.
+FAST = ["--epochs", "2", "--patience", "1", "--gan-steps", "60", "--threads", "1"]
 
 
 def _run(*args: str) -> str:
@@ -74,7 +75,7 @@ def test_augment_study_compares_the_three_modes(data: Path, tmp_path: Path) -> N
     _run(
         "evaluate", "--data", str(data), "--out", str(out), "--start", "2018-05-13",
         "--folds", "1", "--augment-study", "--seeds", "0", "--epochs", "1",
-        "--gan-steps", "30",
+        "--gan-steps", "30", "--threads", "1",
     )  # fmt: skip
     payload = json.loads((out / "augment_study.json").read_text())
     assert set(payload["modes"]) == {"none", "oversample", "gan"}

@@ -25,6 +25,7 @@ SMALL = TrainConfig(
     max_epochs=6,
     patience=2,
     batch_size=128,
+    threads=1,  # tiny batches: a second thread only waits (and spins on a busy machine)
     model=ModelConfig(hidden_size=8, head_size=8, dropout=0.0),
 )
 
@@ -95,7 +96,9 @@ def test_synthetic_frauds_do_not_move_the_normalisation(
 def test_fit_adds_the_asked_frauds(sets: tuple[SequenceSet, SequenceSet], mode: Augment) -> None:
     train, valid = sets
     config = TrainConfig(**{**SMALL.__dict__, "max_epochs": 1})
-    augment = AugmentConfig(mode=mode, ratio=0.5, gan=GanConfig(generator_steps=5, hidden_size=16))
+    augment = AugmentConfig(
+        mode=mode, ratio=0.5, gan=GanConfig(generator_steps=5, hidden_size=16, threads=1)
+    )
     fit = fit_sequence_model(train, valid, config, augment)
     expected = 0 if mode == Augment.NONE else round(0.5 * len(train.frauds))
     assert fit.n_extra_frauds == expected

@@ -708,6 +708,8 @@ class _EpochBars:
             console=console,
         )
         self.tasks: dict[str, TaskID] = {}
+        self.current: TaskID | None = None
+        self.best = 0.0
 
     def __enter__(self) -> _EpochBars:
         self.progress.start()
@@ -719,18 +721,29 @@ class _EpochBars:
         value: BaseException | None,
         trace: TracebackType | None,
     ) -> None:
+        self._finish()
         self.progress.stop()
+
+    def _finish(self) -> None:
+        # Fits run one after another: a new bar means the previous fit stopped (early
+        # stopping ends before the last epoch), so freeze its clock.
+        if self.current is not None:
+            self.progress.stop_task(self.current)
 
     def on_epoch(self, name: str, log: EpochLog) -> None:
         """Advance the bar of ``name`` (with :attr:`prefix`), creating it on its first epoch."""
         label = f"{self.prefix}{name}"
         if label not in self.tasks or log.epoch == 1:
-            self.tasks[label] = self.progress.add_task(label, total=self.total, metric="")
-        best = " best" if log.improved else ""
+            self._finish()
+            self.tasks[label] = self.current = self.progress.add_task(
+                label, total=self.total, metric=""
+            )
+            self.best = 0.0
+        self.best = max(self.best, log.valid_average_precision)
         self.progress.update(
             self.tasks[label],
             completed=log.epoch,
-            metric=f"valid AP {log.valid_average_precision:.4f}{best}",
+            metric=f"valid AP {log.valid_average_precision:.4f} (best {self.best:.4f})",
         )
 
 

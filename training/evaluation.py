@@ -255,9 +255,11 @@ def undetectable_frauds(
     ``TX_FRAUD_SCENARIO`` column.
     """
     scenario_2 = np.flatnonzero(data.scenarios == _COMPROMISED_TERMINAL)
-    span = int(data.days.max()) + 1
-    known = np.sort(data.terminals[scenario_2] * span + data.days[scenario_2])
-    key = data.terminals[rows] * span + data.days[rows]
+    # One sorted key per (terminal, day), days shifted so a window never reaches the
+    # previous terminal's keys.
+    span = int(data.days.max()) + compromise_days + 1
+    known = np.sort(data.terminals[scenario_2] * span + data.days[scenario_2] + compromise_days)
+    key = data.terminals[rows] * span + data.days[rows] + compromise_days
     earlier = np.searchsorted(known, key - delay_days - 1, side="right") - np.searchsorted(
         known, key - compromise_days + 1, side="left"
     )

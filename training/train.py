@@ -265,7 +265,9 @@ def fit_sequence_model(
         held_out = valid.frauds
         if len(held_out) >= 4:
             probe = gan.sample(max(len(held_out), 4), seed=config.seed + 1)
-            report = fidelity(held_out, probe, seed=config.seed, reference=train.frauds)
+            report = fidelity(
+                held_out, probe, seed=config.seed, reference=train.frauds, threads=config.threads
+            )
     trained = train_lstm(train.with_frauds(extra), valid, config, on_epoch)
     return FitResult(
         trained=trained,
