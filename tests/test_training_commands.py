@@ -12,7 +12,9 @@ import pytest
 from typer.testing import CliRunner
 
 from stream_app.cli import _register_training_commands, app
-from training import commands, evaluation, thresholds
+from training import evaluation, thresholds
+from training.commands.evaluate import evaluate_command
+from training.commands.train import train_command
 from training.gan import GanConfig
 from training.sequence_model import ModelConfig
 from training.train import AugmentConfig, TrainConfig
@@ -36,7 +38,7 @@ def test_help(name: str) -> None:
     assert "--data" in result.output
 
 
-@pytest.mark.parametrize("command", [commands.train_command, commands.evaluate_command])
+@pytest.mark.parametrize("command", [train_command, evaluate_command])
 def test_option_defaults_are_the_configs_defaults(command: Any) -> None:
     # The options repeat the defaults as literals (so --help imports nothing heavy);
     # they must not drift from the dataclasses the commands build.
@@ -58,7 +60,7 @@ def test_option_defaults_are_the_configs_defaults(command: Any) -> None:
 
 
 def test_evaluate_defaults_are_the_protocol() -> None:
-    defaults = _defaults(commands.evaluate_command)
+    defaults = _defaults(evaluate_command)
     assert defaults["start"] == evaluation.PREQUENTIAL_START
     assert defaults["single_split_start"] == evaluation.SINGLE_SPLIT_START
     assert defaults["folds"] == evaluation.N_FOLDS
@@ -67,7 +69,7 @@ def test_evaluate_defaults_are_the_protocol() -> None:
 
 
 def test_train_defaults_are_the_threshold_rules() -> None:
-    defaults = _defaults(commands.train_command)
+    defaults = _defaults(train_command)
     assert defaults["review_cards_per_day"] == thresholds.DEFAULT_CARDS_PER_DAY
     assert defaults["decline_precision"] == thresholds.DEFAULT_MIN_PRECISION
 

@@ -1,0 +1,49 @@
+"""The ``score-file`` command: offline scoring of a transactions file, as the worker would."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from training.commands.options import fail
+
+
+def score_file_command(
+    data: Annotated[Path, typer.Option(help="Transactions file to score.", dir_okay=False)],
+    model: Annotated[
+        Path,
+        typer.Option(help="Model directory (model.onnx and model_card.json).", file_okay=False),
+    ],
+    out: Annotated[
+        Path, typer.Option(help="Scores file to write; .parquet or .csv.", dir_okay=False)
+    ],
+) -> None:
+    """Score every transaction of a file offline, as the worker would, and write the scores."""
+    import time
+
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    from stream_app.errors import FraudStreamError
+    from training.score_file import score_file
+
+    console = Console()
+    started = time.perf_counter()
+    try:
+        scored = score_file(data, model, out)
+    except FraudStreamError as exc:
+        raise fail(exc) from exc
+    seconds = time.perf_counter() - started
+    table = Table(title=f"{len(scored.table):,} transactions scored by {scored.model_version}")
+    table.add_column("Decision")
+    table.add_column("Transactions", justify="right")
+    table.add_column("Share", justify="right")
+    counts = scored.table["decision"].value_counts()
+    for decision, count in counts.items():
+        table.add_row(str(decision), f"{count:,}", f"{count / max(len(scored.table), 1):.2%}")
+    console.print(table)
+    rate = len(scored.table) / seconds if seconds > 0 else float("inf")
+    console.print(f"{seconds:.1f} s ({rate:,.0f} transactions/s); written to {escape(str(out))}")

@@ -1,0 +1,241 @@
+"""The ``train`` command: one protocol fold for the LSTM, thresholds, then the export."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from training.commands.options import (
+    PROTOCOL_PANEL,
+    AugmentOption,
+    BatchOption,
+    DataOption,
+    DeviceOption,
+    EpochsOption,
+    FraudWeightOption,
+    GanStepsOption,
+    HiddenOption,
+    LearningRateOption,
+    PatienceOption,
+    RatioOption,
+    SeedOption,
+    SequenceLengthOption,
+    ThreadsOption,
+    command_line,
+    fail,
+    training_settings,
+)
+from training.commands.progress import EpochBars
+
+if TYPE_CHECKING:  # annotations only: the command imports these when it runs
+    from rich.console import Console
+
+    from stream_app.model_card import ModelCard
+    from training.train import AugmentConfig, EpochLog, TrainConfig
+
+
+def train_command(
+    ctx: typer.Context,
+    data: DataOption = Path("data/tx.parquet"),
+    out: Annotated[
+        Path, typer.Option(help="Model directory to write (model.onnx and model_card.json).")
+    ] = Path("onnx_models/default"),
+    version: Annotated[
+        str, typer.Option(help="Model version; default lstm-<augment>-<last training day>.")
+    ] = "",
+    train_end: Annotated[
+        str, typer.Option(help="Last training day (ISO date).", rich_help_panel=PROTOCOL_PANEL)
+    ] = "2018-08-21",
+    train_days: Annotated[
+        int,
+        typer.Option(
+            help="Days of training data ending on --train-end (56: the best history measured, "
+            "see training/reports/benchmark.md).",
+            rich_help_panel=PROTOCOL_PANEL,
+        ),
+    ] = 56,
+    valid_days: Annotated[
+        int,
+        typer.Option(
+            help="Validation days just before the training days: early stopping and the "
+            "thresholds.",
+            rich_help_panel=PROTOCOL_PANEL,
+        ),
+    ] = 7,
+    test_days: Annotated[
+        int,
+        typer.Option(
+            help="Test days after the 7-day delay that follows training, known-compromised "
+            "cards removed as in evaluate; skipped where the file ends sooner.",
+            rich_help_panel=PROTOCOL_PANEL,
+        ),
+    ] = 7,
+    review_cards_per_day: Annotated[
+        float, typer.Option(help="Alert budget: cards a day reaching the review threshold.")
+    ] = 100.0,
+    decline_precision: Annotated[
+        float, typer.Option(help="Precision the decline threshold reaches on validation.")
+    ] = 0.9,
+    sequence_length: SequenceLengthOption = 5,
+    epochs: EpochsOption = 12,
+    patience: PatienceOption = 3,
+    batch_size: BatchOption = 256,
+    learning_rate: LearningRateOption = 3e-3,
+    fraud_weight: FraudWeightOption = 5.0,
+    hidden_size: HiddenOption = 64,
+    seed: SeedOption = 0,
+    threads: ThreadsOption = 2,
+    device: DeviceOption = "auto",
+    augment: AugmentOption = "none",
+    augment_ratio: RatioOption = 1.0,
+    gan_steps: GanStepsOption = 2000,
+    overwrite: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
+) -> None:
+    """Train the LSTM sequence scorer and export it to ONNX with its model card."""
+    from rich.console import Console
+
+    from stream_app.errors import FraudStreamError
+
+    console = Console()
+    try:
+        train, augmentation = training_settings(
+            sequence_length, epochs, patience, batch_size, learning_rate, fraud_weight,
+            hidden_size, seed, threads, device, augment, augment_ratio, gan_steps,
+        )  # fmt: skip
+        with EpochBars(console, train.max_epochs) as bars:
+            card = _train_and_export(
+                data=data,
+                out=out,
+                version=version,
+                periods=(train_end, train_days, valid_days, test_days),
+                budget=(review_cards_per_day, decline_precision),
+                train=train,
+                augmentation=augmentation,
+                overwrite=overwrite,
+                on_epoch=bars.on_epoch,
+                command=command_line(ctx),
+            )
+    except FraudStreamError as exc:
+        raise fail(exc) from exc
+    _print_card(console, card, out)
+
+
+def _train_and_export(
+    *,
+    data: Path,
+    out: Path,
+    version: str,
+    periods: tuple[str, int, int, int],
+    budget: tuple[float, float],
+    train: TrainConfig,
+    augmentation: AugmentConfig,
+    overwrite: bool,
+    on_epoch: Callable[[str, EpochLog], None],
+    command: str,
+) -> ModelCard:
+    """Wire the pieces: one protocol fold for the LSTM alone, thresholds, export."""
+    import datetime as dt
+    import time
+
+    import torch
+
+    from stream_app.errors import ConfigError
+    from stream_app.scoring import file_sha256
+    from training import dataset, evaluation, thresholds
+    from training.export import export_model
+    from training.sequence_model import predict
+    from training.transactions import read_transactions
+
+    started = time.perf_counter()
+    train_end, train_days, valid_days, test_days = periods
+    if min(train_days, valid_days, test_days) < 1:
+        raise ConfigError("--train-days, --valid-days and --test-days must be at least 1")
+    if out.exists() and not overwrite:  # before minutes of training, not after
+        raise ConfigError(f"{out} exists: choose another --out or pass --overwrite")
+    try:
+        last = dt.date.fromisoformat(train_end)
+    except ValueError:
+        raise ConfigError(f"--train-end must be an ISO date, got {train_end!r}") from None
+    first = last - dt.timedelta(days=evaluation.DELTA_DAYS - 1)
+    delta = evaluation.DELTA_DAYS
+    split = evaluation.Split.starting(first, delta, delta, test_days)
+    name = evaluation.model_name(evaluation.LSTM, train_days)
+    settings = evaluation.ProtocolSettings(
+        train=train, augment=augmentation, models=(name,), valid_days=valid_days
+    )
+    features = dataset.file_features(read_transactions(data))
+    fold = evaluation.run_fold(features, split, settings, on_epoch)
+    run = fold.runs[name]
+    assert run.fit is not None and run.valid is not None  # an LSTM run carries both
+    valid = run.valid
+    model = run.fit.trained.model
+    valid_scores = predict(model, valid.sequences)
+    valid_period = run.details["validation_days"]
+    choice = thresholds.choose_thresholds(
+        valid.days, valid.customers, valid.labels, valid_scores, valid_period, *budget
+    )
+    metrics: dict[str, Any] = {
+        "validation": evaluation.assess(valid.days, valid.customers, valid.labels, valid_scores),
+        "validation_note": "also the early-stopping set: optimistic",
+    }
+    if run.metrics:
+        metrics["test"] = run.metrics
+        metrics["test_period"] = split.test.label
+        metrics["test_note"] = "known-compromised cards removed, as in fraudstream evaluate"
+    parity_rows = evaluation.assessment_rows(features, split)
+    if len(parity_rows) < 1000:
+        parity_rows = features.rows(dataset.Period(features.last_day - 6, features.last_day))
+    card = export_model(
+        model,
+        out,
+        version=version or f"lstm-{augmentation.mode}-{train_end}",
+        parity_sequences=features.offline.sequences(train.sequence_length, parity_rows[:4096]),
+        thresholds=choice.thresholds,
+        reference_scores=valid_scores,
+        reference_source=f"validation period {valid_period}",
+        training={
+            "data_file": str(data),
+            "data_sha256": file_sha256(data),
+            "train_days": run.details["train_days"],
+            "validation_days": valid_period,
+            "train_transactions": run.details["train_transactions"],
+            "train_frauds": run.details["train_frauds"],
+            "config": train.to_dict(),
+            "fit": {k: v for k, v in run.fit.describe().items() if k != "gan_fidelity"},
+            "seconds": round(time.perf_counter() - started, 1),
+            "command": command,
+        },
+        metrics=metrics,
+        gan_fidelity=run.fit.fidelity.to_dict() if run.fit.fidelity else None,
+        overwrite=overwrite,
+    )
+    # The PyTorch weights too (a few hundred kB), so the model contract test can rebuild the
+    # model and compare it with the ONNX graph on fresh inputs.
+    torch.save(model.state_dict(), out / "model.pt")
+    return card
+
+
+def _print_card(console: Console, card: ModelCard, out: Path) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    table = Table(title=f"model {card.version}")
+    table.add_column("")
+    table.add_column("")
+    for period, metrics in card.metrics.items():
+        if isinstance(metrics, dict):
+            text = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items())
+            table.add_row(f"{period} metrics", text)
+    table.add_row("review threshold", f"{card.thresholds.review:.6g}")
+    table.add_row("decline threshold", f"{card.thresholds.decline:.6g}")
+    training = card.training
+    table.add_row("training", f"{training.get('seconds')} s on {training.get('train_days')}")
+    fidelity = card.gan_fidelity
+    if fidelity:
+        text = f"C2ST AUC {fidelity['c2st_auc']:.3f}, KS mean {fidelity['ks_mean']:.3f}"
+        table.add_row("GAN fidelity", text)
+    console.print(table)
+    console.print(f"written to {escape(str(out))}")
