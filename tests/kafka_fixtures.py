@@ -289,7 +289,7 @@ def build_model(
     import torch
 
     from stream_app import features
-    from training.export import export_model
+    from training.export import export_model, score_histogram
     from training.sequence_model import LstmScorer, ModelConfig, feature_statistics, predict
     from training.transactions import to_arrays
 
@@ -328,8 +328,7 @@ def build_model(
             version=version,
             parity_sequences=sequences,
             thresholds=Thresholds(review=float(review), decline=float(decline)),
-            reference_scores=scores,
-            reference_source="tests: simulated training rows",
+            reference=score_histogram(scores, "tests: simulated training rows"),
             training={"epochs": epochs, "seed": seed},
             metrics={},
             overwrite=True,

@@ -1,4 +1,4 @@
-"""The train / evaluate / score-file commands' surface: help, defaults, error messages."""
+"""The offline commands' surface (train, evaluate, export, score-file): help, defaults, errors."""
 
 from __future__ import annotations
 
@@ -14,7 +14,9 @@ from typer.testing import CliRunner
 from stream_app.cli import _register_training_commands, app
 from training import evaluation, thresholds
 from training.commands.evaluate import evaluate_command
+from training.commands.export import export_command
 from training.commands.train import train_command
+from training.export import PARITY_TOLERANCE
 from training.gan import GanConfig
 from training.sequence_model import ModelConfig
 from training.train import AugmentConfig, TrainConfig
@@ -31,7 +33,7 @@ def _defaults(command: Any) -> dict[str, Any]:
     }
 
 
-@pytest.mark.parametrize("name", ["train", "evaluate", "score-file"])
+@pytest.mark.parametrize("name", ["train", "evaluate", "export", "score-file"])
 def test_help(name: str) -> None:
     result = runner.invoke(app, [name, "--help"], terminal_width=200)
     assert result.exit_code == 0, result.output
@@ -74,6 +76,10 @@ def test_train_defaults_are_the_threshold_rules() -> None:
     assert defaults["decline_precision"] == thresholds.DEFAULT_MIN_PRECISION
 
 
+def test_export_defaults_to_the_contracts_tolerance() -> None:
+    assert _defaults(export_command)["parity_tolerance"] == PARITY_TOLERANCE
+
+
 def test_a_bad_augment_mode_is_a_clear_error(tmp_path: Path) -> None:
     result = runner.invoke(
         app, ["train", "--data", str(tmp_path / "x.parquet"), "--augment", "smote"]
@@ -112,7 +118,7 @@ def test_score_file_refuses_a_directory_without_a_model(tmp_path: Path) -> None:
     assert "model_card.json" in result.output
 
 
-@pytest.mark.parametrize("name", ["train", "evaluate", "score-file"])
+@pytest.mark.parametrize("name", ["train", "evaluate", "export", "score-file"])
 def test_help_needs_no_heavy_package(name: str) -> None:
     # `fraudstream <command> --help` must work where torch, pandas and sklearn are missing.
     code = (

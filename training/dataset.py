@@ -82,6 +82,18 @@ class Period:
         first = epoch_day(start)
         return cls(first, first + days - 1)
 
+    @classmethod
+    def parse(cls, label: str) -> Period:
+        """The period of a :attr:`label` (``first..last``, ISO dates).
+
+        >>> Period.parse("2018-07-25..2018-07-31").days
+        7
+        """
+        first, separator, last = label.partition("..")
+        if not separator:
+            raise ConfigError(f"expected a period such as 2018-07-25..2018-07-31, got {label!r}")
+        return cls(epoch_day(first), epoch_day(last))
+
     @property
     def days(self) -> int:
         """Number of days in the period."""

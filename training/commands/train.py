@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from training.commands.export import print_card
 from training.commands.options import (
     PROTOCOL_PANEL,
     AugmentOption,
@@ -31,8 +32,6 @@ from training.commands.options import (
 from training.commands.progress import EpochBars
 
 if TYPE_CHECKING:  # annotations only: the command imports these when it runs
-    from rich.console import Console
-
     from stream_app.model_card import ModelCard
     from training.train import AugmentConfig, EpochLog, TrainConfig
 
@@ -120,7 +119,7 @@ def train_command(
             )
     except FraudStreamError as exc:
         raise fail(exc) from exc
-    _print_card(console, card, out)
+    print_card(console, card, out)
 
 
 def _train_and_export(
@@ -136,16 +135,17 @@ def _train_and_export(
     on_epoch: Callable[[str, EpochLog], None],
     command: str,
 ) -> ModelCard:
-    """Wire the pieces: one protocol fold for the LSTM alone, thresholds, export."""
+    """Wire the pieces: one protocol fold for the LSTM alone, thresholds, export.
+
+    The export is :func:`training.export.export_model`, which ``fraudstream export`` runs too.
+    """
     import datetime as dt
     import time
-
-    import torch
 
     from stream_app.errors import ConfigError
     from stream_app.scoring import file_sha256
     from training import dataset, evaluation, thresholds
-    from training.export import export_model
+    from training.export import export_model, parity_rows, score_histogram
     from training.sequence_model import predict
     from training.transactions import read_transactions
 
@@ -185,20 +185,19 @@ def _train_and_export(
         metrics["test"] = run.metrics
         metrics["test_period"] = split.test.label
         metrics["test_note"] = "known-compromised cards removed, as in fraudstream evaluate"
-    parity_rows = evaluation.assessment_rows(features, split)
-    if len(parity_rows) < 1000:
-        parity_rows = features.rows(dataset.Period(features.last_day - 6, features.last_day))
-    card = export_model(
+    rows = parity_rows(features, split)
+    return export_model(
         model,
         out,
         version=version or f"lstm-{augmentation.mode}-{train_end}",
-        parity_sequences=features.offline.sequences(train.sequence_length, parity_rows[:4096]),
+        parity_sequences=features.offline.sequences(train.sequence_length, rows),
         thresholds=choice.thresholds,
-        reference_scores=valid_scores,
-        reference_source=f"validation period {valid_period}",
+        reference=score_histogram(valid_scores, f"validation period {valid_period}"),
         training={
             "data_file": str(data),
             "data_sha256": file_sha256(data),
+            # The protocol's layout: `fraudstream export` finds the parity rows again in it.
+            "split": split.describe(),
             "train_days": run.details["train_days"],
             "validation_days": valid_period,
             "train_transactions": run.details["train_transactions"],
@@ -212,30 +211,3 @@ def _train_and_export(
         gan_fidelity=run.fit.fidelity.to_dict() if run.fit.fidelity else None,
         overwrite=overwrite,
     )
-    # The PyTorch weights too (a few hundred kB), so the model contract test can rebuild the
-    # model and compare it with the ONNX graph on fresh inputs.
-    torch.save(model.state_dict(), out / "model.pt")
-    return card
-
-
-def _print_card(console: Console, card: ModelCard, out: Path) -> None:
-    from rich.markup import escape
-    from rich.table import Table
-
-    table = Table(title=f"model {card.version}")
-    table.add_column("")
-    table.add_column("")
-    for period, metrics in card.metrics.items():
-        if isinstance(metrics, dict):
-            text = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items())
-            table.add_row(f"{period} metrics", text)
-    table.add_row("review threshold", f"{card.thresholds.review:.6g}")
-    table.add_row("decline threshold", f"{card.thresholds.decline:.6g}")
-    training = card.training
-    table.add_row("training", f"{training.get('seconds')} s on {training.get('train_days')}")
-    fidelity = card.gan_fidelity
-    if fidelity:
-        text = f"C2ST AUC {fidelity['c2st_auc']:.3f}, KS mean {fidelity['ks_mean']:.3f}"
-        table.add_row("GAN fidelity", text)
-    console.print(table)
-    console.print(f"written to {escape(str(out))}")
