@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -92,6 +93,46 @@ def test_a_missing_data_file_is_a_clear_error(tmp_path: Path) -> None:
     result = runner.invoke(app, ["evaluate", "--data", str(tmp_path / "missing.parquet")])
     assert result.exit_code == 2
     assert "does not exist" in result.output
+
+
+def test_evaluate_help_names_every_model_kind() -> None:
+    result = runner.invoke(app, ["evaluate", "--help"], terminal_width=400)
+    assert result.exit_code == 0, result.output
+    for kind in evaluation.MODEL_KINDS:
+        assert kind in result.output
+
+
+def test_an_unknown_model_is_a_clear_error_before_any_work(tmp_path: Path) -> None:
+    # The data file does not exist: the model names are checked before it is read.
+    result = runner.invoke(
+        app, ["evaluate", "--data", str(tmp_path / "x.parquet"), "--models", "oracle,svm"]
+    )
+    assert result.exit_code == 2
+    assert "unknown model 'svm'" in result.output and "oracle_label_delay" in result.output
+
+
+def test_evaluate_runs_only_the_chosen_models(tmp_path: Path) -> None:
+    # The two oracle bounds alone: no training, seconds on a small file.
+    data, out = tmp_path / "tx.parquet", tmp_path / "reports"
+    args = ["simulate", "--out", str(data), "--n-customers", "300", "--n-terminals", "600"]
+    assert runner.invoke(app, [*args, "--n-days", "40", "--radius", "10"]).exit_code == 0
+    evaluate = [
+        "evaluate", "--data", str(data), "--out", str(out), "--start", "2018-04-10",
+        "--folds", "2", "--single-split-start", "2018-04-03",
+        "--models", "oracle_label_delay,oracle",
+    ]  # fmt: skip
+    result = runner.invoke(app, evaluate, terminal_width=200)
+    assert result.exit_code == 0, result.output
+    payload = json.loads((out / "benchmark.json").read_text())
+    assert payload["settings"]["models"] == ["oracle_label_delay", "oracle"]
+    summary = payload["prequential"]["summary"]
+    for metric in evaluation.METRIC_NAMES:
+        assert summary["oracle_label_delay"][metric]["mean"] >= summary["oracle"][metric]["mean"]
+    markdown = (out / "benchmark.md").read_text()
+    assert "| Oracle bound, our features" in markdown
+    assert "| Oracle bound, any model (7-day label delay) |" in markdown
+    assert "score_histograms.png" not in markdown  # no model scores: nothing to draw
+    assert not (out / "score_histograms.png").exists()
 
 
 def test_score_file_refuses_a_directory_without_a_model(tmp_path: Path) -> None:

@@ -1,5 +1,5 @@
 """The Handbook protocol (training/evaluation.py, training/dataset.py): splits, test sets,
-card precision@k and the oracle bound.
+card precision@k and the oracle bounds.
 
 Where the Handbook's reference code defines a behaviour, the test re-states it the slow,
 obvious pandas way and compares on random data.
@@ -24,6 +24,10 @@ from training.dataset import (
     known_compromised,
 )
 from training.evaluation import (
+    ORACLE,
+    ORACLE_DELAY_DAYS,
+    ORACLE_LABEL_DELAY,
+    ProtocolSettings,
     Split,
     assess,
     assessment_rows,
@@ -33,6 +37,7 @@ from training.evaluation import (
     oracle_scores,
     parse_model_name,
     prequential_splits,
+    run_fold,
     training_window,
     undetectable_frauds,
 )
@@ -273,14 +278,14 @@ def test_oracle_ranks_detectable_frauds_first() -> None:
     assert np.all(data.scenarios[rows][fraud & ~top] == 2)
 
 
-def test_undetectable_frauds_by_hand() -> None:
-    # Terminal 5 compromised from day 100: its frauds show from day 108 (delay 7), when the
-    # day-100 fraud enters the terminal windows. A scenario-3 fraud is never hidden.
+def _frauds_by_hand() -> FileFeatures:
+    """Terminal 5 compromised from day 100, frauds on days 100, 104, 107, 108 and 120; a
+    scenario-3 fraud on day 108 on terminal 6."""
     days = np.array([100, 104, 107, 108, 120, 108])
     terminals = np.array([5, 5, 5, 5, 5, 6])
     scenarios = np.array([2, 2, 2, 2, 2, 3])
     n = len(days)
-    data = FileFeatures(
+    return FileFeatures(
         offline=None,  # type: ignore[arg-type]  # not read by undetectable_frauds
         days=days,
         customers=np.arange(n),
@@ -289,7 +294,50 @@ def test_undetectable_frauds_by_hand() -> None:
         transaction_ids=np.arange(n),
         scenarios=scenarios,
     )
+
+
+def test_undetectable_frauds_by_hand() -> None:
+    # Terminal 5's frauds show from day 108 (delay 7), when the day-100 fraud enters the
+    # terminal windows. A scenario-3 fraud is never hidden.
+    data = _frauds_by_hand()
+    n = len(data.days)
     hidden = undetectable_frauds(data, np.arange(n))
     assert hidden.tolist() == [True, True, True, False, False, False]
     # A fraud known 28 days or more earlier belongs to another compromise: it does not count.
     assert undetectable_frauds(data, np.array([4]), compromise_days=12).tolist() == [True]
+
+
+def test_only_the_label_delay_bound_knows_the_frauds_of_day_t_minus_7() -> None:
+    # The day-107 fraud's only earlier fraud is on day 100 = t - 7: past the 7-day label
+    # delay (any model may know it), but outside our day-aligned windows (t - 8 and before).
+    data = _frauds_by_hand()
+    rows = np.arange(len(data.days))
+    ours = undetectable_frauds(data, rows, delay_days=ORACLE_DELAY_DAYS[ORACLE])
+    any_model = undetectable_frauds(data, rows, delay_days=ORACLE_DELAY_DAYS[ORACLE_LABEL_DELAY])
+    assert ours.tolist() == [True, True, True, False, False, False]
+    assert any_model.tolist() == [True, True, False, False, False, False]
+
+
+def test_the_label_delay_bound_is_at_least_the_feature_bound() -> None:
+    frame = simulate(SimulatorConfig(n_customers=300, n_terminals=600, n_days=40, radius=10.0))
+    data = file_features(frame)
+    split = Split.starting("2018-04-10")
+    fold = run_fold(data, split, ProtocolSettings(models=(ORACLE, ORACLE_LABEL_DELAY)))
+    ours, any_model = fold.runs[ORACLE], fold.runs[ORACLE_LABEL_DELAY]
+    # Every fraud hidden from any model is hidden from our features too, and some more are.
+    assert any_model.details["undetectable_frauds"] < ours.details["undetectable_frauds"]
+    test = assessment_rows(data, split)
+    delay = ORACLE_DELAY_DAYS[ORACLE_LABEL_DELAY]
+    assert delay == 6
+    assert not np.any(
+        undetectable_frauds(data, test, delay_days=delay) & ~undetectable_frauds(data, test)
+    )
+    # Promoting frauds above the genuine transactions can only raise AUC and AP; card
+    # precision rises with them here.
+    for metric in ("auc_roc", "average_precision", "card_precision_at_100"):
+        assert any_model.metrics[metric] >= ours.metrics[metric], metric
+    assert any_model.metrics["average_precision"] > ours.metrics["average_precision"]
+
+
+def test_the_default_comparison_has_both_bounds() -> None:
+    assert ProtocolSettings().models[-2:] == (ORACLE, ORACLE_LABEL_DELAY)

@@ -57,7 +57,9 @@ def test_evaluate_writes_the_benchmark(data: Path, fraud_rate: float, tmp_path: 
     )  # fmt: skip
     payload = json.loads((out / "benchmark.json").read_text())
     summary = payload["prequential"]["summary"]
-    assert set(summary) == {"lstm", "logistic_regression", "xgboost", "oracle"}
+    assert set(summary) == {
+        "lstm", "logistic_regression", "xgboost", "oracle", "oracle_label_delay",
+    }  # fmt: skip
     for model in ("lstm", "logistic_regression", "xgboost"):
         assert summary[model]["auc_roc"]["mean"] > 0.75
         assert summary[model]["average_precision"]["mean"] > 5 * fraud_rate
@@ -66,6 +68,7 @@ def test_evaluate_writes_the_benchmark(data: Path, fraud_rate: float, tmp_path: 
     assert 0.0 <= fidelity["c2st_auc"] <= 1.0 and len(fidelity["ks"]) == 20
     markdown = (out / "benchmark.md").read_text()
     assert payload["command"] in markdown and "--folds 2" in payload["command"]
+    assert "| Oracle bound, any model (7-day label delay) |" in markdown
     for plot in ("precision_recall.png", "score_histograms.png"):
         assert (out / plot).read_bytes()[:4] == b"\x89PNG"
 

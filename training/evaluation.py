@@ -17,8 +17,10 @@ Le Borgne et al., *Reproducible Machine Learning for Credit Card Fraud Detection
 the LSTM (early-stopped on the week before its training days, see :func:`training_window`:
 those labels are older than the training labels, so known whenever they are, and the test
 set plays no part in model choice),
-the reference baselines on the 15 baseline features, and an *oracle bound* that uses the
-simulator's ground truth to show what the data allows (see :func:`oracle_scores`).
+the reference baselines on the 15 baseline features, and two *oracle bounds* that use the
+simulator's ground truth to show what the data allows (see :func:`oracle_scores`): what any
+model of our features can reach (:data:`ORACLE`), and what any model at all can reach under
+the protocol's 7-day label delay (:data:`ORACLE_LABEL_DELAY`).
 """
 
 from __future__ import annotations
@@ -233,7 +235,18 @@ def mean_and_std(results: Sequence[dict[str, float]]) -> dict[str, dict[str, flo
 
 
 LSTM: Final = "lstm"
+# The bound for our features: their terminal windows are day-aligned and see the frauds of
+# day t - 8 and before (the 7-day label delay, in whole days).
 ORACLE: Final = "oracle"
+# The bound for any model under the protocol's 7-day label delay: no fraud later than day
+# t - 7 can be known on day t. Windows in exact time (the Handbook's) see the part of day
+# t - 7 more than 7 x 24 h back; counting all of that day as known bounds them from above.
+ORACLE_LABEL_DELAY: Final = "oracle_label_delay"
+# The ``delay_days`` of :func:`undetectable_frauds` for each oracle bound.
+ORACLE_DELAY_DAYS: Final = {
+    ORACLE: features.LABEL_DELAY_DAYS,
+    ORACLE_LABEL_DELAY: features.LABEL_DELAY_DAYS - 1,
+}
 _MODEL_NAME = re.compile(r"^(?P<kind>[a-z_]+?)(?:_(?P<days>\d+)d)?$")
 _COMPROMISED_TERMINAL: Final = 2  # simulator scenario: every transaction of a terminal is fraud
 COMPROMISE_DAYS: Final = 28  # SimulatorConfig.terminal_compromise_days
@@ -253,6 +266,10 @@ def undetectable_frauds(
     the terminal windows see). During the first ``delay_days + 1`` days of a compromise
     nothing in any feature differs from a genuine transaction. Reads the simulator's
     ``TX_FRAUD_SCENARIO`` column.
+
+    The default ``delay_days`` is our features' (windows end on day ``t - 8``); one day less
+    counts every fraud of day ``t - 7`` as known, the most any model can know under the 7-day
+    label delay (:data:`ORACLE_DELAY_DAYS`).
     """
     scenario_2 = np.flatnonzero(data.scenarios == _COMPROMISED_TERMINAL)
     # One sorted key per (terminal, day), days shifted so a window never reaches the
@@ -267,15 +284,45 @@ def undetectable_frauds(
     return hidden
 
 
-def oracle_scores(data: FileFeatures, rows: IntArray, seed: int = 0) -> FloatArray:
+def oracle_scores(
+    data: FileFeatures,
+    rows: IntArray,
+    seed: int = 0,
+    delay_days: int = features.LABEL_DELAY_DAYS,
+) -> FloatArray:
     """Scores of an oracle that ranks every detectable fraud above everything else and the
     :func:`undetectable_frauds` at random among the genuine transactions: an upper bound in
-    expectation for any model of these features, not a model.
+    expectation, not a model. With the default ``delay_days`` it bounds any model of these
+    features; with one day less (:data:`ORACLE_LABEL_DELAY`) any model under the 7-day label
+    delay.
     """
     rng = np.random.default_rng(seed)
-    detectable = (data.labels[rows] == 1) & ~undetectable_frauds(data, rows)
+    detectable = (data.labels[rows] == 1) & ~undetectable_frauds(data, rows, delay_days=delay_days)
     scores: FloatArray = (rng.random(len(rows)) + detectable) / 2.0
     return scores
+
+
+MODEL_KINDS: Final = (LSTM, *BASELINE_NAMES, *ORACLE_DELAY_DAYS)
+
+
+def check_models(names: Sequence[str]) -> tuple[str, ...]:
+    """The model names, each a :data:`MODEL_KINDS` kind with an optional history; else a
+    :class:`ConfigError` that lists the kinds.
+
+    >>> check_models(["xgboost", "lstm_28d"])
+    ('xgboost', 'lstm_28d')
+    """
+    for name in names:
+        try:
+            kind, _ = parse_model_name(name)
+        except ValueError:
+            kind = ""
+        if kind not in MODEL_KINDS:
+            raise ConfigError(
+                f"unknown model {name!r}: choose among {', '.join(MODEL_KINDS)}, optionally "
+                "with a number of training days (lstm_28d)"
+            )
+    return tuple(names)
 
 
 def model_name(kind: str, history_days: int | None = None) -> str:
@@ -305,7 +352,8 @@ def parse_model_name(name: str) -> tuple[str, int | None]:
 class ProtocolSettings:
     """What a comparison trains on every split.
 
-    ``models`` names kinds (:data:`LSTM`, the :data:`BASELINE_NAMES`, :data:`ORACLE`), each
+    ``models`` names kinds (:data:`MODEL_KINDS`: :data:`LSTM`, the :data:`BASELINE_NAMES`, the
+    oracle bounds :data:`ORACLE` and :data:`ORACLE_LABEL_DELAY`), each
     optionally with a training history (``lstm_28d``: the 28 days ending with the split's
     training period); without one a model trains on the training period, as the protocol
     has it. The LSTM stops early on the ``valid_days`` just before its training days.
@@ -313,7 +361,7 @@ class ProtocolSettings:
 
     train: TrainConfig = field(default_factory=TrainConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
-    models: tuple[str, ...] = (LSTM, *BASELINE_NAMES, ORACLE)
+    models: tuple[str, ...] = (LSTM, *BASELINE_NAMES, ORACLE, ORACLE_LABEL_DELAY)
     valid_days: int = DELTA_DAYS
     top_k: int = TOP_K
 
@@ -404,9 +452,10 @@ def run_fold(
             )
             scores = predict(fit.trained.model, data.offline.sequences(t, test))
             details.update(fit.describe(), validation_days=valid_period.label)
-        elif kind == ORACLE:
-            scores = oracle_scores(data, test)
-            hidden = int(undetectable_frauds(data, test).sum())
+        elif kind in ORACLE_DELAY_DAYS:
+            delay = ORACLE_DELAY_DAYS[kind]
+            scores = oracle_scores(data, test, delay_days=delay)
+            hidden = int(undetectable_frauds(data, test, delay_days=delay).sum())
             details.update(undetectable_frauds=hidden, test_frauds=int(labels.sum()))
         elif kind in BASELINE_NAMES:
             scores = fit_and_score(

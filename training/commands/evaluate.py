@@ -44,6 +44,15 @@ def evaluate_command(
     out: Annotated[
         Path, typer.Option(help="Report directory (JSON, Markdown, PNG).", file_okay=False)
     ] = Path("training/reports"),
+    models: Annotated[
+        str,
+        typer.Option(
+            help="Models of the benchmark, separated by commas (default: all of them): lstm, "
+            "logistic_regression, xgboost and the bounds oracle (our features) and "
+            "oracle_label_delay (any model under the 7-day label delay); lstm_28d trains on "
+            "28 days.",
+        ),
+    ] = "",
     start: Annotated[
         str,
         typer.Option(
@@ -109,7 +118,6 @@ def evaluate_command(
 
     from stream_app.errors import ConfigError, FraudStreamError
     from training import dataset, evaluation, report
-    from training.baselines import BASELINE_NAMES
     from training.transactions import read_transactions
 
     console = Console()
@@ -127,6 +135,7 @@ def evaluate_command(
             raise ConfigError(
                 f"--seeds must be integers separated by commas, got {seeds!r}"
             ) from None
+        chosen = evaluation.check_models([m.strip() for m in models.split(",") if m.strip()])
         console.print(f"computing the features of {escape(str(data))}")
         features = dataset.file_features(read_transactions(data))
         info = report.data_summary(data, features)
@@ -137,14 +146,11 @@ def evaluate_command(
             payload.update(command=command_line(ctx), data=info)
             paths = report.write_augment_study(out, payload)
         else:
-            extra = [
-                evaluation.model_name(kind, days)
-                for days in history_days or []
-                for kind in (evaluation.LSTM, "xgboost")
-            ]
-            models = (evaluation.LSTM, *BASELINE_NAMES, *extra, evaluation.ORACLE)
             settings = evaluation.ProtocolSettings(
-                train=train, augment=augmentation, models=models, valid_days=delta_train
+                train=train,
+                augment=augmentation,
+                models=_benchmark_models(chosen, history_days or []),
+                valid_days=delta_train,
             )
             results = _run_folds(console, features, [*splits, single], settings)
             prequential, single_result = results[:-1], results[-1]
@@ -162,6 +168,22 @@ def evaluate_command(
         raise fail(exc) from exc
     for path in paths:
         console.print(f"written {escape(str(path))}")
+
+
+def _benchmark_models(chosen: tuple[str, ...], history_days: list[int]) -> tuple[str, ...]:
+    """The models ``--models`` chose (default: every kind), with the ``--history-days``
+    variants of the LSTM and XGBoost; the oracle bounds last, as the report lists them."""
+    from training import evaluation
+
+    extra = [
+        evaluation.model_name(kind, days)
+        for days in history_days
+        for kind in (evaluation.LSTM, "xgboost")
+    ]
+    names = [*(chosen or evaluation.MODEL_KINDS), *extra]
+    bounds = [n for n in names if evaluation.parse_model_name(n)[0] in evaluation.ORACLE_DELAY_DAYS]
+    models = [n for n in names if n not in bounds] + bounds
+    return tuple(dict.fromkeys(models))  # a name given twice runs once
 
 
 def _run_folds(
