@@ -95,7 +95,7 @@ def producer_kwargs(settings: Settings, *, transactional_id: str | None = None) 
     return kwargs
 
 
-def consumer_kwargs(settings: Settings, group_id: str) -> dict[str, Any]:
+def consumer_kwargs(settings: Settings, group_id: str | None) -> dict[str, Any]:
     """Arguments of an ``AIOKafkaConsumer`` that commits by hand, after its outputs."""
     kwargs = client_kwargs(settings)
     kwargs.update(
@@ -109,10 +109,7 @@ def consumer_kwargs(settings: Settings, group_id: str) -> dict[str, Any]:
         session_timeout_ms=int(settings.consumer_session_timeout_s * 1000),
         rebalance_timeout_ms=int(settings.consumer_session_timeout_s * 1000),
         heartbeat_interval_ms=int(settings.consumer_session_timeout_s * 1000 / 3),
-        # Kafka answers a fetch as soon as a byte is there, whatever this says; the bundled
-        # broker waits it out, so it is kept to the batch wait (an idle worker then sends a
-        # few hundred empty fetches a second: negligible).
-        fetch_max_wait_ms=max(1, int(settings.batch_max_wait_s * 1000)),
+        fetch_max_wait_ms=settings.consumer_fetch_max_wait_ms,
     )
     return kwargs
 

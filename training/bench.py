@@ -50,6 +50,7 @@ from stream_app import features, kafka_config
 from stream_app.broker import BundledBroker, free_port, wait_for_port
 from stream_app.config import Settings, load_settings, redact_url, settings_environment
 from stream_app.errors import ConfigError
+from stream_app.kafka_config import ensure_topics
 from training.replay import ReplayMessage, ensure_input_topics, replay, replay_messages
 
 DEFAULT_DATA: Final = Path("data/tx.parquet")
@@ -61,7 +62,7 @@ _PACE_SLICE_S: Final = 0.005
 # so, and then every fetch times out empty (the worker stalls, training/reports/PROFILE.md).
 # A soak therefore fetches at most ~10 times a second per consumer.
 _SOAK_SLICE_S: Final = 0.05
-_SOAK_BATCH_WAIT_S: Final = 0.1
+_SOAK_FETCH_WAIT_MS: Final = 100
 _SOAK_PROBE_WAIT_MS: Final = 100
 # The latency consumer's fetch wait: the bundled broker holds a fetch this long even when
 # data is there (Kafka answers at once), so it adds up to this much to every latency.
@@ -163,6 +164,14 @@ class Subject:
             return 0
         return int(self.metrics().get(_SCORED, 0))
 
+    def ready(self) -> bool:
+        """Whether it consumes: a worker's ``fraudstream_ready`` gauge, a reference's file."""
+        if self.progress_path is not None:
+            with contextlib.suppress(OSError, ValueError):
+                return bool(json.loads(self.progress_path.read_text()).get("ready"))
+            return False
+        return self.metrics().get("fraudstream_ready") == 1.0
+
     def check_alive(self) -> None:
         """Raise with the end of its log if the process has exited."""
         if self.process.poll() is not None:
@@ -205,9 +214,10 @@ async def wait_ready(subjects: Sequence[Subject], timeout_s: float = 120.0) -> N
 
 
 async def wait_scoring(worker: Subject, timeout_s: float = 120.0) -> None:
-    """Until the worker's scoring consumer has its partitions (``fraudstream_ready`` 1)."""
+    """Until the worker's scoring consumer has its partitions (``fraudstream_ready`` 1), or
+    a reference says it consumes."""
     deadline = time.monotonic() + timeout_s
-    while worker.metrics().get("fraudstream_ready") != 1.0:
+    while not worker.ready():
         worker.check_alive()
         if time.monotonic() > deadline:
             raise ConfigError(f"{worker.name} got no partitions in {timeout_s:g} s")
@@ -367,6 +377,7 @@ class BenchResult:
     naive: Throughput | None = None
     limit: Throughput | None = None
     latencies: list[Latency] = field(default_factory=list)
+    floor_latencies: list[Latency] = field(default_factory=list)
     redis: dict[str, float] = field(default_factory=dict)
     load_average: dict[str, float] = field(default_factory=dict)
     soak: dict[str, Any] | None = None
@@ -382,7 +393,8 @@ class BenchResult:
         for name in ("worker", "naive", "limit"):
             if data.get(name) is not None:
                 data[name] = Throughput(**data[name])
-        data["latencies"] = [Latency(**x) for x in data.get("latencies", [])]
+        for name in ("latencies", "floor_latencies"):
+            data[name] = [Latency(**x) for x in data.get(name, [])]
         return cls(**data)
 
 
@@ -644,11 +656,13 @@ class BenchOptions:
 
     @property
     def needed(self) -> int:
-        """Transactions the run may publish (the maximum load is reserved at 30,000/s)."""
+        """Transactions the run may publish (the maximum load is reserved at 30,000/s, the
+        relay floor runs each load too)."""
         if self.soak_seconds:
             return int(self.soak_rate * self.soak_seconds)
         paced = sum(self.loads) + (30_000 if self.max_load else 0)
-        return self.warmup_events + self.events + int(paced * self.load_seconds)
+        runs = 2 if self.references else 1  # the relay floor takes as many as the worker
+        return self.warmup_events + self.events + int(runs * paced * self.load_seconds)
 
 
 @contextlib.contextmanager
@@ -855,6 +869,8 @@ class BenchRun:
         if o.max_load:
             loads.append(float(int(worker.events_per_s / 100) * 100))
         for i, rate in enumerate(loads):
+            if o.references:
+                result.floor_latencies.append(await self._floor(settings, stream, rate, i))
             # Fresh topics per load (the bundled broker slows down as a partition fills with
             # small batches, see _SOAK_SLICE_S), a fresh worker, the same Redis state.
             phase = bench_settings(
@@ -891,9 +907,38 @@ class BenchRun:
             naive.stop()
             self.say(f"naive: {result.naive.events_per_s:,.0f} events/s")
 
+    async def _floor(
+        self, settings: Settings, stream: Iterator[ReplayMessage], rate: float, index: int
+    ) -> Latency:
+        """The relay reference's latency at ``rate``: the two broker hops alone."""
+        o = self.options
+        phase = bench_settings(
+            settings.kafka_bootstrap_servers,
+            o,
+            self.tag,
+            settings.redis_url.get_secret_value(),
+            phase=f"-relay{index}",
+        )
+        await ensure_topics(phase)
+        from training.bench_references import start_reference
+
+        relay = start_reference("relay", phase, self.workdir)
+        self.subjects.append(relay)
+        try:
+            await wait_scoring(relay)
+            n = int(rate * o.load_seconds)
+            latency = await offered_load(phase, stream, rate=rate, transactions=n, workers=[relay])
+        finally:
+            relay.stop()
+        self.say(
+            f"  relay (broker floor) at {rate:,.0f}/s: "
+            f"p50 {latency.p50_ms} ms, p99 {latency.p99_ms} ms"
+        )
+        return latency
+
     async def _soak(self, settings: Settings, stream: Iterator[ReplayMessage]) -> dict[str, Any]:
         o = self.options
-        settings = settings.model_copy(update={"batch_max_wait_s": _SOAK_BATCH_WAIT_S})
+        settings = settings.model_copy(update={"consumer_fetch_max_wait_ms": _SOAK_FETCH_WAIT_MS})
         worker = self._worker(settings, 0)
         await wait_ready([worker])
         await wait_scoring(worker)

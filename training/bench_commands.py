@@ -41,10 +41,12 @@ def targets(result: BenchResult) -> list[Target]:
         Target(f">= {TARGET_RATE:,.0f} events/s, one worker", f"{rate:,.0f}", rate >= TARGET_RATE)
     )
     at = [x for x in result.latencies if x.offered_per_s == TARGET_P99_LOAD]
+    floor = [x for x in result.floor_latencies if x.offered_per_s == TARGET_P99_LOAD]
+    beside = f" (relay floor {floor[0].p99_ms:.1f} ms)" if floor else ""
     out.append(
         Target(
             f"p99 <= {TARGET_P99_MS:g} ms at {TARGET_P99_LOAD:,.0f} events/s",
-            f"{at[0].p99_ms:.1f} ms" if at else "not run",
+            f"{at[0].p99_ms:.1f} ms{beside}" if at else "not run",
             at[0].p99_ms <= TARGET_P99_MS if at else None,
         )
     )
@@ -115,20 +117,24 @@ def render_markdown(result: BenchResult) -> str:
             lines.append(f"Partition split: {split}.")
         lines.append("")
     if result.latencies:
+        floors = {x.offered_per_s: x for x in result.floor_latencies}
         lines += [
-            "Latency: event handed to the producer -> its score record held by a consumer "
-            "(the bundled broker holds each fetch for its full wait: +2 ms consumer, +5 ms "
-            "worker at most).",
+            "Latency: event handed to the producer -> its score record held by a consumer. "
+            "Relay floor: the same offered load through the **relay** reference, which "
+            "consumes with the worker's consumer settings and produces each message unchanged "
+            "with its producer settings: the two broker hops alone, with no work between them.",
             "",
             "| Offered events/s | Achieved | Events | Scored | p50 ms | p95 ms | p99 ms "
-            "| max ms | Worker CPU | Load avg |",
-            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+            "| max ms | Relay floor p50 / p99 ms | Worker CPU | Load avg |",
+            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
         for x in result.latencies:
+            f = floors.get(x.offered_per_s)
+            floor = f"{f.p50_ms:.1f} / {f.p99_ms:.1f}" if f else ""
             lines.append(
                 f"| {x.offered_per_s:,.0f} | {x.achieved_per_s:,.0f} | {x.events:,} | "
                 f"{x.received:,} | {x.p50_ms:.1f} | {x.p95_ms:.1f} | {x.p99_ms:.1f} | "
-                f"{x.max_ms:.0f} | {x.worker_cpu_cores:.2f} | {x.load_average:.2f} |"
+                f"{x.max_ms:.0f} | {floor} | {x.worker_cpu_cores:.2f} | {x.load_average:.2f} |"
             )
         lines.append("")
     if result.worker is not None:

@@ -7,10 +7,14 @@
 * **limit**: the floor cost of the transport and the model. Raw aiokafka ``getmany`` and
   one ONNX Runtime call per batch (on a batch of the right shape), no parsing, no state,
   no output: no worker that consumes from Kafka and scores with this model can beat it.
+* **relay**: the latency floor of the transport. Consumes the transactions topic with the
+  worker's consumer settings and produces every message, unchanged, to the scores topic
+  with the worker's producer settings: the same two broker hops as the worker, with no
+  work in between. No worker can answer faster than this relay on the same broker.
 
-Each runs as ``python -m training.bench_references {naive,limit} --progress FILE`` with the
-worker's ``FRAUDSTREAM_*`` settings, writes its event count to ``FILE`` every 10 ms,
-and stops on SIGTERM.
+Each runs as ``python -m training.bench_references {naive,limit,relay} --progress FILE``
+with the worker's ``FRAUDSTREAM_*`` settings, writes its event count to ``FILE`` every
+10 ms (``ready`` once it consumes), and stops on SIGTERM.
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ from stream_app.state import ENTRY_DTYPE, history_from_records, retained, transa
 from training.bench import Subject
 
 PROGRESS_INTERVAL_S: Final = 0.01
-KINDS: Final = ("naive", "limit")
+KINDS: Final = ("naive", "limit", "relay")
 
 
 class Progress:
@@ -51,6 +55,7 @@ class Progress:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.events = 0
+        self.ready = False
         self._written = 0.0
 
     def add(self, n: int) -> None:
@@ -63,7 +68,7 @@ class Progress:
         """Write the count now."""
         self._written = time.monotonic()
         tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"events": self.events}))
+        tmp.write_text(json.dumps({"events": self.events, "ready": self.ready}))
         os.replace(tmp, self.path)
 
 
@@ -107,6 +112,61 @@ async def run_limit(settings: Settings, progress: Progress) -> None:
     finally:
         progress.write()
         await consumer.stop()
+
+
+# --- relay ----------------------------------------------------------------------------
+
+
+async def run_relay(settings: Settings, progress: Progress) -> None:
+    """Copy the transactions topic to the scores topic, message by message, until SIGTERM.
+
+    The consumer takes every partition by assignment (no group join to wait for) from the
+    end, so only what is produced after it starts is relayed; acknowledgements are awaited
+    batch by batch off the polling path, as the worker does.
+    """
+    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    consumer = AIOKafkaConsumer(**kafka_config.consumer_kwargs(settings, None))
+    producer = AIOKafkaProducer(**kafka_config.producer_kwargs(settings))
+    await producer.start()
+    await consumer.start()
+    outputs = len(await producer.partitions_for(settings.topic_scores))
+    await consumer.topics()  # refreshes the metadata partitions_for_topic reads
+    sources = consumer.partitions_for_topic(settings.topic_transactions) or set()
+    partitions = [TopicPartition(settings.topic_transactions, p) for p in sorted(sources)]
+    consumer.assign(partitions)
+    await consumer.seek_to_end(*partitions)
+    for tp in partitions:
+        await consumer.position(tp)
+    progress.ready = True
+    progress.write()
+    acks: list[asyncio.Future[object]] = []
+    try:
+        wait_ms = max(1, int(settings.batch_max_wait_s * 1000))
+        while not stop.is_set():
+            batch = await consumer.getmany(timeout_ms=wait_ms, max_records=settings.batch_size)
+            n = 0
+            for tp, records in batch.items():
+                for r in records:
+                    acks.append(
+                        await producer.send(
+                            settings.topic_scores,
+                            r.value,
+                            key=r.key,
+                            partition=tp.partition % outputs,
+                        )
+                    )
+                n += len(records)
+            if len(acks) > 10_000:
+                await asyncio.gather(*acks)
+                acks.clear()
+            progress.add(n)
+    finally:
+        progress.write()
+        await consumer.stop()
+        await producer.stop()
 
 
 # --- naive ----------------------------------------------------------------------------
@@ -229,9 +289,10 @@ def main(argv: list[str] | None = None) -> int:
     settings = load_settings()
     progress = Progress(args.progress)
     progress.write()
-    if args.kind == "limit":
+    if args.kind in ("limit", "relay"):
+        run = run_limit if args.kind == "limit" else run_relay
         with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(run_limit(settings, progress))
+            asyncio.run(run(settings, progress))
         return 0
     return run_naive(settings, progress)
 
