@@ -873,13 +873,7 @@ class BenchRun:
                 result.floor_latencies.append(await self._floor(settings, stream, rate, i))
             # Fresh topics per load (the bundled broker slows down as a partition fills with
             # small batches, see _SOAK_SLICE_S), a fresh worker, the same Redis state.
-            phase = bench_settings(
-                settings.kafka_bootstrap_servers,
-                o,
-                self.tag,
-                settings.redis_url.get_secret_value(),
-                phase=f"-load{i}",
-            )
+            phase = self._phase(settings, f"-load{i}")
             await ensure_input_topics(phase)
             live = self._worker(phase, i + 1)
             await wait_scoring(live)
@@ -907,18 +901,22 @@ class BenchRun:
             naive.stop()
             self.say(f"naive: {result.naive.events_per_s:,.0f} events/s")
 
+    def _phase(self, settings: Settings, phase: str) -> Settings:
+        """Settings of a phase: topics and a consumer group of its own, the same Redis."""
+        return bench_settings(
+            settings.kafka_bootstrap_servers,
+            self.options,
+            self.tag,
+            settings.redis_url.get_secret_value(),
+            phase=phase,
+        )
+
     async def _floor(
         self, settings: Settings, stream: Iterator[ReplayMessage], rate: float, index: int
     ) -> Latency:
         """The relay reference's latency at ``rate``: the two broker hops alone."""
         o = self.options
-        phase = bench_settings(
-            settings.kafka_bootstrap_servers,
-            o,
-            self.tag,
-            settings.redis_url.get_secret_value(),
-            phase=f"-relay{index}",
-        )
+        phase = self._phase(settings, f"-relay{index}")
         await ensure_topics(phase)
         from training.bench_references import start_reference
 
