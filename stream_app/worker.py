@@ -42,7 +42,6 @@ from pathlib import Path
 from typing import Any, Final, TypeVar, cast
 
 import faust
-import numpy as np
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
@@ -82,7 +81,7 @@ T = TypeVar("T")
 
 _BACKOFF_START_S: Final = 0.1
 _LAG_REFRESH_S: Final = 1.0  # while idle, the lag gauge is refreshed at most this often
-_NOTHING_SCORED: Final = ScoredBatch([], [], np.zeros(0, dtype=bool))
+_NOTHING_SCORED: Final = ScoredBatch.empty()
 # Batches scored and sent but not yet acknowledged and committed. Enough to keep the
 # producer busy while the next batches are scored; bounded so an outage stops polling.
 _MAX_UNSETTLED: Final = 4
@@ -600,21 +599,19 @@ class ScoringLoop:
         scores_n = self.runtime.partitions[s.topic_scores]
         alerts_n = self.runtime.partitions[s.topic_alerts]
         shadow_n = self.runtime.partitions[s.topic_shadow_scores]
-        outputs: list[Output] = []
-        keys = [r.customer_id.encode() for r in scored.records]
-        for key, record in zip(keys, scored.records, strict=True):
-            outputs.append(
-                Output(s.topic_scores, key_partition(key, scores_n), key, record.to_json())
-            )
+        keys = scored.keys
+        outputs = [
+            Output(s.topic_scores, key_partition(key, scores_n), key, payload)
+            for key, payload in zip(keys, scored.payloads, strict=True)
+        ]
         for i in scored.alerts:
-            record = scored.records[i]
+            key = keys[i]
             outputs.append(
-                Output(s.topic_alerts, key_partition(keys[i], alerts_n), keys[i], record.to_json())
+                Output(s.topic_alerts, key_partition(key, alerts_n), key, scored.payloads[i])
             )
-        for key, record in zip(keys, scored.shadow, strict=False):  # no shadow: empty
-            outputs.append(
-                Output(s.topic_shadow_scores, key_partition(key, shadow_n), key, record.to_json())
-            )
+        for key, payload in zip(keys, scored.shadow_payloads, strict=False):  # none: empty
+            shadow = key_partition(key, shadow_n)
+            outputs.append(Output(s.topic_shadow_scores, shadow, key, payload))
         return outputs
 
     async def _score_and_send(self, batch: _Batch, state: BatchState | None) -> None:

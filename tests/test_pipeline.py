@@ -8,6 +8,7 @@ from __future__ import annotations
 import shutil
 import uuid
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,14 @@ from stream_app.errors import ModelError, RejectReason
 from stream_app.metrics import ScoreDrift, WorkerMetrics, population_stability_index
 from stream_app.model_card import CARD_FILE, SCORE_BUCKET_EDGES
 from stream_app.model_registry import ModelOptions, ModelRegistry, load_model, resolve_model_dir
-from stream_app.pipeline import Inbound, ScoringPipeline, apply_labels, validate_transactions
+from stream_app.pipeline import (
+    Inbound,
+    ScoringPipeline,
+    apply_labels,
+    epoch_ms,
+    utc_millis,
+    validate_transactions,
+)
 from stream_app.reasons import (
     FEATURE_GROUPS,
     MIN_CONTRIBUTION,
@@ -31,7 +39,13 @@ from stream_app.reasons import (
     explain,
     fallback_reason,
 )
-from stream_app.records import DEFAULT_LIMITS, Decision, ScoreRecord, TransactionEvent
+from stream_app.records import (
+    DEFAULT_LIMITS,
+    Decision,
+    ScoreRecord,
+    TransactionEvent,
+    iso_utc_millis,
+)
 from stream_app.redis_state import RedisStateStore
 from tests.kafka_fixtures import REDIS_URL, Dataset
 from training.replay import label_payload
@@ -160,6 +174,35 @@ async def test_a_redelivered_batch_changes_nothing_and_scores_the_same(
     events_total = registry.metrics.events
     assert events_total.labels("duplicate")._value.get() == len(batch)
     assert events_total.labels("scored")._value.get() == 400
+
+
+@pytest.mark.integration
+async def test_records_are_written_as_the_schema_writes_them(
+    store: RedisStateStore, served_model: Path, small_transactions: Dataset
+) -> None:
+    registry = _registry(served_model)
+    pipeline = ScoringPipeline(store, registry, registry.metrics)
+    events, _ = _events_in_replay_order(small_transactions.frame)
+    scored = await pipeline.process(events[:500])
+    assert scored.keys == [e.customer_id.encode() for e in events[:500]]
+    for event, payload in zip(events, scored.payloads, strict=False):
+        record = ScoreRecord.from_json(payload)  # validates every field
+        assert record.to_json() == payload  # same fields, order and number formatting
+        assert record.transaction_id == event.transaction_id
+        assert record.event_time == iso_utc_millis(event.event_time_s)
+        assert record.amount == event.amount
+    assert scored.model_version == "test-a"
+
+
+def test_batch_event_times_format_like_one_event() -> None:
+    # Sub-millisecond parts are truncated, as ``epoch_ms`` and ``iso_utc_millis`` do.
+    moments = [
+        datetime(2018, 4, 1, 0, 3, 12, 500999, tzinfo=UTC),
+        datetime(2031, 12, 31, tzinfo=UTC),
+    ]
+    expected = [iso_utc_millis(epoch_ms(m) / 1000) for m in moments]
+    assert utc_millis([epoch_ms(m) for m in moments]) == expected
+    assert expected[0] == "2018-04-01T00:03:12.500Z"
 
 
 async def _dump(store: RedisStateStore) -> dict[bytes, object]:
