@@ -27,6 +27,7 @@ last commit and yields the same records (see :mod:`stream_app.pipeline`).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
 import functools
@@ -71,7 +72,7 @@ from stream_app.pipeline import (
     apply_labels,
     validate_transaction,
 )
-from stream_app.records import ValidationLimits, dead_letter_headers
+from stream_app.records import TransactionEvent, ValidationLimits, dead_letter_headers
 from stream_app.redis_state import RedisStateStore
 from stream_app.state import BatchState
 
@@ -335,6 +336,13 @@ class ScoringLoop:
             **kafka_config.producer_kwargs(s, transactional_id=transactional_id)
         )
         self.publisher = Publisher(self.producer)
+        # Scoring runs here, off the event loop, so that while a batch is scored the loop
+        # keeps sending the next batch's state call (large writes need several turns of
+        # the loop), reading fetch responses and acknowledgements. One thread: batches are
+        # still scored one at a time, in order.
+        self._scoring_thread = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="score"
+        )
 
     async def start(self) -> None:
         """Connect to Kafka (retrying until it answers) and subscribe."""
@@ -509,6 +517,7 @@ class ScoringLoop:
             await self.consumer.stop()
         with contextlib.suppress(KafkaError):
             await self.producer.stop()
+        self._scoring_thread.shutdown(wait=True)
 
     async def finish_in_flight(self) -> None:
         """Score, publish and commit everything polled (before a rebalance or a stop)."""
@@ -614,13 +623,20 @@ class ScoringLoop:
             outputs.append(Output(s.topic_shadow_scores, shadow, key, payload))
         return outputs
 
+    def _score(self, events: list[TransactionEvent], state: BatchState | None) -> list[Output]:
+        """Features, model calls and records of a batch (in the scoring thread)."""
+        scored = self.pipeline.score(events, state) if state is not None else _NOTHING_SCORED
+        return self._outputs(scored)
+
     async def _score_and_send(self, batch: _Batch, state: BatchState | None) -> None:
         """Score a batch and queue its outputs; stage 3 commits it once acknowledged."""
         for swap in self.runtime.models.activate_pending():
             log.info("model swap between batches: %s", swap)
         events = [a.event for a in batch.local]
-        scored = self.pipeline.score(events, state) if state is not None else _NOTHING_SCORED
-        batch.outputs = [*batch.dead_letters, *batch.forwards, *self._outputs(scored)]
+        outputs = await asyncio.get_running_loop().run_in_executor(
+            self._scoring_thread, self._score, events, state
+        )
+        batch.outputs = [*batch.dead_letters, *batch.forwards, *outputs]
         if self.settings.exactly_once:
             await self.backoff.run(
                 lambda: self._transaction(batch),
