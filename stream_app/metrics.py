@@ -57,6 +57,26 @@ RELOAD_OUTCOMES: Final = ("loaded", "refused")
 KAFKA_OPERATIONS: Final = ("consume", "produce", "commit", "admin")
 
 
+def observe_many(histogram: Histogram, values: npt.NDArray[np.float64]) -> None:
+    """``histogram.observe`` of every value, in one bucket search and one increment per
+    bucket instead of a lock and a linear bucket scan per value (the per-event histograms
+    cost ~1 µs an event otherwise). Values must be finite.
+
+    Reads the client's bucket bounds and counters (``_upper_bounds``, ``_buckets``,
+    ``_sum``); a test checks it against ``observe`` value by value.
+    """
+    if len(values) == 0:
+        return
+    bounds = np.asarray(histogram._upper_bounds, dtype=np.float64)
+    # observe() counts a value in the first bucket whose bound is >= it.
+    counts = np.bincount(np.searchsorted(bounds, values, side="left"), minlength=len(bounds))
+    buckets = histogram._buckets
+    for i, count in enumerate(counts.tolist()):
+        if count:
+            buckets[i].inc(count)
+    histogram._sum.inc(float(values.sum()))
+
+
 class WorkerMetrics:
     """The worker's metrics, registered on ``registry``.
 

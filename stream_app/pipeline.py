@@ -34,7 +34,7 @@ import orjson
 from stream_app import features
 from stream_app.decisions import decide
 from stream_app.errors import RejectedEvent
-from stream_app.metrics import ScoreDrift, WorkerMetrics
+from stream_app.metrics import ScoreDrift, WorkerMetrics, observe_many
 from stream_app.model_registry import ModelRegistry, ServingModel
 from stream_app.reasons import AlertContext, explain
 from stream_app.records import (
@@ -304,9 +304,7 @@ class ScoringPipeline:
         self.metrics.events.labels("duplicate").inc(n_duplicate)
         for i in alerts:
             self.metrics.alerts.labels(decisions[i].value).inc()
-        observe = self.metrics.score.observe
-        for value in scores.tolist():
-            observe(value)
+        observe_many(self.metrics.score, scores)
         self._update_drift(champion, scores)
         keys = [e.customer_id.encode() for e in events]
         return ScoredBatch(keys, payloads, alerts, state.duplicate, champion.version, shadow)

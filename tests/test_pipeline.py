@@ -488,3 +488,41 @@ def test_a_broken_challenger_is_refused_at_start_up(tmp_path: Path, served_model
     registry = _registry(served_model, tmp_path / f"missing-{uuid.uuid4().hex}")
     assert registry.challenger is None
     assert registry.metrics.model_reloads.labels("refused")._value.get() == 1
+
+
+def test_observe_many_counts_like_observe_one_by_one() -> None:
+    from stream_app.metrics import LATENCY_BUCKETS_S, observe_many
+
+    rng = np.random.default_rng(3)
+    # Values on the bucket bounds themselves, between them, below the first and past the last.
+    values = np.concatenate(
+        [np.asarray(SCORE_BUCKET_EDGES, dtype=np.float64), rng.random(500), [0.0, 1.0]]
+    )
+    latencies = np.concatenate([np.asarray(LATENCY_BUCKETS_S), rng.exponential(0.05, 500), [99.0]])
+    one, many = CollectorRegistry(), CollectorRegistry()
+    by_one, by_many = WorkerMetrics(one), WorkerMetrics(many)
+    for value in values.tolist():
+        by_one.score.observe(value)
+    for value in latencies.tolist():
+        by_one.end_to_end_latency.observe(value)
+    observe_many(by_many.score, values)
+    observe_many(by_many.end_to_end_latency, latencies)
+    observe_many(by_many.score, np.zeros(0))
+    for name in ("fraudstream_score", "fraudstream_end_to_end_latency_seconds"):
+        for suffix in ("_bucket", "_count"):
+            samples = [
+                (s.labels, s.value)
+                for m in one.collect()
+                for s in m.samples
+                if s.name == name + suffix
+            ]
+            assert samples == [
+                (s.labels, s.value)
+                for m in many.collect()
+                for s in m.samples
+                if s.name == name + suffix
+            ]
+        total = [s.value for m in one.collect() for s in m.samples if s.name == name + "_sum"]
+        assert total == pytest.approx(
+            [s.value for m in many.collect() for s in m.samples if s.name == name + "_sum"]
+        )
