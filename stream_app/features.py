@@ -19,10 +19,13 @@ Definitions (times are integer epoch milliseconds, UTC; days are ``time // 86_40
   ``j <= i`` (arrival order) with ``t_j > t_i - w``. The clock used for windows is the running
   maximum of the customer's times, so an event arriving late cannot see a window into its
   own future. Amount sums use integer thousandths, so both paths give identical means.
-* terminal windows are shifted back by the label delay (7 days): for a transaction on day
-  ``D`` the ``w``-day window covers days ``D - 7 - w`` to ``D - 8`` inclusive, so every label
-  in it was at least 7 days old when the transaction happened. Risk is frauds / transactions
-  in the window, 0 where the window is empty.
+* terminal windows are shifted back by the label delay (7 days) in whole hours: for a
+  transaction in hour ``H`` (hours since the epoch) the ``w``-day window covers the ``24 w``
+  hours ``H - 24 (7 + w)`` to ``H - 24 * 7 - 1`` inclusive, the latest hours whose every label
+  was at least 7 days old when the transaction happened. Risk is frauds / transactions in the
+  window, 0 where the window is empty. (The Handbook's windows are exact-time; whole hours
+  keep the online state to counters while seeing a compromised terminal at most an hour
+  later. Day-aligned windows, :data:`FEATURE_VERSION` 1, saw it up to a day later.)
 * the time since the customer's previous transaction is capped at 30 days, so the online
   path needs no history older than 30 days before its oldest sequence element.
 """
@@ -41,6 +44,11 @@ FloatArray = npt.NDArray[np.float64]
 
 MS_PER_DAY: Final = 86_400_000
 MS_PER_HOUR: Final = 3_600_000
+HOURS_PER_DAY: Final = 24
+# Bumped whenever a definition below changes meaning; a model card records the version its
+# model was trained on and the worker refuses another. 1: day-aligned terminal windows;
+# 2: hour-aligned terminal windows.
+FEATURE_VERSION: Final = 2
 CUSTOMER_WINDOWS_DAYS: Final = (1, 7, 30)
 TERMINAL_WINDOWS_DAYS: Final = (1, 7, 30)
 LABEL_DELAY_DAYS: Final = 7
@@ -80,21 +88,45 @@ N_FEATURES: Final = len(FEATURE_NAMES)
 N_TERMINAL_WINDOWS: Final = len(TERMINAL_WINDOWS_DAYS)
 
 
-def terminal_window_day_offsets(
+def terminal_window_hours(
     label_delay_days: int = LABEL_DELAY_DAYS,
 ) -> tuple[tuple[int, int], ...]:
-    """Inclusive day ranges, relative to the transaction's day, of each terminal window.
+    """Inclusive hour ranges, relative to the transaction's hour, of each terminal window.
 
-    >>> terminal_window_day_offsets()
-    ((-8, -8), (-14, -8), (-37, -8))
+    >>> terminal_window_hours()
+    ((-192, -169), (-336, -169), (-888, -169))
     """
-    last = -label_delay_days - 1
-    return tuple((-label_delay_days - w, last) for w in TERMINAL_WINDOWS_DAYS)
+    last = -HOURS_PER_DAY * label_delay_days - 1
+    return tuple((-HOURS_PER_DAY * (label_delay_days + w), last) for w in TERMINAL_WINDOWS_DAYS)
+
+
+def terminal_window_days(
+    label_delay_days: int = LABEL_DELAY_DAYS,
+) -> tuple[tuple[int, int], ...]:
+    """Each terminal window's first and last day, relative to the transaction's day.
+
+    A transaction at hour of day ``h`` sees the hours from ``h`` on of its window's first day,
+    every hour of the days between, and the hours before ``h`` of the last day (none when
+    ``h`` is 0), which is :func:`terminal_window_hours` by days: what lets the online state
+    keep day totals and read hour counters only on the two boundary days.
+
+    >>> terminal_window_days()
+    ((-8, -7), (-14, -7), (-37, -7))
+    """
+    return tuple(
+        (lo // HOURS_PER_DAY, (hi + 1) // HOURS_PER_DAY)
+        for lo, hi in terminal_window_hours(label_delay_days)
+    )
 
 
 def day_index(times_ms: IntArray) -> IntArray:
     """UTC day number (days since 1970-01-01) of each time."""
     return times_ms // MS_PER_DAY
+
+
+def hour_index(times_ms: IntArray) -> IntArray:
+    """Hour number (hours since 1970-01-01T00:00Z) of each time."""
+    return times_ms // MS_PER_HOUR
 
 
 @dataclass(frozen=True)
@@ -351,7 +383,7 @@ class OfflineFeatures:
 
 def terminal_window_counts(
     terminal_ids: IntArray,
-    days: IntArray,
+    times_ms: IntArray,
     is_fraud: npt.NDArray[np.bool_] | IntArray,
     label_delay_days: int = LABEL_DELAY_DAYS,
 ) -> tuple[IntArray, IntArray]:
@@ -365,27 +397,22 @@ def terminal_window_counts(
         empty = np.zeros((0, N_TERMINAL_WINDOWS), dtype=np.int64)
         return empty, empty.copy()
     _, term = np.unique(terminal_ids, return_inverse=True)
-    offsets = terminal_window_day_offsets(label_delay_days)
-    widest = max(-lo for lo, _ in offsets)
-    day0 = int(days.min()) - widest - 1
-    n_days = int(days.max()) - day0 + 1
-    cell = term * n_days + (days - day0)
-    n_terms = int(term.max()) + 1
-    tx_cum = np.zeros((n_terms, n_days + 1), dtype=np.int64)
-    fraud_cum = np.zeros((n_terms, n_days + 1), dtype=np.int64)
-    tx_cum[:, 1:] = np.cumsum(
-        np.bincount(cell, minlength=n_terms * n_days).reshape(n_terms, n_days), axis=1
-    )
-    fraud_weights = np.asarray(is_fraud, dtype=np.float64)
-    fraud_per_day = np.bincount(cell, weights=fraud_weights, minlength=n_terms * n_days)
-    fraud_cum[:, 1:] = np.cumsum(fraud_per_day.astype(np.int64).reshape(n_terms, n_days), axis=1)
+    windows = terminal_window_hours(label_delay_days)
+    widest = max(-lo for lo, _ in windows)
+    hours = hour_index(np.asarray(times_ms, dtype=np.int64))
+    rel = hours - (int(hours.min()) - widest)  # every window's first hour is >= 0
+    # One sorted key per transaction, each terminal in a block of its own: a window of a
+    # row never reaches into another terminal's block.
+    key = term.astype(np.int64) * (int(rel.max()) + 1) + rel
+    every = np.sort(key)
+    frauds = np.sort(key[np.asarray(is_fraud, dtype=bool)])
     tx = np.empty((n, N_TERMINAL_WINDOWS), dtype=np.int64)
     fraud = np.empty_like(tx)
-    rel = days - day0
-    for i, (lo, hi) in enumerate(offsets):
-        # cum[:, k] counts days < k, so days lo..hi inclusive is cum[hi + 1] - cum[lo].
-        tx[:, i] = tx_cum[term, rel + hi + 1] - tx_cum[term, rel + lo]
-        fraud[:, i] = fraud_cum[term, rel + hi + 1] - fraud_cum[term, rel + lo]
+    for i, (lo, hi) in enumerate(windows):
+        for out, keys in ((tx, every), (fraud, frauds)):
+            out[:, i] = np.searchsorted(keys, key + hi, side="right") - np.searchsorted(
+                keys, key + lo, side="left"
+            )
     return tx, fraud
 
 
@@ -412,7 +439,7 @@ def offline_features(
     a = amounts[order]
     term_tx, term_fraud = terminal_window_counts(
         term.astype(np.int64)[order],
-        day_index(t),
+        t,
         np.asarray(is_fraud, dtype=np.int64)[order],
         label_delay_days,
     )

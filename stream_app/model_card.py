@@ -80,6 +80,8 @@ class ModelCard(BaseModel):
     architecture: str
     sequence_length: int = Field(ge=1, le=256)
     feature_names: list[str]
+    # Cards written before the field existed were trained on version 1 of the features.
+    feature_version: int = 1
     label_delay_days: int = features.LABEL_DELAY_DAYS
     normalisation: Normalisation
     thresholds: Thresholds
@@ -104,6 +106,12 @@ class ModelCard(BaseModel):
             raise ModelError(
                 f"model {self.version} expects features {self.feature_names}, but this worker "
                 f"computes {list(features.FEATURE_NAMES)}: export the model with this version"
+            )
+        if self.feature_version != features.FEATURE_VERSION:
+            raise ModelError(
+                f"model {self.version} was trained on version {self.feature_version} of the "
+                f"feature definitions; this worker computes version {features.FEATURE_VERSION}"
+                " (see stream_app/features.py): retrain and export the model with this version"
             )
         if self.label_delay_days != features.LABEL_DELAY_DAYS:
             raise ModelError(

@@ -5,7 +5,9 @@ Keys (``prefix`` is a setting, so several deployments or tests can share one Red
 * ``{prefix}:c:{customer_id}``: string, the customer's retained history, packed
   :data:`stream_app.state.ENTRY_DTYPE` records (48 bytes each);
 * ``{prefix}:t:{terminal_id}``: string, a ring of :data:`stream_app.state.TERMINAL_RING_DAYS`
-  12-byte slots (UTC day number, transactions, fraud labels), slot ``day % ring``;
+  12-byte day slots (UTC day number, transactions, fraud labels), slot ``day % ring``, then
+  as many 192-byte hour slots (the same days' 24 hours of transactions and fraud labels);
+  13,056 bytes a terminal;
 * ``{prefix}:l:{transaction_id}``: string, marks a label as counted (dedupe).
 
 Every key carries a TTL (refreshed on write), which bounds memory; a customer or terminal
@@ -37,8 +39,15 @@ from stream_app.state import (
 _SCRIPTS: Final = resources.files("stream_app") / "redis_scripts"
 # One event as packed for the script, after its 8-byte hash: time_ms, amount.
 _EVENT: Final = struct.Struct("<qd")
-# One slot of a terminal's ring of day counters (see apply_transactions.lua).
-_SLOT: Final = np.dtype([("day", "<i4"), ("tx", "<i4"), ("fraud", "<i4")])
+# A terminal's ring of day and hour counters (see apply_transactions.lua).
+_DAY_SLOT: Final = np.dtype([("day", "<i4"), ("tx", "<i4"), ("fraud", "<i4")])
+_HOUR_SLOT: Final = np.dtype([("tx", "<i4"), ("fraud", "<i4")])
+_RING: Final = np.dtype(
+    [
+        ("days", _DAY_SLOT, (TERMINAL_RING_DAYS,)),
+        ("hours", _HOUR_SLOT, (TERMINAL_RING_DAYS, features.HOURS_PER_DAY)),
+    ]
+)
 
 
 def _script(name: str) -> str:
@@ -70,7 +79,7 @@ class RedisStateStore:
         self.prefix = prefix
         self.sequence_length = sequence_length
         self.ttl_ms = int(ttl_s * 1000)
-        offsets = features.terminal_window_day_offsets(label_delay_days)
+        offsets = features.terminal_window_days(label_delay_days)
         self._header: list[Any] = [
             sequence_length,
             features.CUSTOMER_LOOKBACK_MS,
@@ -88,22 +97,27 @@ class RedisStateStore:
         return f"{self.prefix}:c:{customer_id}"
 
     def terminal_key(self, terminal_id: str) -> str:
-        """Key of a terminal's per-day counters."""
+        """Key of a terminal's day and hour counters."""
         return f"{self.prefix}:t:{terminal_id}"
 
     def label_key(self, transaction_id: str) -> str:
         """Key marking a transaction's label as counted."""
         return f"{self.prefix}:l:{transaction_id}"
 
-    async def terminal_counts(self, terminal_id: str, day: int) -> tuple[int, int]:
-        """A terminal's (transactions, fraud labels) of one UTC day, as stored."""
+    async def terminal_counts(self, terminal_id: str, hour: int) -> tuple[int, int, int, int]:
+        """A terminal's counters as stored: (transactions, fraud labels) of the day of
+        ``hour`` (hours since the epoch), then of the hour itself."""
         stored = await self.client.get(self.terminal_key(terminal_id))
-        ring = stored if isinstance(stored, bytes) else b""
-        if len(ring) < TERMINAL_RING_DAYS * _SLOT.itemsize:
-            return 0, 0
-        slots = np.frombuffer(ring, dtype=_SLOT)
-        slot_day, tx, fraud = slots[day % TERMINAL_RING_DAYS].tolist()
-        return (int(tx), int(fraud)) if slot_day == day else (0, 0)
+        if not isinstance(stored, bytes) or len(stored) != _RING.itemsize:
+            return 0, 0, 0, 0
+        ring = np.frombuffer(stored, dtype=_RING)[0]
+        day, hour_of_day = divmod(hour, features.HOURS_PER_DAY)
+        slot = day % TERMINAL_RING_DAYS
+        slot_day, day_tx, day_fraud = ring["days"][slot].tolist()
+        if slot_day != day:
+            return 0, 0, 0, 0
+        hour_tx, hour_fraud = ring["hours"][slot, hour_of_day].tolist()
+        return int(day_tx), int(day_fraud), int(hour_tx), int(hour_fraud)
 
     async def apply_transactions(self, updates: Sequence[TransactionUpdate]) -> BatchState:
         """Apply a micro-batch in order and return each event's retained history."""
@@ -141,7 +155,7 @@ class RedisStateStore:
         return BatchState(history=history, duplicate=duplicate)
 
     async def apply_labels(self, labels: Sequence[LabelUpdate]) -> int:
-        """Count fraud labels into their terminal's day; a label seen before counts once."""
+        """Count fraud labels into their terminal's hour; a label seen before counts once."""
         if not labels:
             return 0
         keys: list[str] = []
@@ -149,7 +163,7 @@ class RedisStateStore:
         for label in labels:
             keys.append(self.terminal_key(label.terminal_id))
             keys.append(self.label_key(label.transaction_id))
-            args.append(label.time_ms // features.MS_PER_DAY)
+            args.append(label.time_ms // features.MS_PER_HOUR)
             args.append("1" if label.is_fraud else "0")
         counted = await self._apply_labels(keys=keys, args=args)
         return int(counted)

@@ -3,15 +3,15 @@
 State per customer is its retained recent transactions (:data:`ENTRY_DTYPE` records, arrival
 order), each carrying the terminal's window counters as they stood when it was scored, so a
 redelivered event finds exactly the inputs it was first scored with. State per terminal is
-per-day transaction and fraud counters; fraud counters grow as labels arrive.
+per-hour transaction and fraud counters; fraud counters grow as labels arrive.
 
 One micro-batch is one call, applied event by event in order:
 
 1. a transaction already in its customer's history is a duplicate: nothing changes and the
    history up to and including it is returned, so it yields the same score;
-2. otherwise the terminal's window counters (:func:`features.terminal_window_day_offsets`)
+2. otherwise the terminal's window counters (:func:`features.terminal_window_hours`)
    are read, the transaction is appended to its customer's history with them, the terminal's
-   counter for its day is incremented, and history no longer needed is dropped: a customer
+   counter for its hour is incremented, and history no longer needed is dropped: a customer
    keeps its last ``T`` transactions and everything within the widest customer window
    (30 days) before the oldest of them.
 
@@ -47,7 +47,7 @@ ENTRY_SIZE: Final = ENTRY_DTYPE.itemsize
 # droppable entries are outside every window, so keeping a few saves rewriting the key on
 # almost every event (Redis then only appends).
 TRIM_SLACK: Final = 8
-# Days of terminal counters Redis keeps (a ring): the windows read 30 days ending 8 days
+# Days of terminal counters Redis keeps (a ring): the windows read 30 days ending 7 days
 # back, so events and labels up to 26 days late still find their day.
 TERMINAL_RING_DAYS: Final = 64
 
@@ -68,7 +68,7 @@ class TransactionUpdate(NamedTuple):
 
 
 class LabelUpdate(NamedTuple):
-    """What the state needs of one label: the fraud counter of the terminal's day."""
+    """What the state needs of one label: the fraud counter of the terminal's hour."""
 
     transaction_id: str
     customer_id: str
@@ -93,7 +93,7 @@ class StateStore(Protocol):
         ...
 
     async def apply_labels(self, labels: Sequence[LabelUpdate]) -> int:
-        """Count fraud labels into their terminal's day; returns how many were new frauds."""
+        """Count fraud labels into their terminal's hour; returns how many were new frauds."""
         ...
 
 
@@ -139,13 +139,13 @@ class MemoryStateStore:
     )
     labelled: set[str] = field(default_factory=set)
 
-    def _window_counts(self, terminal_id: str, day: int) -> tuple[list[int], list[int]]:
-        tx = self.terminal_tx[terminal_id]
-        fraud = self.terminal_fraud[terminal_id]
-        offsets = features.terminal_window_day_offsets(self.label_delay_days)
-        tx_sums = [sum(tx.get(day + d, 0) for d in range(lo, hi + 1)) for lo, hi in offsets]
-        fraud_sums = [sum(fraud.get(day + d, 0) for d in range(lo, hi + 1)) for lo, hi in offsets]
-        return tx_sums, fraud_sums
+    def _window_counts(self, terminal_id: str, hour: int) -> tuple[list[int], list[int]]:
+        windows = features.terminal_window_hours(self.label_delay_days)
+        sums = [
+            [sum(counts.get(hour + k, 0) for k in range(lo, hi + 1)) for lo, hi in windows]
+            for counts in (self.terminal_tx[terminal_id], self.terminal_fraud[terminal_id])
+        ]
+        return sums[0], sums[1]
 
     async def apply_transactions(self, updates: Sequence[TransactionUpdate]) -> BatchState:
         """Apply a micro-batch in order and return each event's retained history."""
@@ -159,26 +159,26 @@ class MemoryStateStore:
                 duplicate[i] = True
                 records.append(entries[: seen[0] + 1].copy())
                 continue
-            day = update.time_ms // features.MS_PER_DAY
-            tx_sums, fraud_sums = self._window_counts(update.terminal_id, day)
+            hour = update.time_ms // features.MS_PER_HOUR
+            tx_sums, fraud_sums = self._window_counts(update.terminal_id, hour)
             entry = np.array(
                 [(update.time_ms, update.amount, digest, tx_sums, fraud_sums)], dtype=ENTRY_DTYPE
             )
             entries = retained(np.concatenate([entries, entry]), self.sequence_length)
             self.customers[update.customer_id] = entries
-            self.terminal_tx[update.terminal_id][day] += 1
+            self.terminal_tx[update.terminal_id][hour] += 1
             records.append(entries.copy())
         return BatchState(history=history_from_records(records), duplicate=duplicate)
 
     async def apply_labels(self, labels: Sequence[LabelUpdate]) -> int:
-        """Count fraud labels into their terminal's day; a label seen before counts once."""
+        """Count fraud labels into their terminal's hour; a label seen before counts once."""
         new_frauds = 0
         for label in labels:
             if label.transaction_id in self.labelled:
                 continue
             self.labelled.add(label.transaction_id)
             if label.is_fraud:
-                day = label.time_ms // features.MS_PER_DAY
-                self.terminal_fraud[label.terminal_id][day] += 1
+                hour = label.time_ms // features.MS_PER_HOUR
+                self.terminal_fraud[label.terminal_id][hour] += 1
                 new_frauds += 1
         return new_frauds

@@ -51,14 +51,46 @@ def test_baseline_features_follow_the_handbook() -> None:
     assert rows[2, col["CUSTOMER_ID_NB_TX_30DAY_WINDOW"]] == 3
     assert rows[2, col["CUSTOMER_ID_AVG_AMOUNT_30DAY_WINDOW"]] == pytest.approx(30.0)
     assert rows[2, col["AMOUNT_TO_CUSTOMER_PRIOR_AVG_30DAY"]] == pytest.approx(50.0 / 20.0)
-    # Day 8's windows end at day 0: two transactions there, one a fraud.
-    assert rows[2, col["TERMINAL_ID_NB_TX_1DAY_WINDOW"]] == 2
-    assert rows[2, col["TERMINAL_ID_RISK_1DAY_WINDOW"]] == pytest.approx(0.5)
+    # At day 8, 07:00 the 1-day window is day 0, 07:00 to day 1, 06:59 (the Handbook's
+    # (t - 8d, t - 7d], in whole hours): it misses both transactions of day 0's small hours,
+    # which the 7- and 30-day windows hold, one a fraud.
+    assert rows[2, col["TERMINAL_ID_NB_TX_1DAY_WINDOW"]] == 0
+    assert rows[2, col["TERMINAL_ID_NB_TX_7DAY_WINDOW"]] == 2
+    assert rows[2, col["TERMINAL_ID_RISK_7DAY_WINDOW"]] == pytest.approx(0.5)
     assert rows[2, col["TERMINAL_ID_RISK_30DAY_WINDOW"]] == pytest.approx(0.5)
     # Within the label delay nothing is known: windows empty, risk 0 not NaN.
     assert rows[1, col["TERMINAL_ID_NB_TX_30DAY_WINDOW"]] == 0
     assert rows[1, col["TERMINAL_ID_RISK_30DAY_WINDOW"]] == 0.0
     assert not np.isnan(rows).any()
+
+
+def test_terminal_windows_end_on_the_last_whole_hour_past_the_label_delay() -> None:
+    # A fraud at 10:30 on day 0 at terminal 7, then three transactions there 7 days on.
+    fraud_at = BASE_MS + 10 * F.MS_PER_HOUR + 30 * 60_000
+    later = (
+        BASE_MS
+        + 7 * F.MS_PER_DAY
+        + np.array(
+            [
+                10 * F.MS_PER_HOUR + 45 * 60_000,
+                11 * F.MS_PER_HOUR,
+                10 * F.MS_PER_HOUR + 31 * F.MS_PER_DAY,
+            ]
+        )
+    )
+    off = F.offline_features(
+        np.array([0, 1, 2, 3]),
+        np.array([7, 7, 7, 7]),
+        np.r_[fraud_at, later],
+        np.ones(4),
+        np.array([1, 0, 0, 0]),
+    )
+    risk = off.in_input_order()[1:, F.FEATURE_INDEX["TERMINAL_ID_RISK_1DAY_WINDOW"]]
+    risk30 = off.in_input_order()[1:, F.FEATURE_INDEX["TERMINAL_ID_RISK_30DAY_WINDOW"]]
+    # 10:45 seven days on: hour 10 of day 0 is not yet wholly 7 days old, so not seen.
+    # 11:00: it is. Thirty-one days on, it is out of the 30-day window again.
+    assert risk.tolist() == [0.0, 1.0, 0.0]
+    assert risk30.tolist() == [0.0, 1.0, 0.0]
 
 
 def test_sequences_put_the_current_transaction_last_and_pad_in_front() -> None:

@@ -5,6 +5,7 @@ Also the pieces it is made of: reasons, the drift gauge, the metrics, the model 
 
 from __future__ import annotations
 
+import json
 import shutil
 import uuid
 from collections.abc import AsyncIterator
@@ -286,8 +287,8 @@ async def test_labels_count_once_and_invalid_ones_are_rejected(
         for o in ("fraud", "genuine", "duplicate", "dead_letter")
     }
     assert values == {"fraud": 1, "genuine": 1, "duplicate": 1, "dead_letter": 1}
-    day = 1_522_540_992_000 // F.MS_PER_DAY
-    assert await store.terminal_counts("3", day) == (0, 1)
+    hour = 1_522_540_992_000 // F.MS_PER_HOUR
+    assert await store.terminal_counts("3", hour) == (0, 1, 0, 1)
 
 
 # --- reasons -------------------------------------------------------------------------
@@ -462,6 +463,17 @@ def test_models_needing_a_longer_history_than_the_state_keeps_are_refused(
 ) -> None:
     with pytest.raises(ModelError, match="FRAUDSTREAM_STATE_SEQUENCE_LENGTH"):
         load_model(served_model, "champion", ModelOptions(max_sequence_length=2))
+
+
+def test_models_trained_on_other_feature_definitions_are_refused(
+    tmp_path: Path, served_model: Path
+) -> None:
+    old = _copy_model(served_model, tmp_path / "old")
+    card = json.loads((old / CARD_FILE).read_text())
+    del card["feature_version"]  # a card from before the field: version 1, day windows
+    (old / CARD_FILE).write_text(json.dumps(card))
+    with pytest.raises(ModelError, match="version 1 of the feature definitions"):
+        load_model(old, "champion", ModelOptions())
 
 
 def test_threshold_overrides_apply_to_the_champion_only(

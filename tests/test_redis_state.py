@@ -116,12 +116,41 @@ async def test_a_label_counts_once(redis_client: aioredis.Redis, redis_prefix: s
     label = LabelUpdate("tx1", "c1", "t1", BASE_MS, True)
     assert await store.apply_labels([label, label]) == 1
     assert await store.apply_labels([label]) == 0
-    day = BASE_MS // F.MS_PER_DAY
-    assert await store.terminal_counts("t1", day) == (0, 1)
+    hour = BASE_MS // F.MS_PER_HOUR + 5
+    assert (
+        await store.apply_labels(
+            [label._replace(transaction_id="tx0", time_ms=hour * F.MS_PER_HOUR)]
+        )
+        == 1
+    )
+    assert await store.terminal_counts("t1", hour - 5) == (0, 2, 0, 1)
+    assert await store.terminal_counts("t1", hour) == (0, 2, 0, 1)
     # The day's transaction then lands in the same slot; a day a ring later replaces it.
     await store.apply_transactions([TransactionUpdate("tx1", "c1", "t1", BASE_MS + 1, 5.0)])
-    assert await store.terminal_counts("t1", day) == (1, 1)
+    assert await store.terminal_counts("t1", hour - 5) == (1, 2, 1, 1)
     later = BASE_MS + 64 * F.MS_PER_DAY
     await store.apply_transactions([TransactionUpdate("tx2", "c1", "t1", later, 5.0)])
-    assert await store.terminal_counts("t1", day) == (0, 0)
-    assert await store.terminal_counts("t1", day + 64) == (1, 0)
+    assert await store.terminal_counts("t1", hour - 5) == (0, 0, 0, 0)
+    assert await store.terminal_counts("t1", hour - 5 + 64 * 24) == (1, 0, 1, 0)
+    assert await store.terminal_counts("t1", hour + 64 * 24) == (1, 0, 0, 0)
+
+
+async def test_a_terminal_value_of_another_layout_starts_afresh(
+    redis_client: aioredis.Redis, redis_prefix: str
+) -> None:
+    store = RedisStateStore(redis_client, prefix=redis_prefix)
+    # A day-only ring as version 1 of the features kept it: 64 slots of (day, tx, frauds).
+    day = BASE_MS // F.MS_PER_DAY
+    old = np.zeros(64, dtype=[("day", "<i4"), ("tx", "<i4"), ("fraud", "<i4")])
+    old[day % 64] = (day, 50, 50)
+    await redis_client.set(store.terminal_key("t1"), old.tobytes())
+    state = await store.apply_transactions(
+        [TransactionUpdate("tx1", "c1", "t1", BASE_MS + 8 * F.MS_PER_DAY, 5.0)]
+    )
+    assert state.history.terminal_tx.tolist() == [[0, 0, 0]]
+    assert await store.terminal_counts("t1", (BASE_MS + 8 * F.MS_PER_DAY) // F.MS_PER_HOUR) == (
+        1,
+        0,
+        1,
+        0,
+    )

@@ -180,7 +180,7 @@ class NaiveState:
         self.prefix = prefix
         self.sequence_length = sequence_length
         self.ttl_ms = 45 * features.MS_PER_DAY
-        self.windows = features.terminal_window_day_offsets(features.LABEL_DELAY_DAYS)
+        self.windows = features.terminal_window_days(features.LABEL_DELAY_DAYS)
 
     async def apply(self, tx: TransactionEvent) -> features.HistoryBatch:
         """Append one transaction to its customer's history; returns the history."""
@@ -194,21 +194,31 @@ class NaiveState:
         if seen.size:
             return history_from_records([entries[: seen[0] + 1]])
         time_ms = epoch_ms(tx.timestamp)
-        day = time_ms // features.MS_PER_DAY
-        low = min(lo for lo, _ in self.windows)
-        high = max(hi for _, hi in self.windows)
-        days = range(day + low, day + high + 1)
-        fields = [f"{kind}{d}" for d in days for kind in ("t", "f")]
+        hour = time_ms // features.MS_PER_HOUR
+        day, hour_of_day = divmod(hour, features.HOURS_PER_DAY)
+        # Each window: day totals of the days between its first and last day, hour counters
+        # of its first day from this hour of day on and of its last day before it.
+        windows = [
+            [
+                *(f"d{d}" for d in range(day + first + 1, day + last)),
+                *(f"h{(day + first) * 24 + h}" for h in range(hour_of_day, 24)),
+                *(f"h{(day + last) * 24 + h}" for h in range(hour_of_day)),
+            ]
+            for first, last in self.windows
+        ]
+        cells = sorted({cell for window in windows for cell in window})
+        fields = [f"{kind}{cell}" for cell in cells for kind in ("t", "f")]
         values = [int(v or 0) for v in await self.client.hmget(terminal_key, fields)]
+        counts = {cell: (values[2 * i], values[2 * i + 1]) for i, cell in enumerate(cells)}
         entry = np.zeros(1, dtype=ENTRY_DTYPE)
         entry["time_ms"], entry["amount"], entry["tx_hash"] = time_ms, tx.amount, digest
-        for w, (lo, hi) in enumerate(self.windows):
-            picked = range(2 * (lo - low), 2 * (hi - low + 1), 2)
-            entry["terminal_tx"][0, w] = sum(values[i] for i in picked)
-            entry["terminal_fraud"][0, w] = sum(values[i + 1] for i in picked)
+        for w, window in enumerate(windows):
+            entry["terminal_tx"][0, w] = sum(counts[cell][0] for cell in window)
+            entry["terminal_fraud"][0, w] = sum(counts[cell][1] for cell in window)
         entries = retained(np.concatenate([entries, entry]), self.sequence_length)
         await self.client.set(customer_key, entries.tobytes(), px=self.ttl_ms)
-        await self.client.hincrby(terminal_key, f"t{day}", 1)
+        await self.client.hincrby(terminal_key, f"td{day}", 1)
+        await self.client.hincrby(terminal_key, f"th{hour}", 1)
         await self.client.pexpire(terminal_key, self.ttl_ms)
         return history_from_records([entries])
 

@@ -114,6 +114,7 @@ class FileFeatures:
     """A transactions file's features with, per canonical row, the columns periods need."""
 
     offline: features.OfflineFeatures
+    times_ms: IntArray
     days: IntArray
     customers: IntArray
     terminals: IntArray
@@ -173,6 +174,7 @@ def file_features(df: pd.DataFrame) -> FileFeatures:
     order = offline.order
     return FileFeatures(
         offline=offline,
+        times_ms=arrays.times_ms[order],
         days=features.day_index(arrays.times_ms[order]),
         customers=arrays.customer_ids[order],
         terminals=arrays.terminal_ids[order],

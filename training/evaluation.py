@@ -235,17 +235,18 @@ def mean_and_std(results: Sequence[dict[str, float]]) -> dict[str, dict[str, flo
 
 
 LSTM: Final = "lstm"
-# The bound for our features: their terminal windows are day-aligned and see the frauds of
-# day t - 8 and before (the 7-day label delay, in whole days).
+# The bound for our features: their terminal windows end on the last whole hour more than
+# the 7-day label delay back (hour H - 169 for a transaction in hour H).
 ORACLE: Final = "oracle"
-# The bound for any model under the protocol's 7-day label delay: no fraud later than day
-# t - 7 can be known on day t. Windows in exact time (the Handbook's) see the part of day
-# t - 7 more than 7 x 24 h back; counting all of that day as known bounds them from above.
+# The bound for any model under the protocol's 7-day label delay: a fraud is known exactly
+# 7 x 24 h after it happened, the most any features can know (the Handbook's exact-time
+# windows reach it).
 ORACLE_LABEL_DELAY: Final = "oracle_label_delay"
-# The ``delay_days`` of :func:`undetectable_frauds` for each oracle bound.
-ORACLE_DELAY_DAYS: Final = {
-    ORACLE: features.LABEL_DELAY_DAYS,
-    ORACLE_LABEL_DELAY: features.LABEL_DELAY_DAYS - 1,
+# What each oracle bound sees, as (time cell in ms, how many cells back a fraud must lie to
+# be known): see :func:`undetectable_frauds`.
+ORACLE_KNOWN_AFTER: Final = {
+    ORACLE: (features.MS_PER_HOUR, -features.terminal_window_hours()[0][1]),
+    ORACLE_LABEL_DELAY: (1, features.LABEL_DELAY_DAYS * features.MS_PER_DAY),
 }
 _MODEL_NAME = re.compile(r"^(?P<kind>[a-z_]+?)(?:_(?P<days>\d+)d)?$")
 _COMPROMISED_TERMINAL: Final = 2  # simulator scenario: every transaction of a terminal is fraud
@@ -255,30 +256,31 @@ COMPROMISE_DAYS: Final = 28  # SimulatorConfig.terminal_compromise_days
 def undetectable_frauds(
     data: FileFeatures,
     rows: IntArray,
+    known_after: tuple[int, int] = ORACLE_KNOWN_AFTER[ORACLE],
     compromise_days: int = COMPROMISE_DAYS,
-    delay_days: int = features.LABEL_DELAY_DAYS,
 ) -> npt.NDArray[np.bool_]:
     """Which rows are frauds that no model of these features can tell from genuine ones.
 
-    A fraud of the compromised-terminal scenario on day ``t`` shows only once a fraud of the
-    same compromise is known: one on the same terminal between day ``t - compromise_days + 1``
-    (the earliest the compromise can have started) and ``t - delay_days - 1`` (the last day
-    the terminal windows see). During the first ``delay_days + 1`` days of a compromise
-    nothing in any feature differs from a genuine transaction. Reads the simulator's
-    ``TX_FRAUD_SCENARIO`` column.
+    A fraud of the compromised-terminal scenario at time ``t`` shows only once a fraud of the
+    same compromise is known: one on the same terminal less than ``compromise_days`` before
+    ``t`` (the compromise can have started no earlier) whose time cell lies at least ``lag``
+    cells before ``t``'s, with ``known_after = (cell_ms, lag)``. Until then nothing in any
+    feature differs from a genuine transaction. Reads the simulator's ``TX_FRAUD_SCENARIO``.
 
-    The default ``delay_days`` is our features' (windows end on day ``t - 8``); one day less
-    counts every fraud of day ``t - 7`` as known, the most any model can know under the 7-day
-    label delay (:data:`ORACLE_DELAY_DAYS`).
+    The default is our features' (whole hours, 169 back); ``(1, 7 days in ms)`` is exact time,
+    the most any model can know under the 7-day label delay (:data:`ORACLE_KNOWN_AFTER`).
     """
+    cell_ms, lag = known_after
     scenario_2 = np.flatnonzero(data.scenarios == _COMPROMISED_TERMINAL)
-    # One sorted key per (terminal, day), days shifted so a window never reaches the
-    # previous terminal's keys.
-    span = int(data.days.max()) + compromise_days + 1
-    known = np.sort(data.terminals[scenario_2] * span + data.days[scenario_2] + compromise_days)
-    key = data.terminals[rows] * span + data.days[rows] + compromise_days
-    earlier = np.searchsorted(known, key - delay_days - 1, side="right") - np.searchsorted(
-        known, key - compromise_days + 1, side="left"
+    cells = data.times_ms // cell_ms
+    reach = compromise_days * features.MS_PER_DAY // cell_ms
+    # One sorted key per (terminal, cell), cells shifted so that a look-back never reaches
+    # the previous terminal's keys.
+    span = int(cells.max()) + reach + 1
+    known = np.sort(data.terminals[scenario_2] * span + cells[scenario_2] + reach)
+    key = data.terminals[rows] * span + cells[rows] + reach
+    earlier = np.searchsorted(known, key - lag, side="right") - np.searchsorted(
+        known, key - reach + 1, side="left"
     )
     hidden: npt.NDArray[np.bool_] = (data.scenarios[rows] == _COMPROMISED_TERMINAL) & (earlier == 0)
     return hidden
@@ -288,21 +290,20 @@ def oracle_scores(
     data: FileFeatures,
     rows: IntArray,
     seed: int = 0,
-    delay_days: int = features.LABEL_DELAY_DAYS,
+    known_after: tuple[int, int] = ORACLE_KNOWN_AFTER[ORACLE],
 ) -> FloatArray:
     """Scores of an oracle that ranks every detectable fraud above everything else and the
     :func:`undetectable_frauds` at random among the genuine transactions: an upper bound in
-    expectation, not a model. With the default ``delay_days`` it bounds any model of these
-    features; with one day less (:data:`ORACLE_LABEL_DELAY`) any model under the 7-day label
-    delay.
+    expectation, not a model. By default it bounds any model of these features; with exact
+    time (:data:`ORACLE_LABEL_DELAY`) any model under the 7-day label delay.
     """
     rng = np.random.default_rng(seed)
-    detectable = (data.labels[rows] == 1) & ~undetectable_frauds(data, rows, delay_days=delay_days)
+    detectable = (data.labels[rows] == 1) & ~undetectable_frauds(data, rows, known_after)
     scores: FloatArray = (rng.random(len(rows)) + detectable) / 2.0
     return scores
 
 
-MODEL_KINDS: Final = (LSTM, *BASELINE_NAMES, *ORACLE_DELAY_DAYS)
+MODEL_KINDS: Final = (LSTM, *BASELINE_NAMES, *ORACLE_KNOWN_AFTER)
 
 
 def check_models(names: Sequence[str]) -> tuple[str, ...]:
@@ -452,10 +453,10 @@ def run_fold(
             )
             scores = predict(fit.trained.model, data.offline.sequences(t, test))
             details.update(fit.describe(), validation_days=valid_period.label)
-        elif kind in ORACLE_DELAY_DAYS:
-            delay = ORACLE_DELAY_DAYS[kind]
-            scores = oracle_scores(data, test, delay_days=delay)
-            hidden = int(undetectable_frauds(data, test, delay_days=delay).sum())
+        elif kind in ORACLE_KNOWN_AFTER:
+            known_after = ORACLE_KNOWN_AFTER[kind]
+            scores = oracle_scores(data, test, known_after=known_after)
+            hidden = int(undetectable_frauds(data, test, known_after).sum())
             details.update(undetectable_frauds=hidden, test_frauds=int(labels.sum()))
         elif kind in BASELINE_NAMES:
             scores = fit_and_score(

@@ -204,6 +204,7 @@ def export_model(
             architecture=f"LSTM sequence scorer {model.config.to_dict()}",
             sequence_length=sequence_length,
             feature_names=list(features.FEATURE_NAMES),
+            feature_version=features.FEATURE_VERSION,
             label_delay_days=features.LABEL_DELAY_DAYS,
             normalisation=Normalisation(mean=mean.tolist(), std=(1.0 / inv_std).tolist()),
             thresholds=thresholds,

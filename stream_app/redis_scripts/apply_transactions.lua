@@ -2,19 +2,26 @@
 -- See stream_app/state.py for the semantics; stream_app/redis_state.py for the caller.
 --
 -- KEYS: per event, its customer key then its terminal key.
--- ARGV: sequence_length, lookback_ms, ttl_ms, n_windows, then per window its inclusive day
---       offsets (lo, hi), then trim_slack, ring_days, then one string packing every event
---       as 24 bytes <8-byte tx hash, i8 time_ms, d amount> (one argument, not three per event:
---       the client's command packing is per argument).
+-- ARGV: sequence_length, lookback_ms, ttl_ms, n_windows, then per window its first and last
+--       day relative to the event's day (features.terminal_window_days), then trim_slack,
+--       ring_days, then one string packing every event as 24 bytes <8-byte tx hash,
+--       i8 time_ms, d amount> (one argument, not three per event: the client's command
+--       packing is per argument).
 -- Returns: { duplicate flags ('0'/'1' per event), then per event two strings whose
 --            concatenation is its retained history: the stored part and the new record }.
 --
 -- Customer history: 48-byte records <i8 time_ms, d amount, 8-byte tx hash, i4 x 2n counts>.
--- Terminal counters: a ring of `ring_days` 12-byte slots <i4 day, i4 transactions, i4 frauds>,
--- slot = day % ring_days; a slot holding another day counts as empty.
+-- Terminal counters: one string of `ring_days` 12-byte day slots <i4 day, i4 transactions,
+-- i4 frauds> (slot = day % ring_days; a slot holding another day counts as empty), then as
+-- many 192-byte hour slots, the same days' 24 hours of <i4 transactions, i4 frauds>. A
+-- string of any other length (another layout) is replaced by an empty ring.
+--
+-- A window of an event at hour of day h takes its first day's hours h..23, the full days
+-- between (day slots) and its last day's hours 0..h-1, i.e. 24 x w whole hours.
 
 local REC = 48
 local SLOT = 12
+local HOUR_SLOT = 192
 local seq_len = tonumber(ARGV[1])
 local lookback = tonumber(ARGV[2])
 local ttl = tonumber(ARGV[3])
@@ -33,15 +40,20 @@ local counts_fmt = '<' .. string.rep('i4', 2 * n_windows)
 local packed = ARGV[7 + 2 * n_windows]
 local n_events = #KEYS / 2
 local span = max_hi - min_lo + 1
+local hours_at = ring * SLOT
+local ring_size = hours_at + ring * HOUR_SLOT
+local hour_fmt = {}
+for n = 1, 24 do hour_fmt[n] = '<' .. string.rep('i4', 2 * n) end
 
--- Transaction and fraud counts of the days day+min_lo .. day+max_hi, from a terminal's ring.
+-- Transaction and fraud counts of the days day+min_lo .. day+max_hi, from a terminal's ring,
+-- and whether each day's slot holds that day.
 local function read_days(ring_blob, day)
-  local tx, fr = {}, {}
+  local tx, fr, held = {}, {}, {}
   for i = 1, span do
     tx[i] = 0
     fr[i] = 0
+    held[i] = false
   end
-  if #ring_blob < ring * SLOT then return tx, fr end
   -- The days map to at most two contiguous runs of slots: unpack each run in one call.
   local first = day + min_lo
   local i = 1
@@ -53,11 +65,35 @@ local function read_days(ring_blob, day)
       if v[3 * j + 1] == first + i - 1 + j then
         tx[i + j] = v[3 * j + 2]
         fr[i + j] = v[3 * j + 3]
+        held[i + j] = true
       end
     end
     i = i + run
   end
+  return tx, fr, held
+end
+
+-- Transaction and fraud counts of hours from_h..to_h of a day whose slot holds it.
+local function read_hours(ring_blob, day, from_h, to_h)
+  if to_h < from_h then return 0, 0 end
+  local n = to_h - from_h + 1
+  local v = { struct.unpack(hour_fmt[n], ring_blob, hours_at + (day % ring) * HOUR_SLOT + from_h * 8 + 1) }
+  local tx, fr = 0, 0
+  for j = 1, 2 * n, 2 do
+    tx = tx + v[j]
+    fr = fr + v[j + 1]
+  end
   return tx, fr
+end
+
+-- The terminal's ring, replaced by an empty one when missing or of another layout.
+local function load_ring(tkey)
+  local ring_blob = redis.call('GET', tkey)
+  if not ring_blob or #ring_blob ~= ring_size then
+    ring_blob = string.rep('\0', ring_size)
+    redis.call('SET', tkey, ring_blob, 'PX', ttl)
+  end
+  return ring_blob
 end
 
 local flags = {}
@@ -90,15 +126,26 @@ for e = 1, n_events do
     out[2 * e + 1] = ''
   else
     flags[e] = '0'
-    local day = math.floor(t / 86400000)
-    local ring_blob = redis.call('GET', tkey) or ''
-    local tx, fr = read_days(ring_blob, day)
+    local hour = math.floor(t / 3600000)
+    local day = math.floor(hour / 24)
+    local hod = hour - day * 24
+    local ring_blob = load_ring(tkey)
+    local tx, fr, held = read_days(ring_blob, day)
     local sums = {}
     for w = 1, n_windows do
       local s_tx, s_fr = 0, 0
-      for d = lo[w] - min_lo + 1, hi[w] - min_lo + 1 do
+      local first, last = lo[w] - min_lo + 1, hi[w] - min_lo + 1
+      for d = first + 1, last - 1 do
         s_tx = s_tx + tx[d]
         s_fr = s_fr + fr[d]
+      end
+      if held[first] then
+        local h_tx, h_fr = read_hours(ring_blob, day + lo[w], hod, 23)
+        s_tx, s_fr = s_tx + h_tx, s_fr + h_fr
+      end
+      if held[last] then
+        local h_tx, h_fr = read_hours(ring_blob, day + hi[w], 0, hod - 1)
+        s_tx, s_fr = s_tx + h_tx, s_fr + h_fr
       end
       sums[w] = s_tx
       sums[n_windows + w] = s_fr
@@ -127,19 +174,19 @@ for e = 1, n_events do
       redis.call('APPEND', ckey, rec)
       redis.call('PEXPIRE', ckey, ttl)
     end
-    -- Count the transaction on its terminal's day (a slot of an older day starts afresh;
+    -- Count the transaction in its terminal's hour (a slot of an older day starts afresh;
     -- one of a newer day means this event is more than a ring late: not counted).
     local slot = day % ring
-    local s_day, s_tx, s_fr = day, 0, 0
-    if #ring_blob >= ring * SLOT then
-      s_day, s_tx, s_fr = struct.unpack('<i4i4i4', ring_blob, slot * SLOT + 1)
-    end
-    if s_day ~= day then s_tx, s_fr = 0, 0 end
-    if s_day <= day then
+    local s_day, s_tx, s_fr = struct.unpack('<i4i4i4', ring_blob, slot * SLOT + 1)
+    local cell = hours_at + slot * HOUR_SLOT + hod * 8
+    if s_day < day then
+      redis.call('SETRANGE', tkey, slot * SLOT, struct.pack('<i4i4i4', day, 1, 0))
+      redis.call('SETRANGE', tkey, hours_at + slot * HOUR_SLOT,
+        string.rep('\0', hod * 8) .. struct.pack('<i4i4', 1, 0) .. string.rep('\0', (23 - hod) * 8))
+    elseif s_day == day then
+      local c_tx, c_fr = struct.unpack('<i4i4', ring_blob, cell + 1)
       redis.call('SETRANGE', tkey, slot * SLOT, struct.pack('<i4i4i4', day, s_tx + 1, s_fr))
-      if #ring_blob < ring * SLOT then
-        redis.call('SETRANGE', tkey, ring * SLOT - 1, '\0')
-      end
+      redis.call('SETRANGE', tkey, cell, struct.pack('<i4i4', c_tx + 1, c_fr))
     end
     redis.call('PEXPIRE', tkey, ttl)
     out[2 * e] = blob

@@ -181,7 +181,8 @@ def _benchmark_models(chosen: tuple[str, ...], history_days: list[int]) -> tuple
         for kind in (evaluation.LSTM, "xgboost")
     ]
     names = [*(chosen or evaluation.MODEL_KINDS), *extra]
-    bounds = [n for n in names if evaluation.parse_model_name(n)[0] in evaluation.ORACLE_DELAY_DAYS]
+    oracles = evaluation.ORACLE_KNOWN_AFTER
+    bounds = [n for n in names if evaluation.parse_model_name(n)[0] in oracles]
     models = [n for n in names if n not in bounds] + bounds
     return tuple(dict.fromkeys(models))  # a name given twice runs once
 
