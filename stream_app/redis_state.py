@@ -51,7 +51,9 @@ _RING: Final = np.dtype(
 
 
 def _script(name: str) -> str:
-    return (_SCRIPTS / name).read_text(encoding="utf-8")
+    """A Lua script with the terminal-ring functions it shares put in front of it."""
+    shared = (_SCRIPTS / "terminal_ring.lua").read_text(encoding="utf-8")
+    return shared + "\n" + (_SCRIPTS / name).read_text(encoding="utf-8")
 
 
 class RedisStateStore:

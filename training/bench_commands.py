@@ -91,7 +91,7 @@ def render_markdown(result: BenchResult) -> str:
         w = result.worker
         rows = [
             (w, f"worker, {w.name} (after {s.get('warmup_events'):,} events of warm-up)"),
-            (result.naive, "naive: Faust agent, 5 Redis round trips + 1 ONNX call per event"),
+            (result.naive, "naive: Faust agent, 6 Redis round trips + 1 ONNX call per event"),
             (
                 result.limit,
                 "limit: aiokafka `getmany` + 1 ONNX call per batch, no state or output",

@@ -1,9 +1,10 @@
 """The two references ``fraudstream bench`` compares the worker with, as processes.
 
 * **naive**: what a tutorial would write. A Faust agent that, for each event, parses it,
-  reads and writes its customer's and terminal's state in Redis with plain commands (five
-  round trips: GET, HMGET, SET, HINCRBY, PEXPIRE), makes one ONNX Runtime call, and sends
-  one score record. Same state layout and features as the worker, no alert reasons.
+  reads and writes its customer's and terminal's state in Redis with plain commands (six
+  round trips: GET, HMGET, SET, HINCRBY x 2, PEXPIRE), makes one ONNX Runtime call, and
+  sends one score record. Same features as the worker (terminal day totals and hour
+  counters in a hash, not packed), no alert reasons.
 * **limit**: the floor cost of the transport and the model. Raw aiokafka ``getmany`` and
   one ONNX Runtime call per batch (on a batch of the right shape), no parsing, no state,
   no output: no worker that consumes from Kafka and scores with this model can beat it.
@@ -173,7 +174,8 @@ async def run_relay(settings: Settings, progress: Progress) -> None:
 
 
 class NaiveState:
-    """The worker's state layout, read and written with one Redis command at a time."""
+    """The worker's state, read and written with one Redis command at a time: customer
+    histories as the worker packs them, terminal counters as hash fields."""
 
     def __init__(self, client: aioredis.Redis, prefix: str, sequence_length: int) -> None:
         self.client = client

@@ -11,20 +11,15 @@
 --            concatenation is its retained history: the stored part and the new record }.
 --
 -- Customer history: 48-byte records <i8 time_ms, d amount, 8-byte tx hash, i4 x 2n counts>.
--- Terminal counters: one string of `ring_days` 12-byte day slots <i4 day, i4 transactions,
--- i4 frauds> (slot = day % ring_days; a slot holding another day counts as empty), then as
--- many 192-byte hour slots, the same days' 24 hours of <i4 transactions, i4 frauds>. A
--- string of any other length (another layout) is replaced by an empty ring.
+-- Terminal counters: see terminal_ring.lua.
 --
 -- A window of an event at hour of day h takes its first day's hours h..23, the full days
 -- between (day slots) and its last day's hours 0..h-1, i.e. 24 x w whole hours.
 
 local REC = 48
-local SLOT = 12
-local HOUR_SLOT = 192
 local seq_len = tonumber(ARGV[1])
 local lookback = tonumber(ARGV[2])
-local ttl = tonumber(ARGV[3])
+ttl = tonumber(ARGV[3])
 local n_windows = tonumber(ARGV[4])
 local lo, hi = {}, {}
 local min_lo, max_hi = 0, -1e18
@@ -35,13 +30,12 @@ for w = 1, n_windows do
   if hi[w] > max_hi then max_hi = hi[w] end
 end
 local trim_slack = tonumber(ARGV[5 + 2 * n_windows])
-local ring = tonumber(ARGV[6 + 2 * n_windows])
+ring = tonumber(ARGV[6 + 2 * n_windows])
 local counts_fmt = '<' .. string.rep('i4', 2 * n_windows)
 local packed = ARGV[7 + 2 * n_windows]
 local n_events = #KEYS / 2
 local span = max_hi - min_lo + 1
-local hours_at = ring * SLOT
-local ring_size = hours_at + ring * HOUR_SLOT
+local hours_at = ring_layout()
 local hour_fmt = {}
 for n = 1, 24 do hour_fmt[n] = '<' .. string.rep('i4', 2 * n) end
 
@@ -84,16 +78,6 @@ local function read_hours(ring_blob, day, from_h, to_h)
     fr = fr + v[j + 1]
   end
   return tx, fr
-end
-
--- The terminal's ring, replaced by an empty one when missing or of another layout.
-local function load_ring(tkey)
-  local ring_blob = redis.call('GET', tkey)
-  if not ring_blob or #ring_blob ~= ring_size then
-    ring_blob = string.rep('\0', ring_size)
-    redis.call('SET', tkey, ring_blob, 'PX', ttl)
-  end
-  return ring_blob
 end
 
 local flags = {}
@@ -174,21 +158,7 @@ for e = 1, n_events do
       redis.call('APPEND', ckey, rec)
       redis.call('PEXPIRE', ckey, ttl)
     end
-    -- Count the transaction in its terminal's hour (a slot of an older day starts afresh;
-    -- one of a newer day means this event is more than a ring late: not counted).
-    local slot = day % ring
-    local s_day, s_tx, s_fr = struct.unpack('<i4i4i4', ring_blob, slot * SLOT + 1)
-    local cell = hours_at + slot * HOUR_SLOT + hod * 8
-    if s_day < day then
-      redis.call('SETRANGE', tkey, slot * SLOT, struct.pack('<i4i4i4', day, 1, 0))
-      redis.call('SETRANGE', tkey, hours_at + slot * HOUR_SLOT,
-        string.rep('\0', hod * 8) .. struct.pack('<i4i4', 1, 0) .. string.rep('\0', (23 - hod) * 8))
-    elseif s_day == day then
-      local c_tx, c_fr = struct.unpack('<i4i4', ring_blob, cell + 1)
-      redis.call('SETRANGE', tkey, slot * SLOT, struct.pack('<i4i4i4', day, s_tx + 1, s_fr))
-      redis.call('SETRANGE', tkey, cell, struct.pack('<i4i4', c_tx + 1, c_fr))
-    end
-    redis.call('PEXPIRE', tkey, ttl)
+    count_in_ring(tkey, ring_blob, day, hod, 1, 0)
     out[2 * e] = blob
     out[2 * e + 1] = rec
   end
