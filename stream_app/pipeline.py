@@ -10,7 +10,7 @@
 
 Nothing here is per-event I/O: one Redis round trip and at most three model calls per
 batch, whatever its size. The Kafka side (consuming, routing, publishing, committing)
-lives in :mod:`stream_app.worker`; keeping it out makes this module testable against the
+lives in :mod:`stream_app.scoring_loop`; keeping it out makes this module testable against the
 real Redis and a real model with no broker.
 
 A redelivered transaction (already in its customer's history) changes no state and gets

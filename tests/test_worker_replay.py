@@ -26,9 +26,9 @@ from aiokafka.structs import ConsumerRecord
 from stream_app import kafka_config
 from stream_app.config import Settings
 from stream_app.errors import RejectReason
+from stream_app.publisher import key_partition
 from stream_app.records import DeadLetterHeaders, Decision, ScoreRecord
 from stream_app.scoring import OnnxScorer
-from stream_app.worker import key_partition
 from tests.kafka_fixtures import (
     REDIS_URL,
     Dataset,

@@ -1,0 +1,577 @@
+"""The transactions path of the worker: micro-batches from Kafka, scored, published,
+committed (see :class:`ScoringLoop`)."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import heapq
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import numpy as np
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.coordinator.assignors.range import RangePartitionAssignor
+from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError, ProducerFenced
+from redis.exceptions import (
+    RedisError,
+)
+
+from stream_app import kafka_config
+from stream_app.backoff import BACKOFF_START_S, Backoff
+from stream_app.errors import FraudStreamError
+from stream_app.metrics import observe_many
+from stream_app.pipeline import (
+    Accepted,
+    Inbound,
+    Rejected,
+    ScoredBatch,
+    ScoringPipeline,
+    validate_transaction,
+)
+from stream_app.publisher import Output, Publisher, key_partition
+from stream_app.records import TransactionEvent, dead_letter_headers
+from stream_app.redis_state import RedisStateStore
+from stream_app.runtime import WorkerRuntime
+from stream_app.state import BatchState
+
+log = logging.getLogger(__name__)
+
+_LAG_REFRESH_S: Final = 1.0  # while idle, the lag gauge is refreshed at most this often
+_NOTHING_SCORED: Final = ScoredBatch.empty()
+# Batches scored and sent but not yet acknowledged and committed. Enough to keep the
+# producer busy while the next batches are scored; bounded so an outage stops polling.
+_MAX_UNSETTLED: Final = 4
+# Buffered records older than this mean a backlog: then partitions are kept abreast in
+# event time, a batch ends where a partition runs dry, and the next one waits up to
+# _CATCH_UP_WAIT_MS for that partition's fetch (a few ms unless the machine is starved).
+_CATCH_UP_AGE_MS: Final = 1000
+_CATCH_UP_WAIT_MS: Final = 500
+_ALIGN_STEP_S: Final = 0.002
+
+
+@dataclass(frozen=True, slots=True)
+class _Polled:
+    """A consumed message, validated, waiting in its partition's buffer."""
+
+    tp: TopicPartition
+    outcome: Accepted | Rejected
+    clock: float  # the partition's latest event time up to this message: the merge key
+
+
+@dataclass
+class _Batch:
+    """One polled micro-batch on its way through the loop."""
+
+    offsets: dict[TopicPartition, int]  # next offset to consume, per partition
+    messages: int
+    local: list[Accepted]
+    forwards: list[Output]
+    dead_letters: list[Output]
+    rejected: list[Rejected]
+    polled_at: float
+    state: asyncio.Task[BatchState] | None = None
+    outputs: list[Output] = field(default_factory=list)
+    acks: list[asyncio.Future[Any]] = field(default_factory=list)
+
+
+class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, scoring: ScoringLoop) -> None:
+        self.scoring = scoring
+
+    async def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
+        # Finish and commit what we hold, so the next owner starts where we stopped.
+        self.scoring.metrics.ready.set(0)
+        await self.scoring.finish_in_flight()
+        # Positions go back to the committed offsets on assignment: what we buffered is
+        # read again, by us or by the next owner.
+        self.scoring.forget_buffered()
+        for tp in revoked:
+            with contextlib.suppress(KeyError):
+                self.scoring.metrics.consumer_lag.remove(tp.topic, str(tp.partition))
+
+    async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
+        names = sorted(f"{tp.topic}[{tp.partition}]" for tp in assigned)
+        log.info("scoring partitions assigned: %s", ", ".join(names))
+        self.scoring.metrics.ready.set(1)
+
+
+class ScoringLoop:
+    """The transactions path, as three overlapping stages, each in batch order:
+
+    1. **state**: a batch's Redis call is sent as soon as the previous batch's reply is
+       back, so Redis works on batch k+1 while Python scores batch k; state calls never
+       overlap, which keeps every customer's history in arrival order;
+    2. **score and send**: features, model calls and records; outputs are queued to the
+       producer without waiting for acknowledgements;
+    3. **settle** (a task of its own): waits for each batch's acknowledgements in order,
+       re-sends a batch whose outputs failed, and only then commits its offsets.
+
+    At most ``_MAX_UNSETTLED`` batches wait in stage 3; past that, polling waits. Under
+    ``exactly_once`` stages 2 and 3 are one Kafka transaction per batch instead.
+    """
+
+    def __init__(self, runtime: WorkerRuntime, store: RedisStateStore) -> None:
+        self.runtime = runtime
+        s = runtime.settings
+        self.settings = s
+        self.metrics = runtime.metrics
+        self.pipeline = ScoringPipeline(
+            store,
+            runtime.models,
+            runtime.metrics,
+            max_reasons=s.max_reasons,
+            psi_window=s.psi_window,
+        )
+        self.backoff = Backoff(runtime.metrics, s.retry_backoff_max_s)
+        self.source_partitions = runtime.partitions[s.topic_transactions]
+        self._lock = asyncio.Lock()
+        self._buffered: dict[TopicPartition, deque[_Polled]] = {}
+        self._clocks: dict[TopicPartition, float] = {}
+        self._drained_at: dict[TopicPartition, float] = {}  # epoch ms, by partition
+        self._pending: _Batch | None = None
+        self._unsettled: asyncio.Queue[_Batch] = asyncio.Queue(maxsize=_MAX_UNSETTLED)
+        self._settler: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
+        self._processed: dict[TopicPartition, int] = {}
+        self._lag_refreshed = 0.0
+        self.consumer = AIOKafkaConsumer(
+            **kafka_config.consumer_kwargs(s, s.scoring_group_id),
+            partition_assignment_strategy=(RangePartitionAssignor,),
+        )
+        transactional_id = f"{s.group_id}-scoring-{s.instance_id}" if s.exactly_once else None
+        self.producer = AIOKafkaProducer(
+            **kafka_config.producer_kwargs(s, transactional_id=transactional_id)
+        )
+        self.publisher = Publisher(self.producer)
+        # Scoring runs here, off the event loop, so that while a batch is scored the loop
+        # keeps sending the next batch's state call (large writes need several turns of
+        # the loop), reading fetch responses and acknowledgements. One thread: batches are
+        # still scored one at a time, in order.
+        self._scoring_thread = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="score"
+        )
+
+    async def start(self) -> None:
+        """Connect to Kafka (retrying until it answers) and subscribe."""
+        await self.backoff.run(
+            self.producer.start,
+            "starting the Kafka producer",
+            (KafkaError,),
+            self._kafka_error("produce"),
+        )
+        await self.backoff.run(
+            self.consumer.start,
+            "starting the Kafka consumer",
+            (KafkaError,),
+            self._kafka_error("consume"),
+        )
+        self.consumer.subscribe(
+            [self.settings.topic_transactions, self.settings.topic_repartition],
+            listener=_Rebalance(self),
+        )
+
+    def _kafka_error(self, operation: str) -> Callable[[BaseException], None]:
+        counter = self.metrics.kafka_errors.labels(operation)
+        return lambda _exc: counter.inc()
+
+    def _redis_error(self, _exc: BaseException) -> None:
+        self.metrics.redis_errors.inc()
+
+    async def run(self) -> None:
+        """Consume until :meth:`stop` is called, then finish everything in flight."""
+        self._settler = asyncio.create_task(self._settle_forever(), name="settle")
+        wait_ms = max(1, int(self.settings.batch_max_wait_s * 1000))
+        try:
+            while not self._stopping.is_set():
+                if self._settler.done():  # it only ends by failing: surface its error
+                    self._settler.result()
+                # With a batch in flight, take only what is already fetched: never wait.
+                timeout = 0 if self._pending is not None else wait_ms
+                try:
+                    polled = await self._poll(timeout)
+                except KafkaError as exc:
+                    self.metrics.kafka_errors.labels("consume").inc()
+                    log.warning("polling transactions failed (%s); retrying", exc)
+                    await asyncio.sleep(BACKOFF_START_S)
+                    continue
+                async with self._lock:
+                    batch = self._prepare(polled) if polled else None
+                    await self._advance(batch)
+                if batch is None:
+                    self._refresh_lag(force=False)
+            await self.finish_in_flight()
+        finally:
+            self._settler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._settler
+
+    async def _poll(self, timeout_ms: int) -> list[_Polled]:
+        """Up to a batch of validated messages, the earliest events first across partitions.
+
+        aiokafka's ``getmany`` drains one partition's whole fetch (up to a megabyte)
+        before the next. Catching up on a backlog, one partition would then run ahead of
+        the others in event time, and terminal windows, which count the transactions of
+        every partition, would miss some. So each partition's messages are validated and
+        buffered (up to a batch each), and a batch takes the earliest by event time: a
+        k-way merge in which each partition contributes a prefix, so committed offsets stay
+        contiguous. While catching up, a batch also ends where a partition runs dry, and
+        the next one first waits for that partition's fetch (:meth:`_align`). Live,
+        partitions are caught up, nothing waits, and this is simply arrival order.
+        """
+        size = self.settings.batch_size
+        assignment = self.consumer.assignment()
+        for tp in list(self._buffered):
+            if tp not in assignment:
+                del self._buffered[tp]
+                self._drained_at.pop(tp, None)
+        for tp in assignment:
+            room = size - len(self._buffered.get(tp, ()))
+            if room > 0:
+                self._buffer(await self.consumer.getmany(tp, timeout_ms=0, max_records=room))
+        if timeout_ms and not any(self._buffered.values()):
+            self._buffer(await self.consumer.getmany(timeout_ms=timeout_ms, max_records=size))
+        catching_up = self._catching_up()
+        if catching_up:
+            await self._align(assignment)
+        heads = [
+            (buffer[0].clock, i, tp)
+            for i, (tp, buffer) in enumerate(self._buffered.items())
+            if buffer
+        ]
+        heapq.heapify(heads)
+        taken: list[_Polled] = []
+        while heads and len(taken) < size:
+            _, i, tp = heapq.heappop(heads)
+            buffer = self._buffered[tp]
+            taken.append(buffer.popleft())
+            if buffer:
+                heapq.heappush(heads, (buffer[0].clock, i, tp))
+            else:
+                self._drained_at[tp] = time.time() * 1000
+                if catching_up:
+                    # Its next records are still on the broker: going on with the other
+                    # partitions alone would run ahead of them. The next poll waits.
+                    break
+        return taken
+
+    def _buffer(self, fetched: Mapping[TopicPartition, Sequence[Any]]) -> None:
+        limits = self.runtime.limits
+        for tp, records in fetched.items():
+            buffer = self._buffered.setdefault(tp, deque())
+            clock = buffer[-1].clock if buffer else self._clocks.get(tp, 0.0)
+            for r in records:
+                message = Inbound(r.topic, r.partition, r.offset, r.key, r.value, r.timestamp)
+                outcome = validate_transaction(message, limits)
+                if isinstance(outcome, Accepted):
+                    # A running maximum: the merge needs each partition's keys in order.
+                    clock = max(clock, outcome.event.event_time_s)
+                buffer.append(_Polled(tp, outcome, clock))
+            self._clocks[tp] = clock
+
+    def _catching_up(self) -> bool:
+        """Whether the buffered records are old: a backlog, not live traffic."""
+        heads = [b[0].outcome.message.timestamp_ms for b in self._buffered.values() if b]
+        return bool(heads) and time.time() * 1000 - min(heads) > _CATCH_UP_AGE_MS
+
+    async def _align(self, assignment: Iterable[TopicPartition]) -> None:
+        """Give partitions that may have unread records a moment to fill their buffers.
+
+        Only while catching up: a partition with records on the broker but none here yet
+        (its fetch is in flight) would let the others run ahead in event time. Live, the
+        records are fresh, nothing waits, and latency is untouched.
+        """
+        deadline = time.monotonic() + _CATCH_UP_WAIT_MS / 1000
+        while time.monotonic() < deadline:
+            behind = [
+                tp for tp in assignment if not self._buffered.get(tp) and await self._has_unread(tp)
+            ]
+            if not behind:
+                return
+            for tp in behind:
+                room = self.settings.batch_size
+                self._buffer(await self.consumer.getmany(tp, timeout_ms=0, max_records=room))
+            await asyncio.sleep(_ALIGN_STEP_S)
+
+    async def _has_unread(self, tp: TopicPartition) -> bool:
+        """Whether the broker may hold records of ``tp`` that we have not received.
+
+        The high watermark is as of the partition's last fetch, and a partition is not
+        fetched while records of it wait in a buffer: after we drain it, its watermark is
+        stale until the next fetch answers, and then it counts as possibly behind.
+        """
+        highwater = self.consumer.highwater(tp)
+        if highwater is None:  # no fetch answered yet: cannot tell, do not wait
+            return False
+        fetched_at = self.consumer.last_poll_timestamp(tp) or 0
+        if fetched_at <= self._drained_at.get(tp, -1.0):
+            return True
+        position: int = await self.consumer.position(tp)
+        return bool(position < highwater)
+
+    def forget_buffered(self) -> None:
+        """Drop records polled but not yet taken (on a rebalance: they will be re-read)."""
+        self._buffered.clear()
+        self._clocks.clear()
+        self._drained_at.clear()
+
+    async def stop(self) -> None:
+        """Stop polling; :meth:`run` then finishes what is in flight and returns."""
+        self._stopping.set()
+
+    async def close(self) -> None:
+        """Leave the consumer group and flush the producer."""
+        with contextlib.suppress(KafkaError):
+            await self.consumer.stop()
+        with contextlib.suppress(KafkaError):
+            await self.producer.stop()
+        self._scoring_thread.shutdown(wait=True)
+
+    async def finish_in_flight(self) -> None:
+        """Score, publish and commit everything polled (before a rebalance or a stop)."""
+        async with self._lock:
+            await self._advance(None)
+        if self._settler is not None and not self._settler.done():
+            await self._unsettled.join()
+
+    async def _advance(self, batch: _Batch | None) -> None:
+        """Start ``batch``'s state call and finish the one before it (holding the lock)."""
+        previous, self._pending = self._pending, None
+        state = await self._state_of(previous) if previous is not None else None
+        if batch is not None and batch.local:
+            events = [a.event for a in batch.local]
+            batch.state = asyncio.create_task(self.pipeline.update_state(events))
+            await asyncio.sleep(0)  # let the call go out before the CPU-bound work below
+        if previous is not None:
+            await self._score_and_send(previous, state)
+        self._pending = batch
+
+    async def _state_of(self, batch: _Batch) -> BatchState | None:
+        if batch.state is None:
+            return None
+        events = [a.event for a in batch.local]
+        try:
+            return await batch.state
+        except RedisError as exc:
+            self._redis_error(exc)
+            log.warning("updating state failed (%s); retrying", exc)
+        return await self.backoff.run(
+            lambda: self.pipeline.update_state(events),
+            "updating state in Redis",
+            (RedisError,),
+            self._redis_error,
+        )
+
+    def _prepare(self, polled: Sequence[_Polled]) -> _Batch:
+        """Route a polled batch and build its dead letters: no I/O."""
+        s = self.settings
+        offsets: dict[TopicPartition, int] = {}
+        accepted: list[Accepted] = []
+        rejected: list[Rejected] = []
+        for item in polled:
+            offsets[item.tp] = max(offsets.get(item.tp, 0), item.outcome.message.offset + 1)
+            if isinstance(item.outcome, Accepted):
+                accepted.append(item.outcome)
+            else:
+                rejected.append(item.outcome)
+        local: list[Accepted] = []
+        forwards: list[Output] = []
+        for valid in accepted:
+            message = valid.message
+            key = valid.event.customer_id.encode()
+            home = key_partition(key, self.source_partitions)
+            # Events read from the repartition topic are processed wherever they are, so a
+            # partition-count change can never bounce an event between the two topics.
+            if message.topic == s.topic_repartition or message.partition == home:
+                local.append(valid)
+            else:
+                forwards.append(
+                    Output(
+                        s.topic_repartition,
+                        home,
+                        key,
+                        message.value or b"",
+                        timestamp_ms=message.timestamp_ms,
+                    )
+                )
+        dlq_partitions = self.runtime.partitions[s.topic_dead_letters]
+        dead_letters = [
+            Output(
+                s.topic_dead_letters,
+                r.message.partition % dlq_partitions,  # source order kept per partition
+                r.message.key,
+                r.message.value or b"",
+                dead_letter_headers(
+                    r.error, r.message.topic, r.message.partition, r.message.offset
+                ),
+            )
+            for r in rejected
+        ]
+        return _Batch(
+            offsets, len(polled), local, forwards, dead_letters, rejected, time.perf_counter()
+        )
+
+    def _outputs(self, scored: ScoredBatch) -> list[Output]:
+        s = self.settings
+        scores_n = self.runtime.partitions[s.topic_scores]
+        alerts_n = self.runtime.partitions[s.topic_alerts]
+        shadow_n = self.runtime.partitions[s.topic_shadow_scores]
+        keys = scored.keys
+        outputs = [
+            Output(s.topic_scores, key_partition(key, scores_n), key, payload)
+            for key, payload in zip(keys, scored.payloads, strict=True)
+        ]
+        for i in scored.alerts:
+            key = keys[i]
+            outputs.append(
+                Output(s.topic_alerts, key_partition(key, alerts_n), key, scored.payloads[i])
+            )
+        for key, payload in zip(keys, scored.shadow_payloads, strict=False):  # none: empty
+            shadow = key_partition(key, shadow_n)
+            outputs.append(Output(s.topic_shadow_scores, shadow, key, payload))
+        return outputs
+
+    def _score(self, events: list[TransactionEvent], state: BatchState | None) -> list[Output]:
+        """Features, model calls and records of a batch (in the scoring thread)."""
+        scored = self.pipeline.score(events, state) if state is not None else _NOTHING_SCORED
+        return self._outputs(scored)
+
+    async def _score_and_send(self, batch: _Batch, state: BatchState | None) -> None:
+        """Score a batch and queue its outputs; stage 3 commits it once acknowledged."""
+        for swap in self.runtime.models.activate_pending():
+            log.info("model swap between batches: %s", swap)
+        events = [a.event for a in batch.local]
+        outputs = await asyncio.get_running_loop().run_in_executor(
+            self._scoring_thread, self._score, events, state
+        )
+        batch.outputs = [*batch.dead_letters, *batch.forwards, *outputs]
+        if self.settings.exactly_once:
+            await self.backoff.run(
+                lambda: self._transaction(batch),
+                "publishing a transaction",
+                (KafkaError,),
+                self._kafka_error("produce"),
+            )
+            self._settled(batch)
+            self.metrics.last_commit_timestamp.set(time.time())
+            self.metrics.offsets_committed.inc(batch.messages)
+            self._processed.update(batch.offsets)
+            return
+        batch.acks = await self.backoff.run(
+            lambda: self.publisher.send(batch.outputs),
+            "queueing outputs",
+            (KafkaError,),
+            self._kafka_error("produce"),
+        )
+        await self._unsettled.put(batch)
+
+    async def _transaction(self, batch: _Batch) -> None:
+        try:
+            async with self.producer.transaction():
+                await self.publisher.publish(batch.outputs)
+                await self.producer.send_offsets_to_transaction(
+                    dict(batch.offsets), self.settings.scoring_group_id
+                )
+        except ProducerFenced as exc:
+            # Another instance with our transactional id took over: we must not go on.
+            raise FraudStreamError(
+                f"this worker's producer was fenced ({exc}): is FRAUDSTREAM_INSTANCE_ID "
+                "shared by two running workers?"
+            ) from exc
+
+    async def _settle_forever(self) -> None:
+        """Stage 3: acknowledgements then commits, batch after batch, in order."""
+        while True:
+            batch = await self._unsettled.get()
+            ready = [batch]
+            # Batches already queued behind this one share its commit request.
+            while not self._unsettled.empty() and len(ready) < _MAX_UNSETTLED:
+                ready.append(self._unsettled.get_nowait())
+            try:
+                for item in ready:
+                    await self._acknowledged(item)
+                    self._settled(item)
+                offsets: dict[TopicPartition, int] = {}
+                for item in ready:
+                    offsets.update(item.offsets)
+                if await self._commit(offsets):
+                    self.metrics.offsets_committed.inc(sum(item.messages for item in ready))
+                    self._processed.update(offsets)
+                    self._refresh_lag(force=False)
+            finally:
+                for _ in ready:
+                    self._unsettled.task_done()
+
+    async def _acknowledged(self, batch: _Batch) -> None:
+        """Wait for a batch's acknowledgements, re-sending it until the broker has it all."""
+
+        async def wait_or_resend() -> None:
+            try:
+                await asyncio.gather(*batch.acks)
+            except KafkaError:
+                batch.acks = []  # the next attempt re-sends; retrying a failed future won't
+                raise
+
+        async def attempt() -> None:
+            if not batch.acks:
+                batch.acks = await self.publisher.send(batch.outputs)
+            await wait_or_resend()
+
+        await self.backoff.run(
+            attempt, "publishing outputs", (KafkaError,), self._kafka_error("produce")
+        )
+
+    def _settled(self, batch: _Batch) -> None:
+        """Metrics of a batch whose outputs were just acknowledged."""
+        acked_s = time.time()
+        if batch.local:
+            created_ms = np.fromiter(
+                (item.message.timestamp_ms for item in batch.local), np.float64, len(batch.local)
+            )
+            latencies = np.maximum(0.0, acked_s - created_ms / 1000)
+            observe_many(self.metrics.end_to_end_latency, latencies)
+        for r in batch.rejected:
+            self.metrics.dead_letters.labels(r.error.reason.value).inc()
+        self.metrics.events.labels("dead_letter").inc(len(batch.rejected))
+        self.metrics.repartitioned.inc(len(batch.forwards))
+        self.metrics.batch_size.observe(batch.messages)
+        self.metrics.processing.observe(time.perf_counter() - batch.polled_at)
+
+    async def _commit(self, offsets: Mapping[TopicPartition, int]) -> bool:
+        async def commit() -> bool:
+            assignment = self.consumer.assignment()
+            owned = {tp: offset for tp, offset in offsets.items() if tp in assignment}
+            if not owned:
+                return False
+            try:
+                await self.consumer.commit(owned)
+            except (CommitFailedError, IllegalStateError) as exc:
+                # The partitions moved to another member, which re-processes from the last
+                # commit: duplicates downstream, identical records, nothing lost.
+                self.metrics.kafka_errors.labels("commit").inc()
+                log.warning("offsets not committed, partitions were reassigned: %s", exc)
+                return False
+            self.metrics.last_commit_timestamp.set(time.time())
+            return True
+
+        return await self.backoff.run(
+            commit, "committing offsets", (KafkaError,), self._kafka_error("commit")
+        )
+
+    def _refresh_lag(self, *, force: bool) -> None:
+        now = time.monotonic()
+        if not force and now - self._lag_refreshed < _LAG_REFRESH_S:
+            return
+        self._lag_refreshed = now
+        for tp in self.consumer.assignment():
+            highwater = self.consumer.highwater(tp)
+            position = self._processed.get(tp)
+            if highwater is None or position is None:
+                continue
+            lag = max(highwater - position, 0)
+            self.metrics.consumer_lag.labels(tp.topic, str(tp.partition)).set(lag)
