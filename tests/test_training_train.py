@@ -9,7 +9,7 @@ import torch
 from stream_app import features
 from training.dataset import SequenceSet
 from training.gan import GanConfig
-from training.sequence_model import ModelConfig, predict
+from training.sequence_model import LstmScorer, ModelConfig, amount_cut_points, predict
 from training.train import (
     Augment,
     AugmentConfig,
@@ -106,3 +106,30 @@ def test_fit_adds_the_asked_frauds(sets: tuple[SequenceSet, SequenceSet], mode: 
     described = fit.describe()
     assert described["augment"]["mode"] == mode.value
     assert ("gan_fidelity" in described) == (mode == Augment.GAN)
+
+
+def test_amount_cut_points_find_a_fraud_rule_and_feed_it_as_a_step() -> None:
+    # Every amount above 220 is a fraud, plus a few frauds below it: the first cut is 220.
+    rng = np.random.default_rng(4)
+    n = 20_000
+    sequences = np.zeros((n, 2, features.N_FEATURES), dtype=np.float32)
+    amount = features.FEATURE_INDEX["TX_AMOUNT"]
+    sequences[:, :, amount] = rng.gamma(2.0, 30.0, (n, 2))
+    sequences[:, :, features.FEATURE_INDEX["CUSTOMER_ID_NB_TX_1DAY_WINDOW"]] = 1.0
+    labels = ((sequences[:, -1, amount] > 220) | (rng.random(n) < 0.005)).astype(np.int64)
+    cuts = amount_cut_points(sequences, labels, steps=3)
+    assert 1 <= len(cuts) <= 3 and np.all(np.diff(cuts) > 0)
+    assert np.min(np.abs(cuts - 220.0)) < 1.0
+    assert len(amount_cut_points(sequences, np.zeros(n, dtype=np.int64), steps=3)) == 0
+
+    mean, std = np.zeros(features.N_FEATURES), np.ones(features.N_FEATURES)
+    model = LstmScorer(mean, std, ModelConfig(amount_steps=3), cuts)
+    probe = np.zeros((2, 1, features.N_FEATURES), dtype=np.float32)
+    probe[:, 0, features.FEATURE_INDEX["CUSTOMER_ID_NB_TX_1DAY_WINDOW"]] = 1.0
+    near = cuts[np.argmin(np.abs(cuts - 220.0))]
+    probe[:, 0, amount] = [near - 0.5, near + 0.5]
+    inputs = model.normalise(torch.from_numpy(probe))[:, 0, :]
+    steps = inputs[:, -1 - 3 : -1]  # the step inputs sit just before the presence channel
+    # Exactly one step (the one at ``near``) differs between the two amounts.
+    assert (steps[1] - steps[0]).tolist().count(1.0) == 1
+    assert (steps[1] - steps[0]).abs().sum().item() == 1.0

@@ -26,7 +26,13 @@ from torch import nn
 
 from training.dataset import SequenceSet, oversample_frauds
 from training.gan import Fidelity, GanConfig, fidelity, train_gan
-from training.sequence_model import LstmScorer, ModelConfig, feature_statistics, predict
+from training.sequence_model import (
+    LstmScorer,
+    ModelConfig,
+    amount_cut_points,
+    feature_statistics,
+    predict,
+)
 
 
 @dataclass(frozen=True)
@@ -113,7 +119,8 @@ def train_lstm(
     # Statistics of real rows only: synthetic sequences must not move the normalisation.
     real = train.days >= 0
     mean, std = feature_statistics(train.sequences[real])
-    model = LstmScorer(mean, std, config.model).to(device)
+    cuts = amount_cut_points(train.sequences[real], train.labels[real], config.model.amount_steps)
+    model = LstmScorer(mean, std, config.model, cuts).to(device)
     optimiser = torch.optim.AdamW(
         model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
     )
