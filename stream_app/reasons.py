@@ -3,9 +3,10 @@
 For each alerted event and each :data:`FEATURE_GROUPS` group, the group's values in the
 current (last) step of the sequence are replaced by the model card's normalisation mean,
 i.e. by an unremarkable transaction, and the variants of all alerts are rescored in ONE
-extra model call. A group's contribution is the drop in score its occlusion causes; the
-largest positive ones are phrased with the event's actual values, e.g. "amount 512.30 is
-5.1x the customer's 30-day average (100.45)".
+extra model call. A group's contribution is the drop in log-odds its occlusion causes (in
+log-odds rather than probability so that a score saturated near 1 by two signals, each
+enough alone, still shows both); the largest positive ones are phrased with the event's
+actual values, e.g. "amount 512.30 is 5.1x the customer's 30-day average (100.45)".
 
 Occlusion is model-agnostic and cheap (alerts are rare, one call per batch), and its
 answer is exactly the question an analyst asks: what would the score be had this looked
@@ -29,8 +30,11 @@ from stream_app.records import MAX_REASON_LENGTH
 
 ScoreFunction = Callable[[npt.NDArray[np.float32]], npt.NDArray[np.float64]]
 
-# Contributions below this (a point of probability) are noise, not a reason.
-MIN_CONTRIBUTION: Final = 0.01
+# Contributions below this (log-odds; about a point of probability at a score of 0.2) are
+# noise, not a reason.
+MIN_CONTRIBUTION: Final = 0.05
+# Probabilities are clipped this far from 0 and 1 before their log-odds are taken.
+_EPS: Final = 1e-7
 _SHORT_GAP_S: Final = 600.0  # a previous transaction closer than this is worth saying
 
 
@@ -170,7 +174,7 @@ def occlusion_contributions(
     mean: npt.NDArray[np.float64],
     score: ScoreFunction,
 ) -> npt.NDArray[np.float64]:
-    """Each group's contribution to each sequence's score: ``[A, len(FEATURE_GROUPS)]``.
+    """Each group's contribution to each sequence's score, in log-odds: ``[A, G]``.
 
     Args:
         sequences: The alerted sequences ``[A, T, F]`` as the model saw them.
@@ -184,8 +188,14 @@ def occlusion_contributions(
         columns = group.index
         variants[g::n_groups, -1, columns] = mean[columns].astype(np.float32)
     occluded = score(variants).reshape(len(sequences), n_groups)
-    contributions: npt.NDArray[np.float64] = scores[:, None] - occluded
+    contributions: npt.NDArray[np.float64] = _log_odds(scores)[:, None] - _log_odds(occluded)
     return contributions
+
+
+def _log_odds(p: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    q = np.clip(np.asarray(p, dtype=np.float64), _EPS, 1 - _EPS)
+    result: npt.NDArray[np.float64] = np.log(q) - np.log1p(-q)
+    return result
 
 
 def explain(

@@ -4,10 +4,11 @@ Keys (``prefix`` is a setting, so several deployments or tests can share one Red
 
 * ``{prefix}:c:{customer_id}``: string, the customer's retained history, packed
   :data:`stream_app.state.ENTRY_DTYPE` records (48 bytes each);
-* ``{prefix}:t:{terminal_id}``: string, a ring of :data:`stream_app.state.TERMINAL_RING_DAYS`
+* ``{prefix}:t2:{terminal_id}``: string, a ring of :data:`stream_app.state.TERMINAL_RING_DAYS`
   12-byte day slots (UTC day number, transactions, fraud labels), slot ``day % ring``, then
   as many 192-byte hour slots (the same days' 24 hours of transactions and fraud labels);
-  13,056 bytes a terminal;
+  13,056 bytes a terminal. (``{prefix}:t:`` keys held day slots only, feature version 1:
+  they are not read, and expire.)
 * ``{prefix}:l:{transaction_id}``: string, marks a label as counted (dedupe).
 
 Every key carries a TTL (refreshed on write), which bounds memory; a customer or terminal
@@ -100,7 +101,7 @@ class RedisStateStore:
 
     def terminal_key(self, terminal_id: str) -> str:
         """Key of a terminal's day and hour counters."""
-        return f"{self.prefix}:t:{terminal_id}"
+        return f"{self.prefix}:t2:{terminal_id}"
 
     def label_key(self, transaction_id: str) -> str:
         """Key marking a transaction's label as counted."""

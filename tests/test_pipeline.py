@@ -332,6 +332,26 @@ def test_reasons_follow_the_largest_contributions_with_actual_values() -> None:
     )
 
 
+def test_a_score_saturated_by_two_signals_names_both() -> None:
+    context = _context(TX_AMOUNT=900.0, AMOUNT_TO_CUSTOMER_PRIOR_AVG_30DAY=9.0)
+    mean = np.ones(F.N_FEATURES)
+    mean[F.FEATURE_INDEX["TX_AMOUNT"]] = 50.0
+    amount = F.FEATURE_INDEX["TX_AMOUNT"]
+    ratio = F.FEATURE_INDEX["AMOUNT_TO_CUSTOMER_PRIOR_AVG_30DAY"]
+
+    def model(batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
+        # Either signal alone gives 0.9999; both together 0.99999999: occluding one barely
+        # moves the probability, but it moves the log-odds by over 4.
+        last = batch[:, -1, :].astype(np.float64)
+        logit = -6.0 + 15.0 * (last[:, amount] > 220) + 15.0 * (last[:, ratio] > 3)
+        return 1 / (1 + np.exp(-logit))
+
+    sequences = context.features[None, None, :].astype(np.float32)
+    (reasons,) = explain(sequences, model(sequences), [context], mean, model, max_reasons=2)
+    assert len(reasons) == 2 and all("900.00" in text for text in reasons)
+    assert reasons[0].startswith("amount 900.00 is 18.0x the average transaction")
+
+
 def test_every_alert_gets_a_reason_even_when_no_group_stands_out() -> None:
     context = _context(TX_AMOUNT=20.0)
 

@@ -135,7 +135,7 @@ async def test_a_label_counts_once(redis_client: aioredis.Redis, redis_prefix: s
     assert await store.terminal_counts("t1", hour + 64 * 24) == (1, 0, 0, 0)
 
 
-async def test_a_terminal_value_of_another_layout_starts_afresh(
+async def test_terminal_counters_of_feature_version_1_are_not_read(
     redis_client: aioredis.Redis, redis_prefix: str
 ) -> None:
     store = RedisStateStore(redis_client, prefix=redis_prefix)
@@ -143,7 +143,8 @@ async def test_a_terminal_value_of_another_layout_starts_afresh(
     day = BASE_MS // F.MS_PER_DAY
     old = np.zeros(64, dtype=[("day", "<i4"), ("tx", "<i4"), ("fraud", "<i4")])
     old[day % 64] = (day, 50, 50)
-    await redis_client.set(store.terminal_key("t1"), old.tobytes())
+    await redis_client.set(f"{redis_prefix}:t:t1", old.tobytes())
+    assert store.terminal_key("t1") != f"{redis_prefix}:t:t1"
     state = await store.apply_transactions(
         [TransactionUpdate("tx1", "c1", "t1", BASE_MS + 8 * F.MS_PER_DAY, 5.0)]
     )

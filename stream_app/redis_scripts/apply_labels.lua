@@ -14,7 +14,7 @@ for e = 1, #KEYS / 2 do
   local is_fraud = ARGV[2 * e + 2]
   if redis.call('SET', lkey, is_fraud, 'NX', 'PX', ttl) and is_fraud == '1' then
     local day = math.floor(hour / 24)
-    if count_in_ring(tkey, load_ring(tkey), day, hour - day * 24, 0, 1) then
+    if count_in_ring(tkey, read_day_slots(tkey), day, hour - day * 24, 0, 1) then
       counted = counted + 1
     end
   end

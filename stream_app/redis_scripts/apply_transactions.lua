@@ -35,13 +35,10 @@ local counts_fmt = '<' .. string.rep('i4', 2 * n_windows)
 local packed = ARGV[7 + 2 * n_windows]
 local n_events = #KEYS / 2
 local span = max_hi - min_lo + 1
-local hours_at = ring_layout()
-local hour_fmt = {}
-for n = 1, 24 do hour_fmt[n] = '<' .. string.rep('i4', 2 * n) end
 
 -- Transaction and fraud counts of the days day+min_lo .. day+max_hi, from a terminal's ring,
 -- and whether each day's slot holds that day.
-local function read_days(ring_blob, day)
+local function read_days(days, day)
   local tx, fr, held = {}, {}, {}
   for i = 1, span do
     tx[i] = 0
@@ -54,7 +51,7 @@ local function read_days(ring_blob, day)
   while i <= span do
     local slot = (first + i - 1) % ring
     local run = math.min(span - i + 1, ring - slot)
-    local v = { struct.unpack('<' .. string.rep('i4', 3 * run), ring_blob, slot * SLOT + 1) }
+    local v = { struct.unpack('<' .. string.rep('i4', 3 * run), days, slot * SLOT + 1) }
     for j = 0, run - 1 do
       if v[3 * j + 1] == first + i - 1 + j then
         tx[i + j] = v[3 * j + 2]
@@ -65,19 +62,6 @@ local function read_days(ring_blob, day)
     i = i + run
   end
   return tx, fr, held
-end
-
--- Transaction and fraud counts of hours from_h..to_h of a day whose slot holds it.
-local function read_hours(ring_blob, day, from_h, to_h)
-  if to_h < from_h then return 0, 0 end
-  local n = to_h - from_h + 1
-  local v = { struct.unpack(hour_fmt[n], ring_blob, hours_at + (day % ring) * HOUR_SLOT + from_h * 8 + 1) }
-  local tx, fr = 0, 0
-  for j = 1, 2 * n, 2 do
-    tx = tx + v[j]
-    fr = fr + v[j + 1]
-  end
-  return tx, fr
 end
 
 local flags = {}
@@ -113,9 +97,10 @@ for e = 1, n_events do
     local hour = math.floor(t / 3600000)
     local day = math.floor(hour / 24)
     local hod = hour - day * 24
-    local ring_blob = load_ring(tkey)
-    local tx, fr, held = read_days(ring_blob, day)
+    local days = read_day_slots(tkey)
+    local tx, fr, held = read_days(days, day)
     local sums = {}
+    local last_day = {}  -- hours 0..hod-1 of a last day, read once for the windows sharing it
     for w = 1, n_windows do
       local s_tx, s_fr = 0, 0
       local first, last = lo[w] - min_lo + 1, hi[w] - min_lo + 1
@@ -124,12 +109,12 @@ for e = 1, n_events do
         s_fr = s_fr + fr[d]
       end
       if held[first] then
-        local h_tx, h_fr = read_hours(ring_blob, day + lo[w], hod, 23)
+        local h_tx, h_fr = read_hours(tkey, day + lo[w], hod, 23)
         s_tx, s_fr = s_tx + h_tx, s_fr + h_fr
       end
       if held[last] then
-        local h_tx, h_fr = read_hours(ring_blob, day + hi[w], 0, hod - 1)
-        s_tx, s_fr = s_tx + h_tx, s_fr + h_fr
+        if not last_day[last] then last_day[last] = { read_hours(tkey, day + hi[w], 0, hod - 1) } end
+        s_tx, s_fr = s_tx + last_day[last][1], s_fr + last_day[last][2]
       end
       sums[w] = s_tx
       sums[n_windows + w] = s_fr
@@ -158,7 +143,7 @@ for e = 1, n_events do
       redis.call('APPEND', ckey, rec)
       redis.call('PEXPIRE', ckey, ttl)
     end
-    count_in_ring(tkey, ring_blob, day, hod, 1, 0)
+    count_in_ring(tkey, days, day, hod, 1, 0)
     out[2 * e] = blob
     out[2 * e + 1] = rec
   end

@@ -3,44 +3,60 @@
 --
 -- A terminal's counters are one string of `ring` 12-byte day slots <i4 day, i4 transactions,
 -- i4 frauds> (slot = day % ring; a slot holding another day counts as empty), then as many
--- 192-byte hour slots, the same days' 24 hours of <i4 transactions, i4 frauds>. A string of
--- any other length (another layout) is replaced by an empty ring.
+-- 192-byte hour slots, the same days' 24 hours of <i4 transactions, i4 frauds>. Only the
+-- ranges needed are read (GETRANGE): reading the whole 13 KB string costs ~15 us in a script.
 
 local SLOT = 12
 local HOUR_SLOT = 192
 local ring, ttl
+local hour_fmt = {}
+for n = 1, 24 do hour_fmt[n] = '<' .. string.rep('i4', 2 * n) end
 
-local function ring_layout()
-  return ring * SLOT, ring * SLOT + ring * HOUR_SLOT
+-- Offset of hour `hod` of the day in `slot`.
+local function hour_offset(slot, hod)
+  return ring * SLOT + slot * HOUR_SLOT + hod * 8
 end
 
--- The terminal's ring, replaced by an empty one when missing or of another layout.
-local function load_ring(tkey)
-  local _, size = ring_layout()
-  local ring_blob = redis.call('GET', tkey)
-  if not ring_blob or #ring_blob ~= size then
-    ring_blob = string.rep('\0', size)
-    redis.call('SET', tkey, ring_blob, 'PX', ttl)
+-- The terminal's day slots; a missing terminal gets an empty ring (all zeros).
+local function read_day_slots(tkey)
+  local days = redis.call('GETRANGE', tkey, 0, ring * SLOT - 1)
+  if #days < ring * SLOT then
+    redis.call('SETRANGE', tkey, hour_offset(ring, 0) - 1, '\0')
+    redis.call('PEXPIRE', tkey, ttl)
+    days = string.rep('\0', ring * SLOT)
   end
-  return ring_blob
+  return days
 end
 
--- Add d_tx transactions and d_fr frauds to hour `hod` of `day` in a terminal's ring (read as
--- ring_blob). A slot of an older day starts afresh; one of a newer day means the count is
--- more than a ring late: nothing is counted and false is returned.
-local function count_in_ring(tkey, ring_blob, day, hod, d_tx, d_fr)
-  local hours_at = ring_layout()
+-- Transaction and fraud counts of hours from_h..to_h of a day its slot holds.
+local function read_hours(tkey, day, from_h, to_h)
+  if to_h < from_h then return 0, 0 end
+  local n = to_h - from_h + 1
+  local at = hour_offset(day % ring, from_h)
+  local v = { struct.unpack(hour_fmt[n], redis.call('GETRANGE', tkey, at, at + 8 * n - 1)) }
+  local tx, fr = 0, 0
+  for j = 1, 2 * n, 2 do
+    tx = tx + v[j]
+    fr = fr + v[j + 1]
+  end
+  return tx, fr
+end
+
+-- Add d_tx transactions and d_fr frauds to hour `hod` of `day` (`days`: the day slots as
+-- read). A slot of an older day starts afresh; one of a newer day means the count is more
+-- than a ring late: nothing is counted and false is returned.
+local function count_in_ring(tkey, days, day, hod, d_tx, d_fr)
   local slot = day % ring
-  local s_day, s_tx, s_fr = struct.unpack('<i4i4i4', ring_blob, slot * SLOT + 1)
-  local hours = hours_at + slot * HOUR_SLOT
+  local s_day, s_tx, s_fr = struct.unpack('<i4i4i4', days, slot * SLOT + 1)
+  local cell = hour_offset(slot, hod)
   if s_day < day then
     redis.call('SETRANGE', tkey, slot * SLOT, struct.pack('<i4i4i4', day, d_tx, d_fr))
-    redis.call('SETRANGE', tkey, hours, string.rep('\0', hod * 8)
+    redis.call('SETRANGE', tkey, hour_offset(slot, 0), string.rep('\0', hod * 8)
       .. struct.pack('<i4i4', d_tx, d_fr) .. string.rep('\0', (23 - hod) * 8))
   elseif s_day == day then
-    local c_tx, c_fr = struct.unpack('<i4i4', ring_blob, hours + hod * 8 + 1)
+    local c_tx, c_fr = struct.unpack('<i4i4', redis.call('GETRANGE', tkey, cell, cell + 7))
     redis.call('SETRANGE', tkey, slot * SLOT, struct.pack('<i4i4i4', day, s_tx + d_tx, s_fr + d_fr))
-    redis.call('SETRANGE', tkey, hours + hod * 8, struct.pack('<i4i4', c_tx + d_tx, c_fr + d_fr))
+    redis.call('SETRANGE', tkey, cell, struct.pack('<i4i4', c_tx + d_tx, c_fr + d_fr))
   else
     return false
   end
