@@ -40,7 +40,7 @@ from stream_app.state import (
 _SCRIPTS: Final = resources.files("stream_app") / "redis_scripts"
 # One event as packed for the script, after its 8-byte hash: time_ms, amount.
 _EVENT: Final = struct.Struct("<qd")
-# A terminal's ring of day and hour counters (see apply_transactions.lua).
+# A terminal's ring of day and hour counters (see redis_scripts/terminal_ring.lua).
 _DAY_SLOT: Final = np.dtype([("day", "<i4"), ("tx", "<i4"), ("fraud", "<i4")])
 _HOUR_SLOT: Final = np.dtype([("tx", "<i4"), ("fraud", "<i4")])
 _RING: Final = np.dtype(
