@@ -10,6 +10,8 @@ import pytest
 import redis.asyncio as aioredis
 
 from tests.kafka_fixtures import (  # noqa: F401  (fixtures, re-exported for every test)
+    apache_kafka,
+    bundled_broker,
     kafka_broker,
     make_settings,
     second_model,

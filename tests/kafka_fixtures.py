@@ -1,7 +1,9 @@
 """Session services and per-test names for the integration tests.
 
-* ``kafka_broker``: the bundled Kafka-protocol broker (Tansu), started once per session
-  (or ``FRAUDSTREAM_TEST_KAFKA_BOOTSTRAP`` to use a running one);
+* ``kafka_broker``: parametrised over both brokers, each started once per session: the
+  bundled Kafka-protocol broker (``bundled_broker``; ``FRAUDSTREAM_TEST_KAFKA_BOOTSTRAP``
+  to use a running one) and Apache Kafka (``apache_kafka``), on which the worker runs with
+  the settings ``docker-compose.yml`` deploys (exactly-once, idempotent producer);
 * ``make_settings``: worker :class:`Settings` on that broker and the real Redis, with topics,
   consumer group and Redis key prefix no other test uses (keys deleted afterwards);
 * :class:`WorkerProcess`: the worker as a real subprocess (SIGTERM, SIGKILL), and
@@ -36,27 +38,74 @@ from aiokafka.structs import ConsumerRecord
 from prometheus_client.parser import text_string_to_metric_families
 
 from stream_app import kafka_config
-from stream_app.broker import BundledBroker, free_port
 from stream_app.config import Settings, load_settings, settings_environment
 from stream_app.model_card import Thresholds
+from training.services.apache_kafka import ApacheKafka
+from training.services.bundled_broker import BundledBroker
+from training.services.net import free_port
 
 REDIS_URL = os.environ.get("FRAUDSTREAM_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 TEST_SEQUENCE_LENGTH = 5
 
 
+BROKERS = ("bundled", "kafka")
+
+
+@dataclass(frozen=True)
+class Broker:
+    """A running broker the integration tests talk to.
+
+    ``kind`` is ``bundled`` (Tansu: no idempotent or transactional producer, no TLS) or
+    ``kafka`` (Apache Kafka, where the worker runs with what ``docker-compose.yml`` deploys:
+    exactly-once and the idempotent producer).
+    """
+
+    kind: str
+    bootstrap_servers: str
+
+    @property
+    def deployed(self) -> dict[str, Any]:
+        """The worker settings of this broker's lane."""
+        if self.kind == "kafka":
+            return {"idempotent_producer": True, "processing_guarantee": "exactly_once"}
+        return {"idempotent_producer": False, "processing_guarantee": "at_least_once"}
+
+    def __str__(self) -> str:
+        return self.bootstrap_servers
+
+
 @pytest.fixture(scope="session")
-def kafka_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """Bootstrap servers of a Kafka-protocol broker, started once for the session."""
+def bundled_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
+    """The bundled Kafka-protocol broker, started once for the session."""
     external = os.environ.get("FRAUDSTREAM_TEST_KAFKA_BOOTSTRAP")
     if external:
-        yield external
+        yield Broker("bundled", external)
         return
     broker = BundledBroker(log_path=tmp_path_factory.mktemp("broker") / "tansu.log")
     broker.start()
     try:
-        yield broker.bootstrap_servers
+        yield Broker("bundled", broker.bootstrap_servers)
     finally:
         broker.stop()
+
+
+@pytest.fixture(scope="session")
+def apache_kafka() -> Iterator[Broker]:
+    """Apache Kafka (one KRaft node, the compose settings), started once for the session."""
+    kafka = ApacheKafka()
+    kafka.start()
+    try:
+        yield Broker("kafka", kafka.bootstrap_servers)
+    finally:
+        kafka.stop()
+
+
+@pytest.fixture(scope="session", params=BROKERS)
+def kafka_broker(request: pytest.FixtureRequest) -> Broker:
+    """Each broker in turn: a test asking for it runs on the bundled broker and on Kafka."""
+    fixture = "bundled_broker" if request.param == "bundled" else "apache_kafka"
+    broker: Broker = request.getfixturevalue(fixture)
+    return broker
 
 
 def unique(prefix: str) -> str:
@@ -64,15 +113,21 @@ def unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:10]}"
 
 
-def new_settings(bootstrap: str, **overrides: Any) -> Settings:
-    """Worker settings with topics, group and key prefix no other test uses."""
+def new_settings(broker: Broker | str, **overrides: Any) -> Settings:
+    """Worker settings with topics, group and key prefix no other test uses.
+
+    On a :class:`Broker`, the worker runs with that broker's lane settings
+    (:attr:`Broker.deployed`); a bare bootstrap string means the bundled broker's.
+    """
+    if isinstance(broker, str):
+        broker = Broker("bundled", broker)
     tag = uuid.uuid4().hex[:10]
     values: dict[str, Any] = {
-        "kafka_bootstrap_servers": bootstrap,
+        "kafka_bootstrap_servers": broker.bootstrap_servers,
         "redis_url": REDIS_URL,
         "group_id": f"g-{tag}",
         "instance_id": "test",
-        "idempotent_producer": False,
+        **broker.deployed,
         "topic_transactions": f"tx-{tag}",
         "topic_labels": f"labels-{tag}",
         "topic_scores": f"scores-{tag}",
@@ -102,7 +157,7 @@ def delete_state(prefix: str) -> None:
 
 
 @pytest.fixture
-def make_settings(kafka_broker: str) -> Iterator[Callable[..., Settings]]:
+def make_settings(kafka_broker: Broker) -> Iterator[Callable[..., Settings]]:
     """Factory of worker settings isolated from every other test.
 
     Each call gets fresh topic names, consumer group and Redis key prefix; keyword
@@ -219,7 +274,12 @@ async def read_topic(
 ) -> list[ConsumerRecord[bytes, bytes]]:
     """Every message of ``topic`` from the beginning, once there are ``until`` (or time out)."""
     consumer = AIOKafkaConsumer(
-        topic, **kafka_config.client_kwargs(settings), group_id=None, auto_offset_reset="earliest"
+        topic,
+        **kafka_config.client_kwargs(settings),
+        group_id=None,
+        auto_offset_reset="earliest",
+        # Under exactly-once only committed transactions count: what a downstream reader sees.
+        isolation_level="read_committed" if settings.exactly_once else "read_uncommitted",
     )
     await consumer.start()
     records: list[ConsumerRecord[bytes, bytes]] = []

@@ -32,12 +32,13 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.structs import ConsumerRecord
 
 from stream_app import kafka_config
-from stream_app.broker import LOOPBACK, broker_binary, free_port, wait_for_port
 from stream_app.config import Settings
 from stream_app.records import ScoreRecord
 from stream_app.redis_state import RedisStateStore
 from stream_app.state import TransactionUpdate
 from training.replay import replay_messages
+from training.services.bundled_broker import broker_binary
+from training.services.net import LOOPBACK, free_port, wait_for_port
 from training.simulator import SimulatorConfig, simulate
 from training.transactions import to_arrays
 

@@ -8,6 +8,8 @@ need_apt=()
 command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)
 command -v docker-compose >/dev/null 2>&1 || need_apt+=(docker-compose)
 command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
+command -v java >/dev/null 2>&1 || need_apt+=(openjdk-17-jre-headless)
+command -v mvn >/dev/null 2>&1 || need_apt+=(maven)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "== apt-get install ${need_apt[*]}"
   export DEBIAN_FRONTEND=noninteractive
@@ -20,6 +22,11 @@ fi
 
 echo "== pip install -e .[train,dev]"
 python3 -m pip install -q -e ".[train,dev]"
+
+# Apache Kafka for the tests' second broker lane, the bench and `demo --broker kafka`: its
+# jars from Maven Central into ~/.cache/fraudstream (nothing is fetched when they are there).
+echo "== Apache Kafka (Maven Central)"
+python3 -m training.services.apache_kafka install
 
 if ! redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then
   echo "== starting redis-server on 127.0.0.1:6379"

@@ -25,11 +25,11 @@ import yaml
 from aiokafka import AIOKafkaProducer
 
 from stream_app import kafka_config
-from stream_app.broker import free_port, wait_for_port
 from stream_app.config import Settings
 from tests.kafka_fixtures import Dataset, WorkerProcess, new_settings
 from tests.test_monitoring import MONITORING, dashboard_queries
 from training.replay import replay, replay_messages
+from training.services.net import free_port, wait_for_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -27,7 +27,6 @@ import redis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from stream_app import kafka_config
-from stream_app.broker import free_port
 from stream_app.config import Settings, load_settings, settings_environment
 from tests.kafka_fixtures import Dataset, WorkerProcess
 from tests.resilience_helpers import (
@@ -42,6 +41,7 @@ from tests.resilience_helpers import (
     transaction_ids,
     transaction_messages,
 )
+from training.services.net import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.resilience]
 

@@ -47,11 +47,12 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 
 from stream_app import features, kafka_config
-from stream_app.broker import BundledBroker, free_port, wait_for_port
 from stream_app.config import Settings, load_settings, redact_url, settings_environment
 from stream_app.errors import ConfigError
 from stream_app.kafka_config import ensure_topics
 from training.replay import ReplayMessage, ensure_input_topics, replay, replay_messages
+from training.services.bundled_broker import BundledBroker
+from training.services.net import free_port, wait_for_port
 
 DEFAULT_DATA: Final = Path("data/tx.parquet")
 DEFAULT_MODEL: Final = Path("onnx_models/default")

