@@ -204,6 +204,7 @@ class ScoringLoop:
                     batch = self._prepare(polled) if polled else None
                     await self._advance(batch)
                 if batch is None:
+                    await self._catch_up_positions()
                     self._refresh_lag(force=False)
             await self.finish_in_flight()
         finally:
@@ -562,6 +563,23 @@ class ScoringLoop:
         return await self.backoff.run(
             commit, "committing offsets", (KafkaError,), self._kafka_error("commit")
         )
+
+    async def _catch_up_positions(self) -> None:
+        """While idle with nothing in flight, count as processed what the fetch skipped.
+
+        Under exactly-once every transaction ends with a commit marker, an offset that holds
+        no record: the last committed offset stays one short of the high watermark, and the
+        lag gauge would read 1 for ever. With nothing buffered, pending or unsettled, every
+        record before the consumer's position has been processed, so the position is too.
+        """
+        if self._pending is not None or not self._unsettled.empty():
+            return
+        for tp in self.consumer.assignment():
+            if self._buffered.get(tp) or tp not in self._processed:
+                continue
+            position: int = await self.consumer.position(tp)
+            if position > self._processed[tp]:
+                self._processed[tp] = position
 
     def _refresh_lag(self, *, force: bool) -> None:
         now = time.monotonic()
