@@ -41,14 +41,12 @@ from stream_app import kafka_config
 from stream_app.config import Settings, load_settings, settings_environment
 from stream_app.model_card import Thresholds
 from training.services.apache_kafka import ApacheKafka
+from training.services.brokers import BROKER_KINDS, BrokerKind, deployed_settings
 from training.services.bundled_broker import BundledBroker
 from training.services.net import free_port
 
 REDIS_URL = os.environ.get("FRAUDSTREAM_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 TEST_SEQUENCE_LENGTH = 5
-
-
-BROKERS = ("bundled", "kafka")
 
 
 @dataclass(frozen=True)
@@ -60,15 +58,13 @@ class Broker:
     exactly-once and the idempotent producer).
     """
 
-    kind: str
+    kind: BrokerKind
     bootstrap_servers: str
 
     @property
     def deployed(self) -> dict[str, Any]:
         """The worker settings of this broker's lane."""
-        if self.kind == "kafka":
-            return {"idempotent_producer": True, "processing_guarantee": "exactly_once"}
-        return {"idempotent_producer": False, "processing_guarantee": "at_least_once"}
+        return deployed_settings(self.kind)
 
     def __str__(self) -> str:
         return self.bootstrap_servers
@@ -100,7 +96,7 @@ def apache_kafka() -> Iterator[Broker]:
         kafka.stop()
 
 
-@pytest.fixture(scope="session", params=BROKERS)
+@pytest.fixture(scope="session", params=BROKER_KINDS)
 def kafka_broker(request: pytest.FixtureRequest) -> Broker:
     """Each broker in turn: a test asking for it runs on the bundled broker and on Kafka."""
     fixture = "bundled_broker" if request.param == "bundled" else "apache_kafka"

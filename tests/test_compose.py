@@ -125,3 +125,42 @@ def test_lock_files_pin_the_whole_dependency_closure(stage: str) -> None:
         name = re.sub(r"[-_.]+", "-", req.name).lower()
         if name in pins:
             assert req.specifier.contains(pins[name]), f"{name}=={pins[name]} breaks {req}"
+
+
+def _kafka_property(env_name: str) -> str:
+    # The apache/kafka image maps KAFKA_FOO_BAR to foo.bar.
+    return env_name.removeprefix("KAFKA_").lower().replace("_", ".")
+
+
+def test_the_tests_kafka_runs_what_compose_deploys() -> None:
+    from training.services.apache_kafka import COMPOSE_SETTINGS, ApacheKafka, kafka_version
+
+    kafka = SERVICES["kafka"]
+    assert kafka["image"] == f"apache/kafka:{kafka_version()}"
+    deployed = {_kafka_property(k): v for k, v in _environment(kafka).items()}
+    for key, value in COMPOSE_SETTINGS.items():
+        assert deployed.get(key) == value, f"{key}: compose {deployed.get(key)!r}, tests {value!r}"
+    # Single node, no TLS: the same listeners and protocols as the compose service.
+    broker = ApacheKafka()
+    node = _single_node(broker)
+    props = broker.properties(node)
+    for key, value in COMPOSE_SETTINGS.items():
+        assert props[key] == value
+    assert set(props["listener.security.protocol.map"].split(",")) == set(
+        deployed["listener.security.protocol.map"].split(",")
+    )
+    assert [x.split("://")[0] for x in props["listeners"].split(",")] == [
+        x.split("://")[0] for x in deployed["listeners"].split(",")
+    ]
+    # The worker the compose file deploys runs the tests' Apache Kafka lane settings.
+    worker = _environment(SERVICES["worker"])
+    assert worker["FRAUDSTREAM_PROCESSING_GUARANTEE"] == "exactly_once"
+    assert worker["FRAUDSTREAM_IDEMPOTENT_PRODUCER"] == "true"
+
+
+def _single_node(broker: Any) -> Any:
+    from training.services.apache_kafka import _Node
+
+    node = _Node(1, Path("/nonexistent"), {"PLAINTEXT": 9092, "CONTROLLER": 9093})
+    broker._nodes.append(node)
+    return node

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from training.demo import DemoSummary, histogram_quantile, summarise
+from training.services.brokers import BROKER_KINDS, BrokerKind, describe
 
 # The demo command through a fresh Typer app: training.commands wires it into the
 # `fraudstream` CLI; this test does not depend on that wiring.
@@ -28,13 +29,18 @@ def _fresh_environment() -> dict[str, str]:
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_the_demo_runs_end_to_end_and_summarises_precision_and_recall(served_model: Path) -> None:
+@pytest.mark.parametrize("broker", BROKER_KINDS)
+def test_the_demo_runs_end_to_end_and_summarises_precision_and_recall(
+    served_model: Path, broker: BrokerKind
+) -> None:
     done = subprocess.run(
         [
             sys.executable,
             "-c",
             RUN_DEMO,
             "demo",
+            "--broker",
+            broker,
             "--events",
             "800",
             "--rate",
@@ -53,12 +59,14 @@ def test_the_demo_runs_end_to_end_and_summarises_precision_and_recall(served_mod
     )
     output = done.stdout + done.stderr
     assert done.returncode == 0, output
-    assert "started the bundled Kafka-protocol broker" in output
+    assert f"started {describe(broker)}" in output
     assert "using a local redis-server" in output
     assert re.search(r"transactions scored\s+│\s+800", output), output
     assert re.search(r"precision of alerts\s+│\s+\d+\.\d%", output)
     assert re.search(r"recall of alerts\s+│\s+\d+\.\d%", output)
     assert re.search(r"http://127\.0\.0\.1:\d+/metrics", output)
+    if broker == "kafka":  # the worker ran what docker-compose.yml deploys
+        assert "exactly_once" in output, output
 
 
 def test_the_demo_without_a_model_says_to_train_one(tmp_path: Path) -> None:

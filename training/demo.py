@@ -2,7 +2,8 @@
 
 On a machine with no Kafka and no configuration it:
 
-1. starts the bundled Kafka-protocol broker (unless ``KAFKA_BOOTSTRAP_SERVERS`` or
+1. starts the bundled Kafka-protocol broker, or Apache Kafka with ``--broker kafka``
+   (exactly-once, as deployed) (unless ``KAFKA_BOOTSTRAP_SERVERS`` or
    ``FRAUDSTREAM_KAFKA_BOOTSTRAP_SERVERS`` is set), and uses ``REDIS_URL`` /
    ``FRAUDSTREAM_REDIS_URL`` or else a private ``redis-server`` on a free port;
 2. checks the model (default ``onnx_models/default``; if missing, says to train one);
@@ -53,7 +54,7 @@ from stream_app.errors import ConfigError, ModelError
 from stream_app.records import Decision, ScoreRecord
 from stream_app.scoring import OnnxScorer
 from training.replay import ReplayStats, replay, replay_messages
-from training.services.bundled_broker import BundledBroker
+from training.services.brokers import BrokerKind, deployed_settings, describe, local_broker
 from training.services.net import LOOPBACK, free_port, wait_for_port
 from training.simulator import SimulatorConfig, simulate
 
@@ -77,6 +78,7 @@ class DemoOptions:
     n_customers: int = 300
     n_days: int = 30
     keep_running: bool = False
+    broker: BrokerKind = "bundled"
 
 
 def demo_transactions(options: DemoOptions) -> pd.DataFrame:
@@ -487,18 +489,22 @@ def run_demo(options: DemoOptions, console: Console | None = None) -> DemoSummar
         if "metrics_port" not in base.model_fields_set:
             overrides["metrics_port"] = free_port()
         if "kafka_bootstrap_servers" not in base.model_fields_set:
-            broker = stack.enter_context(BundledBroker(log_path=work / "broker.log"))
-            overrides["kafka_bootstrap_servers"] = broker.bootstrap_servers
-            # The bundled broker has no idempotent producer (Apache Kafka does).
-            overrides["idempotent_producer"] = False
+            console.print(f"starting {describe(options.broker)} ...")
+            overrides["kafka_bootstrap_servers"] = stack.enter_context(
+                local_broker(options.broker, work)
+            )
+            # Exactly-once with the idempotent producer on Apache Kafka, as deployed; the
+            # bundled broker supports neither.
+            overrides.update(deployed_settings(options.broker))
             console.print(
-                f"started the bundled Kafka-protocol broker on {broker.bootstrap_servers}"
+                f"started {describe(options.broker)} on {overrides['kafka_bootstrap_servers']}"
             )
         if "redis_url" not in base.model_fields_set:
             overrides["redis_url"] = stack.enter_context(local_redis(work))
             console.print(f"using a local redis-server on {overrides['redis_url']}")
         settings = load_settings(**overrides)
         console.print(f"model {escape(version)} from {escape(str(model_dir))}")
+        console.print(f"processing guarantee: {settings.processing_guarantee}")
         try:
             return asyncio.run(_run(options, settings, version, console, work))
         finally:

@@ -6,12 +6,20 @@ calls it). Only typer is imported here; each command imports what it needs when 
 
 from __future__ import annotations
 
+import enum
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 _KAFKA = "Kafka (default: the FRAUDSTREAM_* settings)"
+
+
+class BrokerChoice(enum.StrEnum):
+    """The local brokers a command can start (see :mod:`training.services.brokers`)."""
+
+    BUNDLED = "bundled"
+    KAFKA = "kafka"
 
 
 def _fail(message: str) -> typer.Exit:
@@ -141,6 +149,13 @@ def demo_command(
     keep_running: Annotated[
         bool, typer.Option(help="Keep the worker (and its metrics) up after the summary.")
     ] = False,
+    broker: Annotated[
+        BrokerChoice,
+        typer.Option(
+            help="Local broker: bundled (no JVM, starts in a second) or kafka (Apache Kafka "
+            "from Maven Central, exactly-once as deployed; needs Java and Maven)."
+        ),
+    ] = BrokerChoice.BUNDLED,
 ) -> None:
     """Run broker, Redis, worker and a replay locally; show live scores and a summary.
 
@@ -159,6 +174,7 @@ def demo_command(
         n_customers=customers,
         n_days=days,
         keep_running=keep_running,
+        broker=broker.value,
     )
     try:
         run_demo(options)
