@@ -7,14 +7,13 @@ or SCRAM-SHA-256/512 are configured identically everywhere.
 
 The bundled test broker (Tansu) supports neither TLS nor idempotent or transactional
 producers: against it run ``FRAUDSTREAM_KAFKA_SECURITY_PROTOCOL=PLAINTEXT`` (the default),
-``FRAUDSTREAM_IDEMPOTENT_PRODUCER=false`` and ``at_least_once``. With Apache Kafka keep the
-idempotent producer on.
+``FRAUDSTREAM_IDEMPOTENT_PRODUCER=false`` and ``at_least_once`` (the start-up checks of
+:mod:`stream_app.kafka_preflight` say so). With Apache Kafka keep the idempotent producer on.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import ssl
 from collections.abc import Iterable
@@ -22,7 +21,13 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.errors import (
+    ClusterAuthorizationFailedError,
+    InvalidReplicationFactorError,
+    TopicAlreadyExistsError,
+    TopicAuthorizationFailedError,
+    for_code,
+)
 from aiokafka.helpers import create_ssl_context
 
 from stream_app.config import Settings
@@ -78,6 +83,15 @@ def client_kwargs(settings: Settings) -> dict[str, Any]:
         kwargs["sasl_plain_username"] = settings.kafka_sasl_username
         kwargs["sasl_plain_password"] = settings.kafka_sasl_password.get_secret_value()
     return kwargs
+
+
+def scoring_transactional_id(settings: Settings) -> str:
+    """The transactional id of the scoring loop's producer under exactly-once.
+
+    One per worker instance, stable across restarts: a restarted instance fences its own
+    previous incarnation, and never another instance.
+    """
+    return f"{settings.group_id}-scoring-{settings.instance_id}"
 
 
 def producer_kwargs(settings: Settings, *, transactional_id: str | None = None) -> dict[str, Any]:
@@ -177,6 +191,41 @@ async def topic_partitions(admin: AIOKafkaAdminClient, names: Iterable[str]) -> 
     return counts
 
 
+def check_created(topic_errors: Iterable[dict[str, Any]], settings: Settings) -> None:
+    """Turn the errors of a CreateTopics answer into what to fix; retriable ones propagate.
+
+    A topic another replica created first is no error.
+
+    Raises:
+        ConfigError: the principal may not create the topics, or the broker refused the
+            partition or replication settings.
+        aiokafka.errors.KafkaError: a retriable error (the caller retries).
+    """
+    denied: list[str] = []
+    for answer in topic_errors:
+        error = for_code(answer["error_code"])
+        if answer["error_code"] == 0 or error is TopicAlreadyExistsError:
+            continue
+        if error in (TopicAuthorizationFailedError, ClusterAuthorizationFailedError):
+            denied.append(answer["topic"])
+            continue
+        detail = answer.get("error_message") or error.__name__
+        if error is InvalidReplicationFactorError:
+            raise ConfigError(
+                f"cannot create topic {answer['topic']} ({detail}): set "
+                "FRAUDSTREAM_TOPIC_REPLICATION_FACTOR to at most the number of brokers"
+            )
+        if error.retriable:
+            raise error(detail)
+        raise ConfigError(f"cannot create topic {answer['topic']}: {detail}")
+    if denied:
+        raise ConfigError(
+            f"missing Kafka ACL: may not create topics {', '.join(denied)} (or describe them, "
+            "if they exist): grant Create and Describe on them, or create them beforehand "
+            "and set FRAUDSTREAM_CREATE_TOPICS=false"
+        )
+
+
 async def ensure_topics(settings: Settings) -> dict[str, int]:
     """Create the missing topics (when allowed) and check the partition contract.
 
@@ -184,8 +233,9 @@ async def ensure_topics(settings: Settings) -> dict[str, int]:
         The partition count of every topic the worker uses.
 
     Raises:
-        ConfigError: a topic is missing and ``create_topics`` is off, or the repartition
-            topic's partition count differs from the transactions topic's.
+        ConfigError: a topic is missing and ``create_topics`` is off, may not be created
+            (ACLs), or the repartition topic's partition count differs from the
+            transactions topic's.
         aiokafka.errors.KafkaError: the cluster is unreachable (the caller retries).
     """
     admin = AIOKafkaAdminClient(**client_kwargs(settings))
@@ -205,8 +255,8 @@ async def ensure_topics(settings: Settings) -> dict[str, int]:
             new = [
                 NewTopic(s.name, s.partitions, settings.topic_replication_factor) for s in missing
             ]
-            with contextlib.suppress(TopicAlreadyExistsError):  # another replica was first
-                await admin.create_topics(new)
+            response = await admin.create_topics(new)
+            check_created(response.to_object()["topic_errors"], settings)
             log.info("created topics %s", ", ".join(s.name for s in missing))
             # Creation is asynchronous on some brokers: wait until every topic is described.
             for _ in range(100):

@@ -50,7 +50,7 @@ from redis.exceptions import (
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from stream_app import kafka_config
+from stream_app import kafka_config, kafka_preflight
 from stream_app.backoff import Backoff
 from stream_app.config import Settings, unknown_environment
 from stream_app.errors import ConfigError
@@ -258,11 +258,20 @@ def build_app(runtime: WorkerRuntime) -> faust.App:
 
 
 async def prepare(settings: Settings, metrics: WorkerMetrics) -> dict[str, int]:
-    """Wait for Kafka and Redis (retrying), create the topics; returns partition counts.
+    """Wait for Kafka and Redis (retrying), check access, create the topics.
+
+    An unreachable Kafka or Redis is retried (it may come later); what no retry can fix
+    stops the worker here, before any client starts, with the setting or ACL to change
+    (:mod:`stream_app.kafka_preflight`).
+
+    Returns:
+        The partition count of every topic the worker uses.
 
     Raises:
-        ConfigError: a topic is missing with topic creation off, or the repartition topic
-            does not match the transactions topic.
+        ConfigError: a wrong credential, an untrusted certificate, a missing ACL, a broker
+            without the idempotent or transactional producer the settings ask for, a
+            topic missing with topic creation off, or a repartition topic that does not
+            match the transactions topic.
     """
     backoff = Backoff(metrics, settings.retry_backoff_max_s)
 
@@ -273,8 +282,9 @@ async def prepare(settings: Settings, metrics: WorkerMetrics) -> dict[str, int]:
         metrics.redis_errors.inc()
 
     partitions = await backoff.run(
-        lambda: kafka_config.ensure_topics(settings),
-        f"connecting to Kafka at {settings.kafka_bootstrap_servers}",
+        lambda: kafka_preflight.check(settings),
+        f"connecting to Kafka at {settings.kafka_bootstrap_servers} "
+        "(FRAUDSTREAM_KAFKA_BOOTSTRAP_SERVERS)",
         (KafkaError, OSError),
         kafka_error,
     )
