@@ -43,6 +43,7 @@ class RejectReason(enum.StrEnum):
     IDENTIFIER_TOO_LONG = "identifier_too_long"
     AMOUNT_NOT_FINITE = "amount_not_finite"
     AMOUNT_NEGATIVE = "amount_negative"
+    AMOUNT_TOO_LARGE = "amount_too_large"
     TIMESTAMP_UNPARSEABLE = "timestamp_unparseable"
     TIMESTAMP_OUT_OF_RANGE = "timestamp_out_of_range"
     INVALID_CURRENCY = "invalid_currency"

@@ -58,6 +58,10 @@ CUSTOMER_LOOKBACK_MS: Final = max(CUSTOMER_WINDOWS_DAYS) * MS_PER_DAY
 DEFAULT_SEQUENCE_LENGTH: Final = 5
 NIGHT_LAST_HOUR: Final = 6  # the Handbook's night: hour <= 6
 _AMOUNT_SCALE: Final = 1000  # amounts summed as integer thousandths: exact on both paths
+# The largest amount the features are defined for (the event contract refuses more): the
+# 30-day sums in thousandths stay exact in int64 for millions of transactions, and every
+# feature stays finite. No card payment comes near a billion units of any currency.
+MAX_AMOUNT: Final = 1_000_000_000.0
 _EPOCH_WEEKDAY: Final = 3  # 1970-01-01 was a Thursday (Monday = 0)
 
 BASELINE_FEATURES: Final[tuple[str, ...]] = (

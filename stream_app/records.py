@@ -39,6 +39,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from stream_app.errors import ConfigError, RejectedEvent, RejectReason
+from stream_app.features import MAX_AMOUNT
 
 MAX_IDENTIFIER_LENGTH: Final = 64
 MAX_REASONS: Final = 5
@@ -128,6 +129,10 @@ def _amount(value: object) -> float:
         raise _invalid(RejectReason.AMOUNT_NOT_FINITE, f"{amount} is not a finite number")
     if amount < 0:
         raise _invalid(RejectReason.AMOUNT_NEGATIVE, f"{amount} is below 0")
+    if amount > MAX_AMOUNT:
+        raise _invalid(
+            RejectReason.AMOUNT_TOO_LARGE, f"{amount:.6g} is above the maximum {MAX_AMOUNT:,.0f}"
+        )
     return amount + 0.0  # turns -0.0 into 0.0, so no record shows a negative-looking amount
 
 
@@ -190,7 +195,14 @@ Identifier = Annotated[
 Amount = Annotated[
     float,
     BeforeValidator(_amount),
-    WithJsonSchema({"type": "number", "minimum": 0, "description": "Finite, at least 0."}),
+    WithJsonSchema(
+        {
+            "type": "number",
+            "minimum": 0,
+            "maximum": MAX_AMOUNT,
+            "description": "Finite, from 0 to 1e9.",
+        }
+    ),
 ]
 Timestamp = Annotated[
     datetime,

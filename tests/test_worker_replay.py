@@ -70,6 +70,7 @@ INVALID: dict[RejectReason, bytes] = {
     RejectReason.IDENTIFIER_TOO_LONG: orjson.dumps({**_TX, "terminal_id": "t" * 65}),
     RejectReason.AMOUNT_NOT_FINITE: orjson.dumps(_TX).replace(b"10.0", b"NaN"),
     RejectReason.AMOUNT_NEGATIVE: orjson.dumps({**_TX, "amount": -3.5}),
+    RejectReason.AMOUNT_TOO_LARGE: orjson.dumps({**_TX, "amount": 1e300}),
     RejectReason.TIMESTAMP_UNPARSEABLE: orjson.dumps({**_TX, "timestamp": "yesterday"}),
     RejectReason.TIMESTAMP_OUT_OF_RANGE: orjson.dumps({**_TX, "timestamp": "1990-01-01T00:00Z"}),
     RejectReason.INVALID_CURRENCY: orjson.dumps({**_TX, "currency": "euro"}),
