@@ -51,7 +51,7 @@ from stream_app.config import Settings, load_settings, redact_url, settings_envi
 from stream_app.errors import ConfigError
 from stream_app.kafka_config import ensure_topics
 from training.replay import ReplayMessage, ensure_input_topics, replay, replay_messages
-from training.services.bundled_broker import BundledBroker
+from training.services.brokers import BrokerKind, deployed_settings, describe, local_broker
 from training.services.net import free_port, wait_for_port
 
 DEFAULT_DATA: Final = Path("data/tx.parquet")
@@ -487,6 +487,9 @@ async def _score_consumer(settings: Settings, fetch_wait_ms: int) -> AIOKafkaCon
         group_id=None,
         fetch_max_wait_ms=fetch_wait_ms,
         max_poll_records=10_000,
+        # Under exactly-once a record counts once its transaction commits: what a
+        # downstream reader sees, so the latency includes the commit.
+        isolation_level="read_committed" if settings.exactly_once else "read_uncommitted",
     )
     await consumer.start()
     partitions = [
@@ -654,6 +657,8 @@ class BenchOptions:
     soak_rate: float = 2_000.0
     redis_url: str | None = None  # None: a redis-server of the run's own
     workdir: Path = Path("/tmp")
+    broker: BrokerKind = "bundled"
+    guarantee: str = "at_least_once"  # or exactly_once (Apache Kafka only)
 
     @property
     def needed(self) -> int:
@@ -696,8 +701,14 @@ def bench_settings(
     """Worker settings of one run: its own topics, group and Redis key prefix.
 
     Each ``phase`` gets topics and a consumer group of its own; the Redis state (and so
-    the customers' histories) carries over from phase to phase.
+    the customers' histories) carries over from phase to phase. The producer is idempotent
+    where the broker supports it (Apache Kafka), and the processing guarantee is the run's.
+
+    Raises:
+        ConfigError: exactly-once asked of the bundled broker, which has no transactions.
     """
+    if options.guarantee == "exactly_once" and options.broker != "kafka":
+        raise ConfigError("exactly_once needs Apache Kafka: run the bench with --broker kafka")
     names = ("transactions", "labels", "scores", "alerts", "shadow_scores", "dead_letters")
     extra = {"redis_url": redis_url} if redis_url else {}
     topics = f"bench-{tag}{phase}"
@@ -706,7 +717,7 @@ def bench_settings(
         kafka_bootstrap_servers=bootstrap,
         group_id=topics,
         instance_id="bench-0",
-        idempotent_producer=False,
+        **{**deployed_settings(options.broker), "processing_guarantee": options.guarantee},
         topic_partitions=options.partitions,
         state_key_prefix=f"bench-{tag}",
         model_dir=options.model_dir,
@@ -755,15 +766,18 @@ class BenchRun:
         """Run every phase; stops its processes and deletes its Redis keys whatever happens."""
         o = self.options
         with contextlib.ExitStack() as services:
-            broker = services.enter_context(BundledBroker(log_path=self.workdir / "broker.log"))
+            self.say(f"starting {describe(o.broker)}")
+            bootstrap = services.enter_context(local_broker(o.broker, self.workdir))
             redis_url = o.redis_url or services.enter_context(own_redis(self.workdir))
-            settings = bench_settings(broker.bootstrap_servers, o, self.tag, redis_url)
+            settings = bench_settings(bootstrap, o, self.tag, redis_url)
             result = BenchResult(
                 started_at=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
                 machine=machine_info(),
                 model_version=_model_version(o.model_dir),
                 data=str(o.data or DEFAULT_DATA),
                 settings={
+                    "broker": o.broker,
+                    "processing_guarantee": o.guarantee,
                     "redis": "shared " + redact_url(o.redis_url) if o.redis_url else "own",
                     "partitions": o.partitions,
                     "batch_size": settings.batch_size,
@@ -805,7 +819,7 @@ class BenchRun:
         timeout_s: float,
     ) -> Throughput:
         """Sample until ``done``; the rate and CPU from count ``start`` to the last sample."""
-        brokers = child_pids("tansu")
+        brokers = child_pids("tansu" if self.options.broker == "bundled" else "java")
         probes = [redis_probe(settings), lambda: sum(map(cpu_seconds, brokers))]
         samples = await sample_until(subjects, done, timeout_s, probes)
         end = samples[-1].count

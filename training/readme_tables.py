@@ -1,0 +1,156 @@
+"""The README's figures, generated from the report files that hold them.
+
+A generated part of ``README.md`` sits between two markers::
+
+    <!-- BEGIN generated: stream-worker (python -m training.readme_tables) -->
+    ...
+    <!-- END generated: stream-worker -->
+
+``python -m training.readme_tables`` rewrites every such part from the reports in
+``training/reports/``; a test checks that the README equals what this module renders, so a
+figure in the README is always the one in its report, and the report names the command
+that measured it.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Final
+
+from training.bench import BenchResult, Latency, Throughput
+from training.bench_commands import (
+    TARGET_P99_LOAD,
+    TARGET_P99_MS,
+    TARGET_VS_LIMIT,
+    cpu_us_per_event,
+    report_stem,
+)
+
+ROOT: Final = Path(__file__).resolve().parents[1]
+README: Final = ROOT / "README.md"
+REPORTS: Final = ROOT / "training" / "reports"
+# The bench runs the README shows, in its column order: (broker, guarantee).
+BENCH_RUNS: Final = (
+    ("kafka", "at_least_once"),
+    ("kafka", "exactly_once"),
+    ("bundled", "at_least_once"),
+)
+_RUN_NAMES: Final = {
+    ("kafka", "at_least_once"): "Apache Kafka, at-least-once",
+    ("kafka", "exactly_once"): "Apache Kafka, exactly-once",
+    ("bundled", "at_least_once"): "bundled broker, at-least-once",
+}
+
+
+def _load(stem: str, reports: Path) -> BenchResult:
+    return BenchResult.from_json((reports / f"{stem}.json").read_text())
+
+
+def _rate(t: Throughput | None) -> str:
+    return f"{t.events_per_s:,.0f}" if t is not None else "-"
+
+
+def _us(cores: float, rate: float) -> str:
+    return f"{cpu_us_per_event(cores, rate):,.0f}"
+
+
+def _latency(rows: Sequence[Latency], load: float) -> Latency | None:
+    found = [x for x in rows if x.offered_per_s == load]
+    return found[0] if found else None
+
+
+def stream_worker(reports: Path = REPORTS) -> str:
+    """The throughput, latency and target tables of the bench runs (``BENCH_RUNS``)."""
+    runs = [(key, report_stem(*key), _load(report_stem(*key), reports)) for key in BENCH_RUNS]
+    lines = [
+        "| Run (report) | Worker events/s | Worker CPU µs/event | Redis CPU µs/event "
+        "| Limit events/s | Worker ÷ limit | Naive events/s | Worker ÷ naive |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for key, stem, r in runs:
+        w = r.worker
+        if w is None:
+            continue
+        limit = f"{w.events_per_s / r.limit.events_per_s:.0%}" if r.limit else "-"
+        naive = f"{w.events_per_s / r.naive.events_per_s:.0f}x" if r.naive else "-"
+        lines.append(
+            f"| {_RUN_NAMES[key]} (`{stem}.md`) | {_rate(w)} | "
+            f"{_us(w.cpu_cores, w.events_per_s)} | {_us(w.redis_cpu_cores, w.events_per_s)} | "
+            f"{_rate(r.limit)} | {limit} | {_rate(r.naive)} | {naive} |"
+        )
+    lines += [
+        "",
+        "Latency in ms, p50 / p95 / p99, from the event handed to the producer to its score "
+        "record held by a consumer (`read_committed` under exactly-once), next to the relay "
+        "floor (the same load through a process that only consumes and re-produces, with the "
+        "worker's Kafka settings: the two broker hops alone) as p50 / p99:",
+        "",
+        "| Offered events/s | "
+        + " | ".join(f"{_RUN_NAMES[key]} | relay floor" for key, _, _ in runs)
+        + " |",
+        "| ---: |" + " ---: | ---: |" * len(runs),
+    ]
+    loads = sorted({x.offered_per_s for _, _, r in runs for x in r.latencies if x.offered_per_s})
+    for load in loads:
+        cells = []
+        for _, _, r in runs:
+            x = _latency(r.latencies, load)
+            f = _latency(r.floor_latencies, load)
+            cells.append(f"{x.p50_ms:.1f} / {x.p95_ms:.1f} / {x.p99_ms:.1f}" if x else "-")
+            cells.append(f"{f.p50_ms:.1f} / {f.p99_ms:.1f}" if f else "-")
+        lines.append(f"| {load:,.0f} | " + " | ".join(cells) + " |")
+    lines += ["", "| Target | Measured | Met |", "| --- | --- | :---: |"]
+    for key, stem, r in runs:
+        x = _latency(r.latencies, TARGET_P99_LOAD)
+        if key == ("kafka", "at_least_once") and x is not None:
+            met = "yes" if x.p99_ms <= TARGET_P99_MS else "**no**"
+            lines.append(
+                f"| p99 <= {TARGET_P99_MS:g} ms at {TARGET_P99_LOAD:,.0f} events/s, "
+                f"{_RUN_NAMES[key]} | {x.p99_ms:.1f} ms (`{stem}.md`) | {met} |"
+            )
+        if r.worker is not None and r.limit is not None:
+            share = r.worker.events_per_s / r.limit.events_per_s
+            met = "yes" if share >= TARGET_VS_LIMIT else "**no**"
+            lines.append(
+                f"| one worker >= {TARGET_VS_LIMIT:.0%} of the limit path, {_RUN_NAMES[key]} "
+                f"| {share:.0%} (`{stem}.md`) | {met} |"
+            )
+    return "\n".join(lines)
+
+
+SECTIONS: Final[dict[str, Callable[[], str]]] = {"stream-worker": stream_worker}
+_PART: Final = re.compile(
+    r"(<!-- BEGIN generated: (?P<name>[a-z-]+) \(python -m training.readme_tables\) -->\n)"
+    r".*?"
+    r"(\n<!-- END generated: (?P=name) -->)",
+    re.DOTALL,
+)
+
+
+def render(readme: str) -> str:
+    """``readme`` with every generated part rendered afresh from the reports."""
+
+    def part(match: re.Match[str]) -> str:
+        body = SECTIONS[match["name"]]()
+        return f"{match[1]}{body}{match[3]}"
+
+    return _PART.sub(part, readme)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Rewrite the README's generated parts; ``--check`` only says whether they are current."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    text = README.read_text()
+    fresh = render(text)
+    if args == ["--check"]:
+        return 0 if fresh == text else 1
+    README.write_text(fresh)
+    print(f"{README.name}: {'updated' if fresh != text else 'already current'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
