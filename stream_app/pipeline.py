@@ -20,9 +20,10 @@ record is published again, since the first one may never have been acknowledged.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Final
@@ -46,6 +47,7 @@ from stream_app.records import (
     parse_label,
     parse_transaction,
 )
+from stream_app.scoring import valid_scores
 from stream_app.state import BatchState, LabelUpdate, StateStore, TransactionUpdate
 
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
@@ -126,6 +128,11 @@ class ScoredBatch:
     duplicate: npt.NDArray[np.bool_]
     model_version: str = ""  # the champion version that scored the whole batch
     shadow_payloads: list[bytes] = field(default_factory=list)
+    shadow_keys: list[bytes] = field(default_factory=list)
+    # Positions (in the events given to ``score``) the champion could not score: no record
+    # here; the worker dead-letters them (``unscorable``). Records are for the other events,
+    # in their order.
+    unscorable: list[int] = field(default_factory=list)
 
     @classmethod
     def empty(cls) -> ScoredBatch:
@@ -141,6 +148,41 @@ class ScoredBatch:
     def shadow(self) -> list[ScoreRecord]:
         """The challenger's records, validated; empty without a challenger."""
         return [ScoreRecord.from_json(p) for p in self.shadow_payloads]
+
+
+def checked_scores(
+    raw: Callable[[npt.NDArray[np.float32]], npt.NDArray[np.float64]],
+    batch: npt.NDArray[np.float32],
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.bool_]]:
+    """Scores of a batch, and which of them are probabilities; never raises.
+
+    Rows are scored independently, so one row's output says nothing of the others: an
+    invalid output (not finite, outside [0, 1]) condemns its row alone. A model call that
+    fails outright is bisected until the rows that make it fail are found, so one event
+    can never stop a batch (nor, redelivered after a restart, the worker).
+    """
+    try:
+        scores = raw(batch)
+    except Exception:  # onnxruntime raises its own untyped errors
+        if len(batch) <= 1:
+            return np.full(len(batch), np.nan), np.zeros(len(batch), dtype=bool)
+        middle = len(batch) // 2
+        head, head_ok = checked_scores(raw, batch[:middle])
+        tail, tail_ok = checked_scores(raw, batch[middle:])
+        return np.concatenate([head, tail]), np.concatenate([head_ok, tail_ok])
+    return scores, valid_scores(scores)
+
+
+def _probabilities(
+    raw: Callable[[npt.NDArray[np.float32]], npt.NDArray[np.float64]],
+) -> Callable[[npt.NDArray[np.float32]], npt.NDArray[np.float64]]:
+    # Occlusion feeds the model inputs no event had; an invalid output there must not stop
+    # the batch: it counts as "no change", which only weakens that reason.
+    def score(batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
+        scores, ok = checked_scores(raw, batch)
+        return np.where(ok, scores, 0.5)
+
+    return score
 
 
 def utc_millis(epoch_ms: Sequence[int]) -> list[str]:
@@ -244,18 +286,29 @@ class ScoringPipeline:
         ``state`` is what :meth:`update_state` returned for the same events. The serving
         models are read once here, so the whole batch is scored by one champion.
 
-        Raises:
-            ModelError: a model produced scores outside [0, 1].
+        An event the champion cannot score (its output is not a probability, or the model
+        call fails on it) gets no record: its position is in ``unscorable``, and the rest of
+        the batch is scored as usual.
         """
         if not events:
             return ScoredBatch.empty()
         champion = self.models.champion
         challenger = self.models.challenger
         started = time.perf_counter()
-        event_ms = [epoch_ms(e.timestamp) for e in events]
         current, sequences = features.online_features(state.history, champion.sequence_length)
         batch = sequences.astype(np.float32)
-        scores = champion.scorer.score(batch)
+        scores, ok = checked_scores(champion.scorer.raw_scores, batch)
+        unscorable = np.flatnonzero(~ok).tolist()
+        duplicate = state.duplicate
+        if unscorable:
+            keep = np.flatnonzero(ok)
+            events = [events[i] for i in keep.tolist()]
+            batch, scores, duplicate = batch[keep], scores[keep], duplicate[keep]
+            current = current[keep]
+            self.metrics.events.labels("unscorable").inc(len(unscorable))
+            if not events:
+                return dataclasses.replace(ScoredBatch.empty(), unscorable=unscorable)
+        event_ms = [epoch_ms(e.timestamp) for e in events]
         decisions = decide(scores, champion.thresholds)
         alerts = [i for i, d in enumerate(decisions) if d is not Decision.APPROVE]
         reasons: dict[int, tuple[str, ...]] = {}
@@ -269,45 +322,55 @@ class ScoringPipeline:
                 scores[alerts],
                 contexts,
                 champion.feature_mean,
-                champion.scorer.score,
+                _probabilities(champion.scorer.raw_scores),
                 self.max_reasons,
             )
             reasons = dict(zip(alerts, explained, strict=True))
         shadow_scores = None
+        shadow_ok = np.zeros(0, dtype=bool)
         if challenger is not None:
             if challenger.sequence_length == champion.sequence_length:
                 shadow_batch = batch
             else:
                 _, other = features.online_features(state.history, challenger.sequence_length)
                 shadow_batch = other.astype(np.float32)
-            shadow_scores = challenger.scorer.score(shadow_batch)
+                if unscorable:
+                    shadow_batch = shadow_batch[np.flatnonzero(ok)]
+            # The challenger only observes: a row it cannot score gets no shadow record.
+            shadow_scores, shadow_ok = checked_scores(challenger.scorer.raw_scores, shadow_batch)
         self.metrics.inference.observe(time.perf_counter() - started)
 
         scored_at = iso_utc_millis(time.time())
         times = utc_millis(event_ms)
         payloads = _payloads(events, times, scores, decisions, reasons, champion.version, scored_at)
+        keys = [e.customer_id.encode() for e in events]
         shadow: list[bytes] = []
+        shadow_keys: list[bytes] = []
         if challenger is not None and shadow_scores is not None:
+            rows = np.flatnonzero(shadow_ok)
+            taken = rows.tolist()
+            shadow_keys = [keys[i] for i in taken]
             shadow = _payloads(
-                events,
-                times,
-                shadow_scores,
-                decide(shadow_scores, challenger.thresholds),
+                [events[i] for i in taken],
+                [times[i] for i in taken],
+                shadow_scores[rows],
+                decide(shadow_scores[rows], challenger.thresholds),
                 {},
                 challenger.version,
                 scored_at,
             )
             self.metrics.shadow_scores.inc(len(shadow))
 
-        n_duplicate = int(state.duplicate.sum())
+        n_duplicate = int(duplicate.sum())
         self.metrics.events.labels("scored").inc(len(events) - n_duplicate)
         self.metrics.events.labels("duplicate").inc(n_duplicate)
         for i in alerts:
             self.metrics.alerts.labels(decisions[i].value).inc()
         observe_many(self.metrics.score, scores)
         self._update_drift(champion, scores)
-        keys = [e.customer_id.encode() for e in events]
-        return ScoredBatch(keys, payloads, alerts, state.duplicate, champion.version, shadow)
+        return ScoredBatch(
+            keys, payloads, alerts, duplicate, champion.version, shadow, shadow_keys, unscorable
+        )
 
     async def process(self, events: Sequence[TransactionEvent]) -> ScoredBatch:
         """:meth:`update_state` then :meth:`score`: a whole micro-batch in one call."""

@@ -117,13 +117,37 @@ class OnnxScorer:
                 f"(tolerance {PROBE_TOLERANCE:g}): the model is not the one the card describes"
             )
 
-    def score(self, sequences: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
-        """Fraud probability of each sequence ``[B, T, F]`` in one ONNX Runtime call."""
+    def raw_scores(self, sequences: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
+        """The model's output for each sequence ``[B, T, F]``, one ONNX Runtime call, unchecked.
+
+        Rows are independent: a row's output does not depend on the other rows of the batch.
+        The caller checks each row with :func:`valid_scores`.
+        """
         if len(sequences) == 0:
             return np.zeros(0, dtype=np.float64)
         batch = np.ascontiguousarray(sequences, dtype=np.float32)
         (scores,) = self.session.run([self.card.output_name], {self.card.input_name: batch})
         result: npt.NDArray[np.float64] = np.asarray(scores, dtype=np.float64).reshape(-1)
-        if not np.all(np.isfinite(result)) or result.min() < 0.0 or result.max() > 1.0:
+        return result
+
+    def score(self, sequences: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
+        """Fraud probability of each sequence ``[B, T, F]`` in one ONNX Runtime call.
+
+        Raises:
+            ModelError: a score is not a probability (not finite, or outside [0, 1]).
+        """
+        result = self.raw_scores(sequences)
+        if not np.all(valid_scores(result)):
             raise ModelError(f"model {self.version} produced scores outside [0, 1]")
         return result
+
+
+def valid_scores(scores: npt.NDArray[np.float64]) -> npt.NDArray[np.bool_]:
+    """Which outputs are probabilities: finite and within [0, 1].
+
+    >>> valid_scores(np.array([0.0, 0.5, 1.0, np.nan, 1.5, -0.1])).tolist()
+    [True, True, True, False, False, False]
+    """
+    with np.errstate(invalid="ignore"):
+        ok: npt.NDArray[np.bool_] = np.isfinite(scores) & (scores >= 0.0) & (scores <= 1.0)
+    return ok

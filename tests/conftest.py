@@ -14,6 +14,7 @@ from tests.kafka_fixtures import (  # noqa: F401  (fixtures, re-exported for eve
     bundled_broker,
     kafka_broker,
     make_settings,
+    poisoned_model,
     second_model,
     served_model,
     small_transactions,

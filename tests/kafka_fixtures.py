@@ -27,7 +27,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -44,6 +44,9 @@ from training.services.apache_kafka import ApacheKafka
 from training.services.brokers import BROKER_KINDS, BrokerKind, deployed_settings
 from training.services.bundled_broker import BundledBroker
 from training.services.net import free_port
+
+if TYPE_CHECKING:
+    from training.sequence_model import LstmScorer
 
 REDIS_URL = os.environ.get("FRAUDSTREAM_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 TEST_SEQUENCE_LENGTH = 5
@@ -336,6 +339,7 @@ def build_model(
     seed: int,
     epochs: int = 25,
     sequence_length: int = TEST_SEQUENCE_LENGTH,
+    scorer_class: type[LstmScorer] | None = None,
 ) -> Path:
     """Train a tiny LSTM for a few seconds and export it with a card; returns ``directory``.
 
@@ -360,7 +364,9 @@ def build_model(
     )
     sequences = offline.sequences(sequence_length)
     mean, std = feature_statistics(sequences)
-    model = LstmScorer(mean, std, ModelConfig(hidden_size=16, head_size=16, dropout=0.0))
+    model = (scorer_class or LstmScorer)(
+        mean, std, ModelConfig(hidden_size=16, head_size=16, dropout=0.0)
+    )
     optimiser = torch.optim.Adam(model.parameters(), lr=0.03)
     # A subsample trains well enough to make scores respond to the features, in seconds.
     rows = np.random.default_rng(seed).choice(len(sequences), min(1500, len(sequences)), False)
@@ -392,6 +398,31 @@ def build_model(
     return directory
 
 
+# Amounts above this (within the event contract) make the poisoned model output NaN.
+POISON_AMOUNT = 1_000_000.0
+
+
+def build_poisoned_model(directory: Path, frame: pd.DataFrame) -> Path:
+    """A real exported model that outputs NaN for a current amount above
+    :data:`POISON_AMOUNT`: a model fault no validation can foresee, for the tests that show
+    one event can never stop scoring. It passes every check a model must pass to serve
+    (export parity, probe scores): those inputs hold no such amount.
+    """
+    import torch
+
+    from training.sequence_model import LstmScorer
+
+    class PoisonedScorer(LstmScorer):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            scores = super().forward(x)
+            poisoned = x[:, -1, 0] > POISON_AMOUNT  # TX_AMOUNT of the current transaction
+            return torch.where(poisoned, torch.full_like(scores, float("nan")), scores)
+
+    return build_model(
+        directory, frame, version="test-poisoned", seed=3, epochs=5, scorer_class=PoisonedScorer
+    )
+
+
 @pytest.fixture(scope="session")
 def served_model(tmp_path_factory: pytest.TempPathFactory, small_transactions: Dataset) -> Path:
     """A real exported model (version ``test-a``) for the worker tests."""
@@ -404,3 +435,10 @@ def second_model(tmp_path_factory: pytest.TempPathFactory, small_transactions: D
     """Another real model (version ``test-b``, other weights): swaps and shadow scoring."""
     directory = tmp_path_factory.mktemp("models") / "test-b"
     return build_model(directory, small_transactions.frame, version="test-b", seed=2, epochs=30)
+
+
+@pytest.fixture(scope="session")
+def poisoned_model(tmp_path_factory: pytest.TempPathFactory, small_transactions: Dataset) -> Path:
+    """A real model that outputs NaN past :data:`POISON_AMOUNT` (see build_poisoned_model)."""
+    directory = tmp_path_factory.mktemp("models") / "test-poisoned"
+    return build_poisoned_model(directory, small_transactions.frame)

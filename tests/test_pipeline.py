@@ -28,6 +28,7 @@ from stream_app.model_registry import ModelOptions, ModelRegistry, load_model, r
 from stream_app.pipeline import (
     Inbound,
     ScoringPipeline,
+    checked_scores,
     apply_labels,
     epoch_ms,
     utc_millis,
@@ -48,7 +49,7 @@ from stream_app.records import (
     iso_utc_millis,
 )
 from stream_app.redis_state import RedisStateStore
-from tests.kafka_fixtures import REDIS_URL, Dataset
+from tests.kafka_fixtures import POISON_AMOUNT, REDIS_URL, Dataset
 from training.replay import label_payload
 from training.score_file import score_table
 from training.transactions import event_payload, to_arrays
@@ -223,13 +224,13 @@ async def test_alerts_carry_reasons_from_one_extra_model_call(
     pipeline = ScoringPipeline(store, registry, registry.metrics, max_reasons=2)
     scorer = registry.champion.scorer
     calls: list[int] = []
-    real_score = scorer.score
+    real_score = scorer.raw_scores
 
     def counting_score(batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
         calls.append(len(batch))
         return real_score(batch)
 
-    scorer.score = counting_score  # type: ignore[method-assign]
+    scorer.raw_scores = counting_score  # type: ignore[method-assign]
     events, _ = _events_in_replay_order(small_transactions.frame)
     alerts: list[ScoreRecord] = []
     for start in range(0, 1200, 200):
@@ -267,6 +268,55 @@ async def test_the_challenger_scores_every_event_in_shadow(
     assert {r.model_version for r in scored.shadow} == {"test-b"}
     assert all(r.reasons == () for r in scored.shadow)
     assert any(a.score != b.score for a, b in zip(scored.records, scored.shadow, strict=True))
+
+
+@pytest.mark.integration
+async def test_an_event_the_model_cannot_score_is_set_aside_and_the_rest_scored(
+    store: RedisStateStore,
+    poisoned_model: Path,
+    served_model: Path,
+    small_transactions: Dataset,
+) -> None:
+    # The champion outputs NaN for these amounts (valid under the contract): a model fault.
+    registry = _registry(poisoned_model, served_model)
+    pipeline = ScoringPipeline(store, registry, registry.metrics)
+    events, _ = _events_in_replay_order(small_transactions.frame)
+    batch = events[:200]
+    poisoned = {17, 90, 91}
+    batch = [
+        e.model_copy(update={"amount": POISON_AMOUNT * 2}) if i in poisoned else e
+        for i, e in enumerate(batch)
+    ]
+    scored = await pipeline.process(batch)
+    assert scored.unscorable == sorted(poisoned)
+    kept = [e for i, e in enumerate(batch) if i not in poisoned]
+    assert [r.transaction_id for r in scored.records] == [e.transaction_id for e in kept]
+    assert scored.keys == [e.customer_id.encode() for e in kept]
+    assert all(0.0 <= r.score <= 1.0 for r in scored.records)
+    # The challenger (a sound model) scores the kept events in shadow, keyed alike.
+    assert [r.transaction_id for r in scored.shadow] == [e.transaction_id for e in kept]
+    assert scored.shadow_keys == scored.keys
+    assert registry.metrics.events.labels("unscorable")._value.get() == len(poisoned)
+    # The other events score as they would in a batch without the poisoned ones.
+    alone = await ScoringPipeline(store, _registry(served_model), registry.metrics).process(kept)
+    assert alone.duplicate.all()  # same state: redelivered, so their first inputs come back
+
+
+def test_checked_scores_finds_the_rows_that_make_a_model_call_fail() -> None:
+    calls: list[int] = []
+
+    def fragile(batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
+        calls.append(len(batch))
+        if (batch[:, 0, 0] < 0).any():  # a call fails outright on any such row
+            raise RuntimeError("cannot score")
+        return np.full(len(batch), 0.25)
+
+    batch = np.ones((16, 2, 3), dtype=np.float32)
+    batch[[3, 11], 0, 0] = -1.0
+    scores, ok = checked_scores(fragile, batch)
+    assert ok.tolist() == [i not in (3, 11) for i in range(16)]
+    assert np.all(scores[ok] == 0.25) and np.isnan(scores[~ok]).all()
+    assert len(calls) < 16  # bisected, not row by row
 
 
 @pytest.mark.integration
