@@ -28,8 +28,8 @@ from stream_app.model_registry import ModelOptions, ModelRegistry, load_model, r
 from stream_app.pipeline import (
     Inbound,
     ScoringPipeline,
-    checked_scores,
     apply_labels,
+    checked_scores,
     epoch_ms,
     utc_millis,
     validate_transactions,
