@@ -7,7 +7,8 @@
   thread can kill and restart workers meanwhile;
 * :func:`account`: the end of every resilience test, every transaction accounted for:
   which were scored, which were lost, and whether the duplicates are identical;
-* :func:`make_certificates`: a CA and a server certificate for 127.0.0.1, with openssl.
+* :func:`make_certificates`: a CA and a server certificate for 127.0.0.1, with openssl;
+* :func:`run_worker_to_exit`: a worker expected to stop by itself, bounded in time.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -32,7 +34,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.structs import ConsumerRecord
 
 from stream_app import kafka_config
-from stream_app.config import Settings
+from stream_app.config import Settings, settings_environment
 from stream_app.records import ScoreRecord
 from stream_app.redis_state import RedisStateStore
 from stream_app.state import TransactionUpdate
@@ -496,129 +498,29 @@ def environment_without_settings() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("FRAUDSTREAM_")}
 
 
+def run_worker_to_exit(settings: Settings, timeout_s: float) -> tuple[int, str]:
+    """Run ``fraudstream worker`` until it exits by itself; returns (code, stdout+stderr).
+
+    A worker still running after ``timeout_s`` fails the test: it did not fail fast.
+    """
+    env = {**environment_without_settings(), **settings_environment(settings)}
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "stream_app.cli", "worker"],
+            env=env,
+            capture_output=True,
+            timeout=timeout_s,
+        )
+    except subprocess.TimeoutExpired as exc:
+        output = (exc.stdout or b"").decode(errors="replace") + (exc.stderr or b"").decode(
+            errors="replace"
+        )
+        pytest.fail(f"the worker did not stop within {timeout_s} s:\n{output[-3000:]}")
+    output = done.stdout.decode(errors="replace") + done.stderr.decode(errors="replace")
+    return done.returncode, output
+
+
 def chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
     """Consecutive slices of ``size``."""
     for start in range(0, len(items), size):
         yield items[start : start + size]
-
-
-class FakeSaslBroker:
-    """A TLS listener that speaks just enough Kafka to see what a client authenticates with.
-
-    The bundled broker has no TLS, so the Kafka security settings are checked against
-    this: a real aiokafka client connects over TLS (verifying the server against its CA
-    file, presenting its client certificate if it has one), looks up API versions, performs
-    the SASL handshake and authenticates. The listener records the client id, the TLS
-    client certificate, the mechanism, the user name and whether the password was the
-    expected one (PLAIN: sent as such; SCRAM: the client proof is verified, RFC 5802), then
-    fails the authentication so the client stops.
-
-    Args:
-        cert: Server certificate (PEM) and ``key``: its private key.
-        password: The password the SCRAM proof is checked against.
-        client_ca: When given, clients must present a certificate signed by it.
-    """
-
-    def __init__(self, cert: Path, key: Path, password: str, client_ca: Path | None = None) -> None:
-        import ssl
-
-        self.password = password
-        self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        self.context.load_cert_chain(str(cert), str(key))
-        if client_ca is not None:
-            self.context.load_verify_locations(str(client_ca))
-            self.context.verify_mode = ssl.CERT_REQUIRED
-        self.port = free_port()
-        self.client_ids: list[str] = []
-        self.client_certificates: list[dict[str, Any]] = []
-        self.mechanisms: list[str] = []
-        self.usernames: list[str] = []
-        self.passwords: list[str] = []  # PLAIN only: what arrived on the wire
-        self.proofs_valid: list[bool] = []  # SCRAM only
-        self.server: asyncio.AbstractServer | None = None
-
-    @property
-    def bootstrap_servers(self) -> str:
-        """``host:port``."""
-        return f"{LOOPBACK}:{self.port}"
-
-    async def __aenter__(self) -> FakeSaslBroker:
-        self.server = await asyncio.start_server(self._serve, LOOPBACK, self.port, ssl=self.context)
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self.server is not None
-        self.server.close()
-        await self.server.wait_closed()
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        from aiokafka.protocol import admin
-
-        peer = writer.get_extra_info("peercert")
-        if peer:
-            self.client_certificates.append(peer)
-        scram: dict[str, Any] = {}
-        try:
-            while True:
-                size = int.from_bytes(await reader.readexactly(4), "big")
-                frame = await reader.readexactly(size)
-                api_key = int.from_bytes(frame[0:2], "big")
-                version = int.from_bytes(frame[2:4], "big")
-                correlation = frame[4:8]
-                id_length = int.from_bytes(frame[8:10], "big")
-                self.client_ids.append(frame[10 : 10 + id_length].decode())
-                body = frame[10 + id_length :]
-                if api_key == 18:  # ApiVersions
-                    versions = [(18, 0, 0), (17, 0, 1), (36, 0, 0)]
-                    response: Any = admin.ApiVersionResponse_v0(0, versions)
-                elif api_key == 17:  # SaslHandshake
-                    n = int.from_bytes(body[0:2], "big")
-                    self.mechanisms.append(body[2 : 2 + n].decode())
-                    handshake = [admin.SaslHandShakeResponse_v0, admin.SaslHandShakeResponse_v1]
-                    response = handshake[version](0, [self.mechanisms[-1]])
-                elif api_key == 36:  # SaslAuthenticate
-                    n = int.from_bytes(body[0:4], "big")
-                    reply = self._authenticate(body[4 : 4 + n], scram)
-                    code, message = (0, "") if reply is not None else (58, "refused by the test")
-                    response = admin.SaslAuthenticateResponse_v0(code, message, reply or b"")
-                else:
-                    return
-                payload = correlation + response.encode()
-                writer.write(len(payload).to_bytes(4, "big") + payload)
-                await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError, OSError):
-            return
-        finally:
-            writer.close()
-
-    def _authenticate(self, token: bytes, scram: dict[str, Any]) -> bytes | None:
-        """The server's reply to one SASL step, or None to refuse (the last step)."""
-        import base64
-        import hashlib
-        import hmac
-
-        mechanism = self.mechanisms[-1]
-        if mechanism == "PLAIN":
-            _, user, password = token.decode().split("\0")
-            self.usernames.append(user)
-            self.passwords.append(password)
-            return None
-        digest = hashlib.sha256 if mechanism == "SCRAM-SHA-256" else hashlib.sha512
-        if not scram:  # client-first: n,,n=user,r=nonce
-            bare = token.decode().split(",", 2)[2]
-            attributes = dict(part.split("=", 1) for part in bare.split(","))
-            self.usernames.append(attributes["n"])
-            salt = os.urandom(16)
-            first = f"r={attributes['r']}server-nonce,s={base64.b64encode(salt).decode()},i=4096"
-            scram.update(bare=bare, first=first, salt=salt)
-            return first.encode()
-        final = token.decode()  # c=biws,r=...,p=proof
-        without_proof, proof = final.rsplit(",p=", 1)
-        salted = hashlib.pbkdf2_hmac(digest().name, self.password.encode(), scram["salt"], 4096)
-        client_key = hmac.new(salted, b"Client Key", digest).digest()
-        stored_key = digest(client_key).digest()
-        auth_message = f"{scram['bare']},{scram['first']},{without_proof}".encode()
-        signature = hmac.new(stored_key, auth_message, digest).digest()
-        expected = bytes(a ^ b for a, b in zip(client_key, signature, strict=True))
-        self.proofs_valid.append(hmac.compare_digest(expected, base64.b64decode(proof)))
-        return None
