@@ -183,6 +183,27 @@ class Settings(BaseSettings):
     redis_timeout_s: float = Field(
         5.0, gt=0, le=300, description="Socket timeout of a Redis call (s)."
     )
+    redis_cluster: bool = Field(
+        False,
+        description="The Redis URL names a node of a Redis Cluster: state keys carry hash "
+        "tags and each micro-batch is split into calls that each touch one slot.",
+    )
+    redis_cluster_shards: int = Field(
+        16,
+        ge=1,
+        le=1024,
+        description="With a Redis Cluster: hash tags (shards) for customer keys and as many "
+        "for terminal keys, spread evenly over the slots; a few per primary. It names the "
+        "keys: changing it starts the state afresh.",
+    )
+    redis_cluster_wait_replicas: int = Field(
+        1,
+        ge=0,
+        le=16,
+        description="With a Redis Cluster: replicas that must confirm a micro-batch's state "
+        "writes (WAIT) before it is scored and committed, so a failover loses none; a batch "
+        "not confirmed within half the Redis timeout (at most 1 s) is retried. 0: no wait.",
+    )
     state_key_prefix: str = Field(
         "fs",
         min_length=1,
@@ -334,6 +355,11 @@ def _cross_field_problems(s: Settings) -> list[str]:
         problems.append(
             f"{p}REDIS_URL must start with redis://, rediss:// (TLS) or unix://, "
             f"got {redact_url(redis_url)!r}"
+        )
+    if s.redis_cluster and scheme == "unix":
+        problems.append(
+            f"{p}REDIS_CLUSTER=true needs a redis:// or rediss:// URL of a cluster node, "
+            "not a unix socket"
         )
     if s.redis_ssl_ca_file is not None:
         if scheme != "rediss":

@@ -13,6 +13,10 @@ Keys (``prefix`` is a setting, so several deployments or tests can share one Red
 
 Every key carries a TTL (refreshed on write), which bounds memory; a customer or terminal
 unseen for that long starts afresh.
+
+Given a ``redis.asyncio.cluster.RedisCluster`` client, the store keeps the same state on a
+Redis Cluster instead: keys carry hash tags and a micro-batch is split into calls that each
+touch one slot, as :mod:`stream_app.redis_cluster_state` describes.
 """
 
 from __future__ import annotations
@@ -24,8 +28,10 @@ from typing import Any, Final
 
 import numpy as np
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 
 from stream_app import features
+from stream_app.redis_cluster_state import ClusterState
 from stream_app.state import (
     ENTRY_DTYPE,
     TERMINAL_RING_DAYS,
@@ -51,32 +57,56 @@ _RING: Final = np.dtype(
 )
 
 
+# Each script, after the shared parts it is built on (redis_scripts/*.lua, in this order).
+_PARTS: Final = {
+    "apply_transactions": (
+        "terminal_ring", "state_header", "terminal_windows", "customer_history",
+    ),
+    "apply_labels": ("terminal_ring",),
+    "cluster_customers": ("terminal_ring", "state_header", "customer_history"),
+    "cluster_terminals": ("terminal_ring", "state_header", "terminal_windows"),
+}  # fmt: skip
+# Clients the store works with: one Redis, or a Redis Cluster.
+StateClient = aioredis.Redis | RedisCluster
+
+
 def _script(name: str) -> str:
-    """A Lua script with the terminal-ring functions it shares put in front of it."""
-    shared = (_SCRIPTS / "terminal_ring.lua").read_text(encoding="utf-8")
-    return shared + "\n" + (_SCRIPTS / name).read_text(encoding="utf-8")
+    """A Lua script with the parts it shares with other scripts put in front of it."""
+    return "\n".join(
+        (_SCRIPTS / f"{part}.lua").read_text(encoding="utf-8") for part in (*_PARTS[name], name)
+    )
 
 
 class RedisStateStore:
     """Customer and terminal state in Redis; one round trip per micro-batch.
 
     Args:
-        client: a ``redis.asyncio.Redis`` created with ``decode_responses=False``.
+        client: a ``redis.asyncio.Redis`` created with ``decode_responses=False``, or a
+            ``redis.asyncio.cluster.RedisCluster`` (then the keys carry hash tags and a
+            micro-batch is three rounds of per-slot calls, see
+            :mod:`stream_app.redis_cluster_state`).
         prefix: key prefix of this deployment.
         sequence_length: the model's ``T``: how many transactions each customer keeps
             at least.
         ttl_s: lifetime of a key after its last write, in seconds.
         label_delay_days: the label delay the terminal windows are shifted by.
+        cluster_shards: on a cluster, the customer shards and the terminal shards.
+        wait_replicas: on a cluster, replicas each write must reach (``WAIT``) before a
+            batch goes on; 0 to not wait.
+        wait_timeout_s: on a cluster, how long to wait for them.
     """
 
     def __init__(
         self,
-        client: aioredis.Redis,
+        client: StateClient,
         *,
         prefix: str = "fs",
         sequence_length: int = features.DEFAULT_SEQUENCE_LENGTH,
         ttl_s: float = 45 * 86_400,
         label_delay_days: int = features.LABEL_DELAY_DAYS,
+        cluster_shards: int = 16,
+        wait_replicas: int = 1,
+        wait_timeout_s: float = 1.0,
     ) -> None:
         self.client = client
         self.prefix = prefix
@@ -92,19 +122,40 @@ class RedisStateStore:
             TRIM_SLACK,
             TERMINAL_RING_DAYS,
         ]
-        self._apply_transactions = client.register_script(_script("apply_transactions.lua"))
-        self._apply_labels = client.register_script(_script("apply_labels.lua"))
+        self._cluster: ClusterState | None = None
+        if isinstance(client, RedisCluster):
+            self._cluster = ClusterState(
+                client,
+                prefix=prefix,
+                header=self._header,
+                scripts={
+                    name: _script(name)
+                    for name in ("cluster_customers", "cluster_terminals", "apply_labels")
+                },
+                shards=cluster_shards,
+                ttl_ms=self.ttl_ms,
+                label_delay_days=label_delay_days,
+                wait_replicas=wait_replicas,
+                wait_timeout_ms=int(wait_timeout_s * 1000),
+            )
+        self._apply_transactions = client.register_script(_script("apply_transactions"))
+        self._apply_labels = client.register_script(_script("apply_labels"))
 
     def customer_key(self, customer_id: str) -> str:
         """Key of a customer's history."""
+        if self._cluster is not None:
+            return self._cluster.customer_key(customer_id)
         return f"{self.prefix}:c:{customer_id}"
 
     def terminal_key(self, terminal_id: str) -> str:
         """Key of a terminal's day and hour counters."""
+        if self._cluster is not None:
+            return self._cluster.terminal_key(terminal_id)
         return f"{self.prefix}:t2:{terminal_id}"
 
     def label_key(self, transaction_id: str) -> str:
-        """Key marking a transaction's label as counted."""
+        """Key marking a transaction's label as counted (on one Redis; on a cluster the key
+        also names the terminal's shard: :meth:`ClusterState.label_key`)."""
         return f"{self.prefix}:l:{transaction_id}"
 
     async def terminal_counts(self, terminal_id: str, hour: int) -> tuple[int, int, int, int]:
@@ -126,6 +177,8 @@ class RedisStateStore:
         """Apply a micro-batch in order and return each event's retained history."""
         if not updates:
             return BatchState(history_from_records([]), np.zeros(0, dtype=bool))
+        if self._cluster is not None:
+            return await self._cluster.apply_transactions(updates)
         keys: list[str] = []
         packed = bytearray()
         for u in updates:
@@ -161,6 +214,8 @@ class RedisStateStore:
         """Count fraud labels into their terminal's hour; a label seen before counts once."""
         if not labels:
             return 0
+        if self._cluster is not None:
+            return await self._cluster.apply_labels(labels)
         keys: list[str] = []
         args: list[Any] = [self.ttl_ms, TERMINAL_RING_DAYS]
         for label in labels:

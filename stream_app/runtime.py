@@ -1,4 +1,5 @@
-"""What a worker process is built from: settings, metrics, serving models, Redis client."""
+"""What a worker process is built from: settings, metrics, serving models, Redis client
+and state store."""
 
 from __future__ import annotations
 
@@ -6,11 +7,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisClusterException
 
 from stream_app.config import Settings
+from stream_app.errors import ConfigError
 from stream_app.metrics import WorkerMetrics
 from stream_app.model_registry import ModelRegistry
 from stream_app.records import ValidationLimits
+from stream_app.redis_state import RedisStateStore, StateClient
 
 
 @dataclass
@@ -34,8 +42,9 @@ class WorkerRuntime:
         return max(lengths)
 
 
-def redis_client(settings: Settings) -> aioredis.Redis:
-    """A Redis client from the settings (TLS with rediss://, password, timeouts)."""
+def redis_client(settings: Settings) -> StateClient:
+    """A Redis client from the settings (TLS with rediss://, password, timeouts): of one
+    Redis, or with ``redis_cluster`` of the Redis Cluster the URL's node belongs to."""
     options: dict[str, Any] = {
         "decode_responses": False,
         "socket_timeout": settings.redis_timeout_s,
@@ -46,7 +55,73 @@ def redis_client(settings: Settings) -> aioredis.Redis:
         options["password"] = settings.redis_password.get_secret_value()
     if settings.redis_ssl_ca_file is not None:
         options["ssl_ca_certs"] = str(settings.redis_ssl_ca_file)
-    client: aioredis.Redis = aioredis.Redis.from_url(
-        settings.redis_url.get_secret_value(), **options
-    )
+    url = settings.redis_url.get_secret_value()
+    if settings.redis_cluster:
+        # No retries inside the client: the store's calls are pipelines with per-node WAITs
+        # that a blind re-send would misroute; the worker retries the whole batch instead
+        # (every step is idempotent), after the store has re-read the cluster's layout.
+        cluster: RedisCluster = RedisCluster.from_url(url, retry=Retry(NoBackoff(), 0), **options)
+        return cluster
+    client: aioredis.Redis = aioredis.Redis.from_url(url, **options)
     return client
+
+
+def redis_wait_timeout_s(settings: Settings) -> float:
+    """How long a Redis Cluster ``WAIT`` may block: half the socket timeout, at most 1 s
+    (a batch whose writes are not replicated by then is retried)."""
+    return min(1.0, settings.redis_timeout_s / 2)
+
+
+def state_store(settings: Settings, sequence_length: int) -> RedisStateStore:
+    """The worker's state store, on one Redis or a Redis Cluster as the settings say."""
+    return RedisStateStore(
+        redis_client(settings),
+        prefix=settings.state_key_prefix,
+        sequence_length=sequence_length,
+        ttl_s=settings.state_ttl_s,
+        cluster_shards=settings.redis_cluster_shards,
+        wait_replicas=settings.redis_cluster_wait_replicas,
+        wait_timeout_s=redis_wait_timeout_s(settings),
+    )
+
+
+async def check_redis_mode(client: StateClient, settings: Settings) -> None:
+    """Refuse a Redis whose mode the settings do not match, naming the setting to fix.
+
+    A cluster node used as one Redis would answer every batch of several slots with
+    ``CROSSSLOT`` or ``MOVED``, and a non-cluster Redis cannot be used as a cluster:
+    retrying either would never succeed.
+
+    Raises:
+        ConfigError: the server's cluster mode differs from ``FRAUDSTREAM_REDIS_CLUSTER``.
+    """
+    where = settings.redis_display_url
+    if isinstance(client, RedisCluster):
+        try:
+            await client.initialize()
+        except RedisClusterException as exc:
+            # redis-py reports every failure to reach the cluster as this one exception.
+            text = str(exc)
+            if "cluster mode is not enabled" in text.lower():
+                raise ConfigError(
+                    f"Redis at {where} is not a Redis Cluster node: set "
+                    "FRAUDSTREAM_REDIS_CLUSTER=false, or point FRAUDSTREAM_REDIS_URL at a "
+                    "cluster node"
+                ) from None
+            if any(m in text for m in ("NOAUTH", "WRONGPASS", "invalid username-password")):
+                raise ConfigError(
+                    f"the Redis Cluster at {where} refused the credentials: check the "
+                    "password in FRAUDSTREAM_REDIS_URL or FRAUDSTREAM_REDIS_PASSWORD"
+                ) from None
+            if "certificate verify failed" in text.lower():
+                raise ConfigError(
+                    f"the TLS certificate of the Redis Cluster at {where} failed "
+                    "verification: set FRAUDSTREAM_REDIS_SSL_CA_FILE to the CA that signed it"
+                ) from None
+            raise RedisConnectionError(f"Redis Cluster at {where}: {text}") from None
+        return
+    info = await client.info("cluster")
+    if int(info.get("cluster_enabled", 0)):
+        raise ConfigError(
+            f"Redis at {where} is a Redis Cluster node: set FRAUDSTREAM_REDIS_CLUSTER=true"
+        )

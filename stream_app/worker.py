@@ -38,7 +38,6 @@ from pathlib import Path
 from typing import Any, cast
 
 import faust
-import redis.asyncio as aioredis
 from aiokafka.errors import KafkaError
 from mode import Service
 from prometheus_client import CollectorRegistry, start_http_server
@@ -62,8 +61,8 @@ from stream_app.pipeline import (
     apply_labels,
 )
 from stream_app.records import ValidationLimits, dead_letter_headers
-from stream_app.redis_state import RedisStateStore
-from stream_app.runtime import WorkerRuntime, redis_client
+from stream_app.redis_state import RedisStateStore, StateClient
+from stream_app.runtime import WorkerRuntime, check_redis_mode, redis_client, state_store
 from stream_app.scoring_loop import ScoringLoop
 
 log = logging.getLogger(__name__)
@@ -167,12 +166,7 @@ def build_app(runtime: WorkerRuntime) -> faust.App:
         broker_rebalance_timeout=s.consumer_session_timeout_s,
         broker_heartbeat_interval=s.consumer_session_timeout_s / 3,
     )
-    store = RedisStateStore(
-        redis_client(s),
-        prefix=s.state_key_prefix,
-        sequence_length=runtime.state_sequence_length,
-        ttl_s=s.state_ttl_s,
-    )
+    store = state_store(s, runtime.state_sequence_length)
     labels_topic = app.topic(s.topic_labels, key_serializer="raw", value_serializer="raw")
     label_dlq = app.topic(s.topic_label_dead_letters, key_serializer="raw", value_serializer="raw")
     backoff = Backoff(runtime.metrics, s.retry_backoff_max_s)
@@ -301,15 +295,18 @@ async def prepare(settings: Settings, metrics: WorkerMetrics) -> dict[str, int]:
     return partitions
 
 
-async def ping_redis(client: aioredis.Redis, settings: Settings) -> None:
-    """PING Redis; wrong credentials or an unverifiable certificate are configuration
-    errors (no retry will fix them), an unreachable server is retried by the caller.
+async def ping_redis(client: StateClient, settings: Settings) -> None:
+    """PING Redis; wrong credentials, an unverifiable certificate or a cluster mode other
+    than ``FRAUDSTREAM_REDIS_CLUSTER`` says are configuration errors (no retry will fix
+    them), an unreachable server is retried by the caller.
 
     Raises:
-        ConfigError: Redis refused the password, or its TLS certificate failed verification.
+        ConfigError: Redis refused the password, its TLS certificate failed verification,
+            or it is (not) a cluster node when the settings say otherwise.
     """
     where = settings.redis_display_url
     try:
+        await check_redis_mode(client, settings)
         await client.ping()
     except (AuthenticationError, AuthorizationError) as exc:
         raise ConfigError(

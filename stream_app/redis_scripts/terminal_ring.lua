@@ -17,12 +17,15 @@ local function hour_offset(slot, hod)
   return ring * SLOT + slot * HOUR_SLOT + hod * 8
 end
 
--- The terminal's day slots; a missing terminal gets an empty ring (all zeros).
-local function read_day_slots(tkey)
+-- The terminal's day slots; a missing terminal gets an empty ring (all zeros), created
+-- unless `peek` (a read that writes nothing).
+local function read_day_slots(tkey, peek)
   local days = redis.call('GETRANGE', tkey, 0, ring * SLOT - 1)
   if #days < ring * SLOT then
-    redis.call('SETRANGE', tkey, hour_offset(ring, 0) - 1, '\0')
-    redis.call('PEXPIRE', tkey, ttl)
+    if not peek then
+      redis.call('SETRANGE', tkey, hour_offset(ring, 0) - 1, '\0')
+      redis.call('PEXPIRE', tkey, ttl)
+    end
     days = string.rep('\0', ring * SLOT)
   end
   return days

@@ -1,0 +1,475 @@
+"""State on a Redis Cluster: :mod:`stream_app.state` semantics with every Lua call on one slot.
+
+On one Redis a micro-batch is one script call touching every customer and terminal key it
+names (:mod:`stream_app.redis_state`). A cluster refuses a call whose keys span slots, so
+here every key carries a hash tag: a customer's keys that of its **customer shard**
+(``crc32(customer_id) % shards``), a terminal's keys that of its **terminal shard**. The tags
+are chosen so the shards' slots are spread evenly over the 16,384 slots, hence over the
+primaries. A micro-batch costs three rounds of calls, one call per shard touched in each,
+sent together (one pipeline, the nodes in parallel):
+
+1. **terminal shards**: the window counts each event will be scored with (read only);
+2. **customer shards**: dedupe each event against its customer's history, in order; a new
+   event is appended with the counts of step 1 and, in the same atomic call, its terminal
+   increment (terminal id, hour, batch number) goes to the shard's **outbox**; the call
+   returns each event's history (a duplicate gets its first inputs back) and the outbox;
+3. **terminal shards**: count the outbox increments, and record per customer shard the
+   last batch number counted (a hash per terminal shard). A batch at or below the one
+   recorded is skipped, so an increment is counted once however often it is sent.
+
+The outbox makes the split safe. A worker that dies between steps 2 and 3 leaves the
+increments in the outbox; the redelivered events are duplicates at step 2, which returns the
+outbox still holding them, and step 3 counts them then. A worker that dies after step 3 but
+before its offsets are committed sends them again: skipped. Every step 2 returns the whole
+outbox (another worker's pending increments included) and every step 3 sends all of it, so a
+batch number recorded at a terminal shard means every earlier batch of that customer shard
+was counted there too; the outbox entries a worker saw counted are dropped by its next step 2
+on that shard. Batch numbers come from the customer shard's clock in microseconds (at least
+the last one + 1): they grow even after their key expired.
+
+Between step 2 and the step 3 that counts an increment, window reads do not see it; windows
+end seven days (the label delay) before the event, so only an event at least that much later
+in event time could miss it. Within a micro-batch, events are cut into parts so that no event
+reads an hour an earlier event of its part counts (a part spans less than the label delay);
+step 3 of one part and step 1 of the next are one call. So a worker that does not die scores
+exactly as on one Redis; after a crash, increments left in an outbox reach the terminal
+counters with the next batch touching that customer shard (normally the redelivered one).
+
+Durability: a cluster replicates asynchronously, and a primary killed before its replica
+received a write is replaced by a replica without it. With ``wait_replicas`` > 0, every call
+that may write is followed, on the same connection, by a small write and ``WAIT``: the batch
+goes on (and its offsets get committed) only once that many replicas of each primary written
+to hold everything written before. A replica that does not confirm within the wait timeout
+makes the batch fail with :class:`StateReplicationError` (a ``RedisError``: the worker retries
+it; every step is idempotent). ``appendfsync always`` on the nodes makes each node's own AOF
+durable too; ``WAIT`` is about the replica's memory (Redis 7.2's ``WAITAOF`` would wait for
+its AOF as well).
+
+Keys (``{tag}`` a shard's hash tag, e.g. ``{c3.7}``):
+
+* ``{prefix}:{c…}:c:{customer_id}``: the customer's history (as on one Redis);
+* ``{prefix}:{c…}:q``: the customer shard's outbox; ``{prefix}:{c…}:b``: its last batch number;
+* ``{prefix}:{t…}:t2:{terminal_id}``: the terminal's ring of day and hour counters;
+* ``{prefix}:{t…}:l:{transaction_id}``: marks a label as counted;
+* ``{prefix}:{t…}:w``: per customer shard, the last batch counted in this terminal shard;
+* ``{prefix}:{…}:f``: the write a ``WAIT`` follows.
+
+The number of shards fixes the key names: changing it starts the state afresh.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import struct
+import zlib
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import numpy as np
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError
+
+from stream_app import features
+from stream_app.state import (
+    ENTRY_DTYPE,
+    TERMINAL_RING_DAYS,
+    BatchState,
+    LabelUpdate,
+    TransactionUpdate,
+    transaction_hash,
+)
+
+MAX_SHARDS: Final = 1024
+# Step 3's increments: key index, customer shard, batch number, hour. Step 1's reads: key
+# index, time_ms. An outbox entry: batch number, hour, terminal id length (then the id).
+_INCREMENT: Final = struct.Struct("<iiqi")
+_READ: Final = struct.Struct("<iq")
+_OUTBOX_ENTRY: Final = struct.Struct("<qii")
+_EVENT: Final = struct.Struct("<qd")
+_LENGTH: Final = struct.Struct("<i")
+
+
+class StateReplicationError(RedisError):
+    """A state write did not reach the replicas required in time; the batch is retried."""
+
+
+def shard_tags(kind: str, shards: int) -> tuple[str, ...]:
+    """One hash tag per shard, shard ``k``'s slot in the ``k``-th of ``shards`` equal slot
+    ranges, so shards spread evenly over primaries serving contiguous ranges.
+
+    >>> tags = shard_tags("c", 4)
+    >>> [key_slot(t.encode()) * 4 // 16384 for t in tags]
+    [0, 1, 2, 3]
+    """
+    if not 1 <= shards <= MAX_SHARDS:
+        raise ValueError(f"shards must be within 1..{MAX_SHARDS}, got {shards}")
+    tags = []
+    for k in range(shards):
+        n = 0
+        while key_slot(f"{kind}{k}.{n}".encode()) * shards // REDIS_CLUSTER_HASH_SLOTS != k:
+            n += 1
+        tags.append(f"{kind}{k}.{n}")
+    return tuple(tags)
+
+
+def shard_of(identifier: str, shards: int) -> int:
+    """The shard of a customer or terminal id."""
+    return zlib.crc32(identifier.encode()) % shards
+
+
+@dataclass
+class _Call:
+    """One script call on one slot; ``writes`` when it may write (then it is fenced)."""
+
+    sha: str
+    keys: list[str]
+    args: list[Any]
+    writes: bool
+
+
+@dataclass
+class _TerminalShardCall:
+    """What one terminal shard is asked in a step 1 / step 3 call."""
+
+    keys: list[str] = field(default_factory=list)
+    index: dict[str, int] = field(default_factory=dict)
+    increments: bytearray = field(default_factory=bytearray)
+    reads: bytearray = field(default_factory=bytearray)
+    readers: list[int] = field(default_factory=list)
+
+    def key_index(self, key: str) -> int:
+        """1-based KEYS index of ``key`` (KEYS[1] is the shard's counted-batches key)."""
+        at = self.index.get(key)
+        if at is None:
+            self.keys.append(key)
+            at = self.index[key] = len(self.keys) + 1
+        return at
+
+
+class ClusterState:
+    """The sharded state protocol (see the module docstring) for one worker process.
+
+    Args:
+        client: a ``redis.asyncio.cluster.RedisCluster`` with ``decode_responses=False``.
+        prefix: key prefix of this deployment.
+        header: the state header of the scripts (``RedisStateStore`` builds it).
+        scripts: the script texts by name: ``cluster_customers``, ``cluster_terminals``,
+            ``apply_labels``.
+        shards: customer shards and terminal shards (each).
+        ttl_ms: lifetime of a key after its last write.
+        label_delay_days: the label delay the terminal windows are shifted by.
+        wait_replicas: replicas ``WAIT`` asks for after each write; 0 to not wait.
+        wait_timeout_ms: how long ``WAIT`` waits for them.
+    """
+
+    def __init__(
+        self,
+        client: RedisCluster,
+        *,
+        prefix: str,
+        header: list[Any],
+        scripts: dict[str, str],
+        shards: int,
+        ttl_ms: int,
+        label_delay_days: int,
+        wait_replicas: int,
+        wait_timeout_ms: int,
+    ) -> None:
+        self.client = client
+        self.prefix = prefix
+        self.shards = shards
+        self.ttl_ms = ttl_ms
+        self.wait_replicas = wait_replicas
+        self.wait_timeout_ms = wait_timeout_ms
+        self._header = header
+        self._n_counts = 2 * len(features.terminal_window_days(label_delay_days))
+        # An event at hour H reads hours up to H - reach: one that many hours after the
+        # earliest of a part could read what that part counts.
+        self._reach = -max(hi for _, hi in features.terminal_window_hours(label_delay_days))
+        self._scripts = scripts
+        self._sha = {n: hashlib.sha1(s.encode()).hexdigest() for n, s in scripts.items()}
+        self._loaded = False
+        self._customer_tags = shard_tags("c", shards)
+        self._terminal_tags = shard_tags("t", shards)
+        # Per customer shard, the last batch number this process saw counted everywhere:
+        # its outbox entries up to it are dropped by the next step 2 there.
+        self._counted: dict[int, int] = {}
+
+    # Keys ------------------------------------------------------------------------------
+
+    def customer_key(self, customer_id: str) -> str:
+        """Key of a customer's history."""
+        tag = self._customer_tags[shard_of(customer_id, self.shards)]
+        return f"{self.prefix}:{{{tag}}}:c:{customer_id}"
+
+    def terminal_key(self, terminal_id: str) -> str:
+        """Key of a terminal's day and hour counters."""
+        tag = self._terminal_tags[shard_of(terminal_id, self.shards)]
+        return f"{self.prefix}:{{{tag}}}:t2:{terminal_id}"
+
+    def label_key(self, terminal_id: str, transaction_id: str) -> str:
+        """Key marking a label as counted (in its terminal's shard)."""
+        tag = self._terminal_tags[shard_of(terminal_id, self.shards)]
+        return f"{self.prefix}:{{{tag}}}:l:{transaction_id}"
+
+    def _shard_key(self, tag: str, name: str) -> str:
+        return f"{self.prefix}:{{{tag}}}:{name}"
+
+    # Transactions ----------------------------------------------------------------------
+
+    def parts(self, updates: Sequence[TransactionUpdate]) -> list[list[int]]:
+        """Cut a micro-batch, in order, into parts in which no event's windows reach the
+        hour of an earlier event of its part."""
+        parts: list[list[int]] = []
+        current: list[int] = []
+        earliest = 0
+        for i, update in enumerate(updates):
+            hour = update.time_ms // features.MS_PER_HOUR
+            if current and hour - self._reach >= earliest:
+                parts.append(current)
+                current = []
+            earliest = hour if not current else min(earliest, hour)
+            current.append(i)
+        if current:
+            parts.append(current)
+        return parts
+
+    async def apply_transactions(self, updates: Sequence[TransactionUpdate]) -> BatchState:
+        """Apply a micro-batch in order and return each event's retained history."""
+        stored: list[bytes] = [b""] * len(updates)
+        new: list[bytes] = [b""] * len(updates)
+        flags = bytearray(len(updates))
+        parts = self.parts(updates)
+        counts = await self._terminal_step(updates, {}, parts[0])
+        for j, part in enumerate(parts):
+            outboxes = await self._customer_step(updates, part, counts, stored, new, flags)
+            increments, newest = self._increments(outboxes)
+            following = parts[j + 1] if j + 1 < len(parts) else []
+            counts = await self._terminal_step(updates, increments, following)
+            for shard, batch in newest.items():
+                self._counted[shard] = max(self._counted.get(shard, 0), batch)
+        lengths = (
+            np.fromiter((len(s) + len(n) for s, n in zip(stored, new, strict=True)), np.int64)
+            // ENTRY_DTYPE.itemsize
+        )
+        flat = np.frombuffer(
+            b"".join(b for pair in zip(stored, new, strict=True) for b in pair), ENTRY_DTYPE
+        )
+        history = features.HistoryBatch(
+            group=np.repeat(np.arange(len(updates), dtype=np.int64), lengths),
+            times_ms=flat["time_ms"].astype(np.int64),
+            amounts=flat["amount"].astype(np.float64),
+            terminal_tx=flat["terminal_tx"].astype(np.int64),
+            terminal_fraud=flat["terminal_fraud"].astype(np.int64),
+        )
+        return BatchState(history=history, duplicate=np.frombuffer(flags, np.uint8) == 1)
+
+    async def _terminal_step(
+        self,
+        updates: Sequence[TransactionUpdate],
+        increments: dict[int, list[tuple[str, int, int, int]]],
+        readers: Sequence[int],
+    ) -> dict[int, bytes]:
+        """Steps 3 and 1 in one call per terminal shard: count ``increments`` (per terminal
+        shard: terminal id, customer shard, batch, hour), then read the window counts of the
+        events ``readers``; returns each reader's packed counts."""
+        calls: dict[int, _TerminalShardCall] = defaultdict(_TerminalShardCall)
+        for tshard, entries in increments.items():
+            call = calls[tshard]
+            for terminal_id, cshard, batch, hour in entries:
+                at = call.key_index(self.terminal_key(terminal_id))
+                call.increments += _INCREMENT.pack(at, cshard, batch, hour)
+        for i in readers:
+            u = updates[i]
+            call = calls[shard_of(u.terminal_id, self.shards)]
+            call.reads += _READ.pack(call.key_index(self.terminal_key(u.terminal_id)), u.time_ms)
+            call.readers.append(i)
+        if not calls:
+            return {}
+        order = list(calls)
+        replies = await self._run(
+            [
+                _Call(
+                    self._sha["cluster_terminals"],
+                    [self._shard_key(self._terminal_tags[t], "w"), *calls[t].keys],
+                    [*self._header, bytes(calls[t].increments), bytes(calls[t].reads)],
+                    writes=bool(calls[t].increments),
+                )
+                for t in order
+            ]
+        )
+        size = 4 * self._n_counts
+        counts: dict[int, bytes] = {}
+        for t, reply in zip(order, replies, strict=True):
+            for k, i in enumerate(calls[t].readers):
+                counts[i] = reply[k * size : (k + 1) * size]
+        return counts
+
+    async def _customer_step(
+        self,
+        updates: Sequence[TransactionUpdate],
+        part: Sequence[int],
+        counts: dict[int, bytes],
+        stored: list[bytes],
+        new: list[bytes],
+        flags: bytearray,
+    ) -> dict[int, bytes]:
+        """Step 2, one call per customer shard; fills each event's history parts and
+        duplicate flag; returns each shard's outbox."""
+        members: dict[int, list[int]] = defaultdict(list)
+        for i in part:
+            members[shard_of(updates[i].customer_id, self.shards)].append(i)
+        calls = []
+        for cshard, events in members.items():
+            packed = bytearray()
+            for i in events:
+                u = updates[i]
+                tid = u.terminal_id.encode()
+                packed += transaction_hash(u.transaction_id)
+                packed += _EVENT.pack(u.time_ms, u.amount)
+                packed += counts[i]
+                packed += _LENGTH.pack(len(tid))
+                packed += tid
+            tag = self._customer_tags[cshard]
+            calls.append(
+                _Call(
+                    self._sha["cluster_customers"],
+                    [
+                        *(self.customer_key(updates[i].customer_id) for i in events),
+                        self._shard_key(tag, "q"),
+                        self._shard_key(tag, "b"),
+                    ],
+                    [*self._header, bytes(packed), self._counted.get(cshard, 0)],
+                    writes=True,
+                )
+            )
+        replies = await self._run(calls)
+        outboxes: dict[int, bytes] = {}
+        for (cshard, events), reply in zip(members.items(), replies, strict=True):
+            marks: bytes = reply[0]
+            for k, i in enumerate(events):
+                flags[i] = marks[k] == ord("1")
+                stored[i] = reply[1 + 2 * k]
+                new[i] = reply[2 + 2 * k]
+            outboxes[cshard] = reply[-1]
+        return outboxes
+
+    def _increments(
+        self, outboxes: dict[int, bytes]
+    ) -> tuple[dict[int, list[tuple[str, int, int, int]]], dict[int, int]]:
+        """The outboxes' entries by terminal shard, and each customer shard's newest batch."""
+        increments: dict[int, list[tuple[str, int, int, int]]] = defaultdict(list)
+        newest: dict[int, int] = {}
+        for cshard, outbox in outboxes.items():
+            at = 0
+            while at < len(outbox):
+                batch, hour, length = _OUTBOX_ENTRY.unpack_from(outbox, at)
+                at += _OUTBOX_ENTRY.size
+                terminal_id = outbox[at : at + length].decode()
+                at += length
+                increments[shard_of(terminal_id, self.shards)].append(
+                    (terminal_id, cshard, batch, hour)
+                )
+                newest[cshard] = batch
+        return increments, newest
+
+    # Labels ----------------------------------------------------------------------------
+
+    async def apply_labels(self, labels: Sequence[LabelUpdate]) -> int:
+        """Count fraud labels into their terminal's hour, one call per terminal shard; a
+        label seen before counts once (its marker lives in the terminal's shard)."""
+        keys: dict[int, list[str]] = defaultdict(list)
+        args: dict[int, list[Any]] = defaultdict(list)
+        for label in labels:
+            tshard = shard_of(label.terminal_id, self.shards)
+            keys[tshard] += [
+                self.terminal_key(label.terminal_id),
+                self.label_key(label.terminal_id, label.transaction_id),
+            ]
+            args[tshard] += [label.time_ms // features.MS_PER_HOUR, "1" if label.is_fraud else "0"]
+        replies = await self._run(
+            [
+                _Call(
+                    self._sha["apply_labels"],
+                    keys[t],
+                    [self.ttl_ms, TERMINAL_RING_DAYS, *args[t]],
+                    writes=True,
+                )
+                for t in keys
+            ]
+        )
+        return sum(int(r) for r in replies)
+
+    # Calls -----------------------------------------------------------------------------
+
+    async def _load_scripts(self) -> None:
+        await self.client.initialize()
+        for text in self._scripts.values():
+            await self.client.script_load(text)  # on every primary
+        self._loaded = True
+
+    async def _run(self, calls: list[_Call]) -> list[Any]:
+        """Run the calls in one pipeline (each node's share in order on one connection, the
+        nodes in parallel), each node written to fenced by a write and ``WAIT``.
+
+        Raises:
+            StateReplicationError: a primary's replicas did not confirm in time.
+            redis.exceptions.RedisError: any other failure; the cluster's layout is read
+                again before it is raised, so a retry reaches the new primaries.
+        """
+        if not calls:
+            return []
+        if not self._loaded:
+            await self._load_scripts()
+        try:
+            try:
+                replies = await self._pipeline(calls)
+            except NoScriptError:
+                # A replica promoted since the scripts were loaded does not have them.
+                await self._load_scripts()
+                replies = await self._pipeline(calls)
+        except RedisClusterException as exc:  # not a RedisError: make it retriable
+            await self._refresh()
+            raise RedisError(f"Redis Cluster: {exc}") from exc
+        except StateReplicationError:
+            raise
+        except RedisError:
+            await self._refresh()
+            raise
+        return replies
+
+    async def _pipeline(self, calls: list[_Call]) -> list[Any]:
+        pipe = self.client.pipeline()
+        fences: dict[str, tuple[ClusterNode, str]] = {}
+        for call in calls:
+            pipe.execute_command("EVALSHA", call.sha, len(call.keys), *call.keys, *call.args)
+            if call.writes and self.wait_replicas > 0:
+                node = self.client.get_node_from_key(call.keys[0])
+                if node is not None and node.name not in fences:
+                    # The fence shares the call's hash tag, hence its node.
+                    tag = call.keys[0].split("{", 1)[1].split("}", 1)[0]
+                    fences[node.name] = (node, self._shard_key(tag, "f"))
+        for node, key in fences.values():
+            pipe.execute_command("SET", key, b"", "PX", self.ttl_ms)
+            pipe.execute_command(
+                "WAIT", self.wait_replicas, self.wait_timeout_ms, target_nodes=node
+            )
+        replies = await pipe.execute(raise_on_error=True, allow_redirections=False)
+        for k, (node, _) in enumerate(fences.values()):
+            confirmed = int(replies[len(calls) + 2 * k + 1])
+            if confirmed < self.wait_replicas:
+                raise StateReplicationError(
+                    f"Redis Cluster primary {node.name}: state writes reached {confirmed} of "
+                    f"{self.wait_replicas} replicas in {self.wait_timeout_ms} ms; retrying "
+                    "(FRAUDSTREAM_REDIS_CLUSTER_WAIT_REPLICAS sets how many are required)"
+                )
+        return replies[: len(calls)]
+
+    async def _refresh(self) -> None:
+        """Read the cluster's layout again (a failover moves slots to a new primary)."""
+        with contextlib.suppress(RedisError, RedisClusterException, OSError):
+            await self.client.nodes_manager.initialize()

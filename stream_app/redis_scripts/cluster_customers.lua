@@ -1,0 +1,88 @@
+-- Redis Cluster, step 2 of a micro-batch: the events of one customer shard (one hash slot),
+-- in order, atomically. See stream_app/redis_cluster_state.py for the protocol. Put after
+-- terminal_ring.lua, state_header.lua and customer_history.lua.
+--
+-- KEYS: per event its customer key, then the shard's outbox key and batch-number key.
+-- ARGV: the state header, then
+--   * one string packing every event as <8-byte tx hash, i8 time_ms, d amount,
+--     i4 x 2n terminal window counts (step 1), i4 length, terminal id>;
+--   * trim_upto: outbox entries of batches up to this number are counted in their
+--     terminals (the caller saw it done): they are dropped.
+-- Returns: { duplicate flags ('0'/'1' per event), then per event the two parts of its
+--            retained history (stored, new record), then the outbox after this call }.
+--
+-- A new event is appended to its customer's history and, in the same atomic call, its
+-- terminal increment is appended to the shard's outbox as <i8 batch, i4 hour, i4 length,
+-- terminal id>: the increment cannot be lost between this call and step 3, and step 3
+-- applies a (shard, batch) at most once per terminal shard. The batch number grows with
+-- time (microseconds of the server clock, at least the last one + 1), so it keeps growing
+-- even after the key expired.
+
+local n_events = #KEYS - 2
+local qkey, bkey = KEYS[n_events + 1], KEYS[n_events + 2]
+local packed = ARGV[argv_next]
+local trim_upto = tonumber(ARGV[argv_next + 1])
+local counts_len = 8 * n_windows
+
+local outbox = redis.call('GET', qkey) or ''
+local outbox_changed = false
+if trim_upto > 0 and #outbox > 0 then
+  local pos = 1
+  while pos <= #outbox do
+    local b, _, len = struct.unpack('<i8i4i4', outbox, pos)
+    if b > trim_upto then break end
+    pos = pos + 16 + len
+  end
+  if pos > 1 then
+    outbox = string.sub(outbox, pos)
+    outbox_changed = true
+  end
+end
+
+local batch = nil
+local entries = {}
+local flags = {}
+local out = { '' }
+local pos = 1
+for e = 1, n_events do
+  local ckey = KEYS[e]
+  local h = string.sub(packed, pos, pos + 7)
+  local t, amount = struct.unpack('<i8d', packed, pos + 8)
+  local counts = string.sub(packed, pos + 24, pos + 23 + counts_len)
+  local tid_len = struct.unpack('<i4', packed, pos + 24 + counts_len)
+  local tid = string.sub(packed, pos + 28 + counts_len, pos + 27 + counts_len + tid_len)
+  pos = pos + 28 + counts_len + tid_len
+  local blob = redis.call('GET', ckey) or ''
+  local dup_at = find_record(blob, h)
+  if dup_at then
+    flags[e] = '1'
+    out[2 * e] = string.sub(blob, 1, dup_at * REC)
+    out[2 * e + 1] = ''
+  else
+    flags[e] = '0'
+    if not batch then
+      local now = redis.call('TIME')
+      batch = math.max(tonumber(redis.call('GET', bkey) or '0') + 1,
+        tonumber(now[1]) * 1000000 + tonumber(now[2]))
+      redis.call('SET', bkey, string.format('%.0f', batch), 'PX', ttl)
+    end
+    local rec = struct.pack('<i8d', t, amount) .. h .. counts
+    out[2 * e] = append_record(ckey, blob, t, rec)
+    out[2 * e + 1] = rec
+    entries[#entries + 1] = struct.pack('<i8i4i4', batch, math.floor(t / 3600000), #tid) .. tid
+  end
+end
+if #entries > 0 then
+  outbox = outbox .. table.concat(entries)
+  outbox_changed = true
+end
+if outbox_changed then
+  if #outbox > 0 then
+    redis.call('SET', qkey, outbox, 'PX', ttl)
+  else
+    redis.call('DEL', qkey)
+  end
+end
+out[1] = table.concat(flags)
+out[#out + 1] = outbox
+return out

@@ -1,0 +1,49 @@
+-- Redis Cluster, steps 1 and 3 of a micro-batch on one terminal shard (one hash slot),
+-- atomically: count the increments of customer-shard outboxes not counted here yet, then
+-- read the window counts events will be scored with. See stream_app/redis_cluster_state.py.
+-- Put after terminal_ring.lua, state_header.lua and terminal_windows.lua.
+--
+-- KEYS: the shard's counted-batches key (a hash: customer shard -> last batch counted
+--       here), then terminal keys.
+-- ARGV: the state header, then
+--   * increments: one string of <i4 key index, i4 customer shard, i8 batch, i4 hour>,
+--     batches in increasing order per customer shard;
+--   * reads: one string of <i4 key index, i8 time_ms>.
+-- Returns: one string, per read its i4 x 2n window counts.
+--
+-- A (customer shard, batch) at or below the one recorded for its customer shard was
+-- counted here before (a retry, a redelivery, another worker flushing the same outbox):
+-- it is skipped whole, which makes counting idempotent.
+
+local wkey = KEYS[1]
+local increments = ARGV[argv_next]
+local reads = ARGV[argv_next + 1]
+
+local counted = {}  -- customer shard -> last batch counted here, before this call
+local newest = {}
+for o = 1, #increments, 20 do
+  local k, shard, batch, hour = struct.unpack('<i4i4i8i4', increments, o)
+  if counted[shard] == nil then
+    counted[shard] = tonumber(redis.call('HGET', wkey, shard) or '0')
+  end
+  if batch > counted[shard] then
+    local tkey = KEYS[k]
+    local day = math.floor(hour / 24)
+    count_in_ring(tkey, read_day_slots(tkey, false), day, hour - day * 24, 1, 0)
+    if batch > (newest[shard] or 0) then newest[shard] = batch end
+  end
+end
+local changed = false
+for shard, batch in pairs(newest) do
+  redis.call('HSET', wkey, shard, string.format('%.0f', batch))
+  changed = true
+end
+if changed then redis.call('PEXPIRE', wkey, ttl) end
+
+local out = {}
+for o = 1, #reads, 12 do
+  local k, t = struct.unpack('<i4i8', reads, o)
+  local sums = window_sums(KEYS[k], t, true)
+  out[#out + 1] = struct.pack(counts_fmt, unpack(sums))
+end
+return table.concat(out)
