@@ -220,9 +220,9 @@ def check_created(topic_errors: Iterable[dict[str, Any]], settings: Settings) ->
         raise ConfigError(f"cannot create topic {answer['topic']}: {detail}")
     if denied:
         raise ConfigError(
-            f"missing Kafka ACL: may not create topics {', '.join(denied)} (or describe them, "
-            "if they exist): grant Create and Describe on them, or create them beforehand "
-            "and set FRAUDSTREAM_CREATE_TOPICS=false"
+            f"missing Kafka ACL: may not create topics {', '.join(sorted(denied))} (or "
+            "describe them, if they exist): grant Create and Describe on them, or create them "
+            "beforehand and set FRAUDSTREAM_CREATE_TOPICS=false"
         )
 
 

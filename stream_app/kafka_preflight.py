@@ -136,6 +136,13 @@ async def check_connection(settings: Settings) -> None:
             continue
         connection.close()
         return
+    if settings.kafka_ssl_cert_file is not None and any("closed" in f for f in failures):
+        # A broker that refuses a client certificate (TLS 1.3) just closes the connection,
+        # which looks like any dropped connection: a hint, not a verdict, so still retried.
+        failures.append(
+            f"if this persists, the broker may not trust the client certificate "
+            f"{_setting('kafka_ssl_cert_file')}={settings.kafka_ssl_cert_file}"
+        )
     raise KafkaConnectionError("; ".join(failures))
 
 

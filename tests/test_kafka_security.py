@@ -93,6 +93,8 @@ class Certificates:
     client_cert: Path  # CN=worker, signed by ``ca``
     client_key: Path  # encrypted under KEY_PASSWORD
     other_ca: Path  # a CA that signed nothing the broker serves
+    stranger_cert: Path  # CN=worker, signed by ``other_ca``: the broker refuses it
+    stranger_key: Path
 
 
 def _issue(
@@ -141,10 +143,11 @@ def certificates(tmp_path_factory: pytest.TempPathFactory) -> Certificates:
     ca = _issue(d, "ca", "fraudstream test kafka ca")
     _issue(d, "broker", "kafka-broker", ca, ip_san=True)
     _issue(d, "client", WORKER, ca, key_password=KEY_PASSWORD)
-    _issue(d, "other-ca", "a ca nobody trusts")
+    other = _issue(d, "other-ca", "a ca nobody trusts")
+    _issue(d, "stranger", WORKER, other)
     return Certificates(
         d / "ca.crt", d / "broker.crt", d / "broker.key", d / "client.crt", d / "client.key",
-        d / "other-ca.crt",
+        d / "other-ca.crt", d / "stranger.crt", d / "stranger.key",
     )  # fmt: skip
 
 
@@ -371,6 +374,12 @@ START_UP_CASES: dict[str, StartUpCase] = {
         lambda _p, _c: {"kafka_sasl_password": WRONG_PASSWORD},
         lambda _p: ("FRAUDSTREAM_KAFKA_SASL_PASSWORD", "SCRAM-SHA-512"),
     ),
+    "SASL mechanism the listener does not enable": StartUpCase(
+        "SASL",
+        {},
+        lambda _p, _c: {"kafka_sasl_mechanism": "SCRAM-SHA-256"},
+        lambda _p: ("FRAUDSTREAM_KAFKA_SASL_MECHANISM", "SCRAM-SHA-256"),
+    ),
     "untrusted CA over SASL_SSL": StartUpCase(
         "SASL",
         {},
@@ -427,7 +436,8 @@ def test_a_wrong_setting_or_missing_acl_stops_the_worker_at_start_up(
     started = time.monotonic()
     code, output = run_worker_to_exit(settings, timeout_s=START_UP_BOUND_S)
     elapsed = time.monotonic() - started
-    print(f"{case}: exit {code} after {elapsed:.1f} s")
+    said = next((line for line in output.splitlines() if line.startswith("error:")), "")
+    print(f"{case}: exit {code} after {elapsed:.1f} s: {said}")
     assert code == 2, output
     assert "error:" in output and "Traceback" not in output, output
     for expected in spec.names(name):
@@ -450,7 +460,9 @@ def test_a_broker_without_idempotent_producers_stops_the_worker_at_start_up(
     try:
         started = time.monotonic()
         code, output = run_worker_to_exit(settings, timeout_s=START_UP_BOUND_S)
-        print(f"bundled broker, {guarantee}: exit {code} after {time.monotonic() - started:.1f} s")
+        elapsed = time.monotonic() - started
+        said = next((line for line in output.splitlines() if line.startswith("error:")), "")
+        print(f"bundled broker, {guarantee}: exit {code} after {elapsed:.1f} s: {said}")
     finally:
         delete_state(settings.state_key_prefix)
     assert code == 2, output
@@ -459,6 +471,48 @@ def test_a_broker_without_idempotent_producers_stops_the_worker_at_start_up(
     assert "FRAUDSTREAM_IDEMPOTENT_PRODUCER=false" in output, output
     assert "FRAUDSTREAM_PROCESSING_GUARANTEE=at_least_once" in output, output
     assert "Traceback" not in output
+
+
+def run_worker_for(settings: Settings, seconds: float, log_path: Path) -> tuple[bool, str]:
+    """Run the worker for ``seconds``, then kill it; returns (was it still running, output)."""
+    env = {**environment_without_settings(), **settings_environment(settings)}
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "stream_app.cli", "worker"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            time.sleep(seconds)
+            still_running = process.poll() is None
+        finally:
+            process.kill()
+            process.wait(timeout=30)
+    return still_running, log_path.read_text(errors="replace")
+
+
+def test_a_client_certificate_the_broker_refuses_is_retried_with_a_hint(
+    secure_kafka: ApacheKafka,
+    secure_settings: Callable[..., Settings],
+    certificates: Certificates,
+    tmp_path: Path,
+) -> None:
+    # Under TLS 1.3 the broker refuses a client certificate by closing the connection,
+    # which the client cannot tell from a dropped one: retried, with the setting to check.
+    name = prefix()
+    grant(secure_kafka, name)
+    settings = secure_settings(
+        "MTLS",
+        name,
+        kafka_ssl_cert_file=certificates.stranger_cert,
+        kafka_ssl_key_file=certificates.stranger_key,
+        kafka_ssl_key_password=None,
+        retry_backoff_max_s=0.5,
+    )
+    still_running, output = run_worker_for(settings, 8, tmp_path / "worker.log")
+    assert still_running, output
+    assert f"FRAUDSTREAM_KAFKA_SSL_CERT_FILE={certificates.stranger_cert}" in output, output
 
 
 def test_an_unreachable_broker_is_retried_and_named_without_secrets(
@@ -477,22 +531,7 @@ def test_an_unreachable_broker_is_retried_and_named_without_secrets(
         log_level="DEBUG",
         retry_backoff_max_s=0.5,
     )
-    env = {**environment_without_settings(), **settings_environment(settings)}
-    log_path = tmp_path / "worker.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "stream_app.cli", "worker"],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        try:
-            time.sleep(10)
-            still_running = process.poll() is None
-        finally:
-            process.kill()
-            process.wait(timeout=30)
-    output = log_path.read_text(errors="replace")
+    still_running, output = run_worker_for(settings, 10, tmp_path / "worker.log")
     assert still_running, output
     assert f"connecting to Kafka at {address} (FRAUDSTREAM_KAFKA_BOOTSTRAP_SERVERS)" in output
     assert output.count("retrying in") >= 3, output
