@@ -1,0 +1,414 @@
+"""State on a real Redis Cluster (3 primaries, 3 replicas): the same features as on one Redis.
+
+The store's checks of ``tests/test_redis_state.py`` run here against the cluster: online ==
+offline features for random histories, and batch for batch the reference store's results.
+Then the protocol that splits a batch into per-slot calls is broken where it could lose or
+double a count (a worker dying between the customer and the terminal step, an outbox sent
+twice), and the real worker runs on the cluster: its scores equal ``score-file``, and with a
+primary SIGKILLed mid-replay (its replica takes over) nothing is lost or counted twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from redis.asyncio.cluster import RedisCluster
+
+from stream_app import features as F
+from stream_app.config import Settings
+from stream_app.errors import ConfigError
+from stream_app.records import parse_label
+from stream_app.redis_state import RedisStateStore
+from stream_app.runtime import check_redis_mode, redis_client
+from stream_app.scoring import OnnxScorer
+from stream_app.state import ENTRY_DTYPE, LabelUpdate, MemoryStateStore, TransactionUpdate
+from tests.feature_cases import BASE_MS, Tx, replay_online, run_offline, transactions
+from tests.kafka_fixtures import (
+    REDIS_URL,
+    TEST_SEQUENCE_LENGTH,
+    Broker,
+    Dataset,
+    WorkerProcess,
+    new_settings,
+    read_topic,
+)
+from tests.redis_cluster import LocalRedisCluster, redis_cluster_fixture  # noqa: F401
+from tests.test_redis_state import _random_updates
+from tests.test_worker_replay import (
+    LABELS_DELAY,
+    RATE,
+    probe_labels,
+    publish,
+    scores_by_id,
+    stream,
+)
+from training.replay import replay_order
+from training.score_file import score_table
+from training.transactions import to_arrays
+
+pytestmark = pytest.mark.integration
+
+# What the features read; the protocol's own keys (outbox, batch numbers, counted batches,
+# fences) and the label markers are bookkeeping that differs between runs.
+STATE_KEYS = (":c:", ":t2:")
+
+
+def _client(cluster: LocalRedisCluster) -> RedisCluster:
+    return RedisCluster.from_url(cluster.url, decode_responses=False)
+
+
+@pytest.fixture
+async def cluster_store(
+    redis_cluster: LocalRedisCluster,
+) -> AsyncIterator[RedisStateStore]:
+    """A store on the cluster under a prefix of its own (keys deleted afterwards)."""
+    prefix = f"test-{uuid.uuid4().hex[:12]}"
+    client = _client(redis_cluster)
+    try:
+        yield RedisStateStore(client, prefix=prefix, sequence_length=4)
+    finally:
+        await client.aclose()
+        redis_cluster.flush(prefix)
+
+
+async def _replay_on_cluster(
+    url: str, prefix: str, txs: list[Tx], batch_sizes: list[int], sequence_length: int
+) -> tuple[np.ndarray, np.ndarray]:
+    client = RedisCluster.from_url(url, decode_responses=False)
+    try:
+        store = RedisStateStore(client, prefix=prefix, sequence_length=sequence_length)
+        return await replay_online(store, txs, batch_sizes, sequence_length)
+    finally:
+        await client.aclose()
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    txs=transactions,
+    batch_sizes=st.lists(st.integers(1, 7), min_size=1, max_size=4),
+    sequence_length=st.integers(1, 6),
+)
+def test_cluster_store_equals_offline(
+    redis_cluster: LocalRedisCluster, txs: list[Tx], batch_sizes: list[int], sequence_length: int
+) -> None:
+    prefix = f"test-{uuid.uuid4().hex[:12]}"
+    try:
+        online_f, online_s = asyncio.run(
+            _replay_on_cluster(redis_cluster.url, prefix, txs, batch_sizes, sequence_length)
+        )
+    finally:
+        redis_cluster.flush(prefix)
+    offline_f, offline_s = run_offline(txs, sequence_length)
+    np.testing.assert_allclose(online_f, offline_f, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(online_s, offline_s, rtol=0, atol=1e-6)
+
+
+async def test_cluster_store_matches_the_reference_store_batch_for_batch(
+    cluster_store: RedisStateStore, redis_cluster: LocalRedisCluster
+) -> None:
+    updates = _random_updates(600, seed=3)
+    labels = [
+        LabelUpdate(u.transaction_id, u.customer_id, u.terminal_id, u.time_ms, i % 9 == 0)
+        for i, u in enumerate(updates)
+    ]
+    memory_store = MemoryStateStore(sequence_length=4)
+    for start in range(0, len(updates), 50):
+        batch = updates[start : start + 50]
+        # Labels of transactions older than a week arrive before each batch.
+        known = [lb for lb in labels[:start] if lb.time_ms < batch[0].time_ms - 7 * F.MS_PER_DAY]
+        assert await cluster_store.apply_labels(known) == await memory_store.apply_labels(known)
+        got = await cluster_store.apply_transactions(batch)
+        want = await memory_store.apply_transactions(batch)
+        for name in ("group", "times_ms", "amounts", "terminal_tx", "terminal_fraud"):
+            np.testing.assert_array_equal(getattr(got.history, name), getattr(want.history, name))
+        np.testing.assert_array_equal(got.duplicate, want.duplicate)
+    # A batch of 50 events spans days of this data: cut where a window could read an
+    # hour counted earlier in the same call.
+    assert cluster_store._cluster is not None
+    assert len(cluster_store._cluster.parts(updates)) > 1
+    again = await cluster_store.apply_transactions(updates[-50:])
+    assert again.duplicate.all()
+    risk = F.FEATURE_INDEX["TERMINAL_ID_RISK_30DAY_WINDOW"]
+    final, _ = F.online_features(got.history, 4)
+    assert (final[:, risk] > 0).any(), "labels should have reached the terminal risk"
+    # The shards spread the state over every primary.
+    state = redis_cluster.state(cluster_store.prefix)
+    per_primary = redis_cluster.keys_per_primary(cluster_store.prefix)
+    assert len(per_primary) == 3 and min(per_primary.values()) > 0, per_primary
+    assert sum(":c:" in k for k in state) == 20 and sum(":t2:" in k for k in state) == 10
+
+
+async def test_terminal_counts_and_labels_on_the_cluster(cluster_store: RedisStateStore) -> None:
+    label = LabelUpdate("tx1", "c1", "t1", BASE_MS, True)
+    assert await cluster_store.apply_labels([label, label]) == 1
+    assert await cluster_store.apply_labels([label]) == 0
+    await cluster_store.apply_transactions([TransactionUpdate("tx1", "c1", "t1", BASE_MS, 5.0)])
+    assert await cluster_store.terminal_counts("t1", BASE_MS // F.MS_PER_HOUR) == (1, 1, 1, 1)
+    ttl = await cluster_store.client.pttl(cluster_store.customer_key("c1"))
+    assert 0 < ttl <= cluster_store.ttl_ms
+
+
+def _state(cluster: LocalRedisCluster, prefix: str) -> dict[str, object]:
+    return {k: v for k, v in cluster.state(prefix).items() if any(s in k for s in STATE_KEYS)}
+
+
+async def test_a_worker_dying_between_the_customer_and_terminal_steps_counts_once(
+    redis_cluster: LocalRedisCluster,
+) -> None:
+    """The split's failure points, driven step by step: the steps are the store's own."""
+    updates = _random_updates(400, seed=11)
+    batches = [updates[s : s + 40] for s in range(0, len(updates), 40)]
+    reference, broken = f"test-{uuid.uuid4().hex[:12]}", f"test-{uuid.uuid4().hex[:12]}"
+    client = _client(redis_cluster)
+    try:
+        store = RedisStateStore(client, prefix=reference, sequence_length=4)
+        for batch in batches:
+            await store.apply_transactions(batch)
+
+        first = RedisStateStore(client, prefix=broken, sequence_length=4)
+        for batch in batches[:3]:
+            await first.apply_transactions(batch)
+        # Batch 3: steps 1 and 2, then the worker dies before step 3.
+        crashed = first._cluster
+        assert crashed is not None
+        batch = batches[3]
+        everyone = list(range(len(batch)))
+        counts = await crashed._terminal_step(batch, {}, everyone)
+        stored, new, flags = [b""] * len(batch), [b""] * len(batch), bytearray(len(batch))
+        outboxes = await crashed._customer_step(batch, everyone, counts, stored, new, flags)
+        assert not any(flags)
+        # A new worker gets batch 3 again: every event a duplicate with its first inputs,
+        # and the increments still in the outboxes counted now.
+        second = RedisStateStore(client, prefix=broken, sequence_length=4)
+        again = await second.apply_transactions(batch)
+        assert again.duplicate.all()
+        first_inputs = np.frombuffer(
+            b"".join(s + n for s, n in zip(stored, new, strict=True)), ENTRY_DTYPE
+        )
+        np.testing.assert_array_equal(again.history.times_ms, first_inputs["time_ms"])
+        np.testing.assert_array_equal(again.history.terminal_tx, first_inputs["terminal_tx"])
+        np.testing.assert_array_equal(again.history.terminal_fraud, first_inputs["terminal_fraud"])
+        # The old worker's step 3 arrives late (or a third worker flushes the same
+        # outboxes): every increment there was counted already, nothing changes.
+        increments, _ = crashed._increments(outboxes)
+        before = _state(redis_cluster, broken)
+        await crashed._terminal_step(batch, increments, [])
+        assert _state(redis_cluster, broken) == before
+        for batch in batches[4:]:
+            await second.apply_transactions(batch)
+        assert _state(redis_cluster, broken) == _state(redis_cluster, reference)
+    finally:
+        await client.aclose()
+        redis_cluster.flush(reference)
+        redis_cluster.flush(broken)
+
+
+async def test_the_cluster_setting_must_match_the_server(redis_cluster: LocalRedisCluster) -> None:
+    as_cluster = Settings(redis_url=REDIS_URL, redis_cluster=True)
+    client = redis_client(as_cluster)
+    try:
+        with pytest.raises(ConfigError, match="FRAUDSTREAM_REDIS_CLUSTER=false"):
+            await check_redis_mode(client, as_cluster)
+    finally:
+        await client.aclose()
+    single = Settings(redis_url=redis_cluster.url)
+    plain = redis_client(single)
+    try:
+        with pytest.raises(ConfigError, match="FRAUDSTREAM_REDIS_CLUSTER=true"):
+            await check_redis_mode(plain, single)
+    finally:
+        await plain.aclose()
+    right = Settings(redis_url=redis_cluster.url, redis_cluster=True)
+    ok = redis_client(right)
+    try:
+        await check_redis_mode(ok, right)
+        assert isinstance(ok, RedisCluster)
+    finally:
+        await ok.aclose()
+
+
+# The worker on the cluster ------------------------------------------------------------
+
+
+def cluster_settings(
+    broker: Broker, cluster: LocalRedisCluster, model: Path, **overrides: object
+) -> Settings:
+    """Worker settings of a test on the cluster (a retry backoff short enough to see the
+    worker recover within the test)."""
+    return new_settings(
+        broker,
+        model_dir=model,
+        redis_url=cluster.url,
+        redis_cluster=True,
+        retry_backoff_max_s=1.0,
+        **overrides,
+    )
+
+
+@pytest.fixture(scope="module")
+def reference(small_transactions: Dataset, served_model: Path) -> pd.DataFrame:
+    return score_table(small_transactions.frame, OnnxScorer(served_model)).table
+
+
+@pytest.mark.slow
+def test_the_worker_on_a_cluster_scores_as_score_file(
+    kafka_broker: Broker,
+    redis_cluster: LocalRedisCluster,
+    served_model: Path,
+    small_transactions: Dataset,
+    reference: pd.DataFrame,
+    tmp_path: Path,
+) -> None:
+    settings = cluster_settings(kafka_broker, redis_cluster, served_model)
+    frame = small_transactions.frame
+    n = len(frame)
+    try:
+        with WorkerProcess(settings, tmp_path / "worker.log") as worker:
+            worker.start()
+            probe_labels(settings, worker)
+            messages = stream(frame, settings, labels_delay=LABELS_DELAY)
+            asyncio.run(publish(settings, messages, rate=RATE))
+            records = asyncio.run(read_topic(settings, settings.topic_scores, until=n))
+            worker.wait_for('fraudstream_events_total{outcome="scored"}', n)
+            assert worker.metric("fraudstream_redis_errors_total") == 0, worker.log()
+            assert worker.terminate() == 0, worker.log()
+        scores = scores_by_id(records)
+        ids = [str(t) for t in reference["TRANSACTION_ID"]]
+        assert sorted(scores) == sorted(ids)
+        assert all(len(copies) == 1 for copies in scores.values())
+        ours = np.array([scores[t][0].score for t in ids])
+        np.testing.assert_allclose(ours, reference["score"].to_numpy(), rtol=0, atol=1e-5)
+        assert [scores[t][0].decision.value for t in ids] == list(reference["decision"])
+    finally:
+        redis_cluster.flush(settings.state_key_prefix)
+
+
+def uninterrupted_cluster_state(
+    cluster: LocalRedisCluster,
+    prefix: str,
+    frame: pd.DataFrame,
+    label_values: list[bytes],
+    sequence_length: int,
+) -> dict[str, object]:
+    """The labels, then the transactions in event-time order, applied without a failure."""
+    labels = []
+    for value in label_values:
+        label = parse_label(value)
+        labels.append(
+            LabelUpdate(
+                label.transaction_id,
+                label.customer_id,
+                label.terminal_id,
+                int(label.event_time.timestamp() * 1000),
+                label.is_fraud,
+            )
+        )
+    arrays = to_arrays(frame)
+    updates = [
+        TransactionUpdate(
+            str(arrays.transaction_ids[i]),
+            str(arrays.customer_ids[i]),
+            str(arrays.terminal_ids[i]),
+            int(arrays.times_ms[i]),
+            float(arrays.amounts[i]),
+        )
+        for i in replay_order(frame)
+    ]
+
+    async def apply() -> None:
+        client = _client(cluster)
+        try:
+            store = RedisStateStore(client, prefix=prefix, sequence_length=sequence_length)
+            await store.apply_labels(labels)
+            for start in range(0, len(updates), 100):
+                await store.apply_transactions(updates[start : start + 100])
+        finally:
+            await client.aclose()
+
+    asyncio.run(apply())
+    return _state(cluster, prefix)
+
+
+@pytest.mark.slow
+@pytest.mark.resilience
+def test_a_primary_killed_mid_replay_loses_nothing_and_counts_nothing_twice(
+    apache_kafka: Broker,
+    redis_cluster: LocalRedisCluster,
+    served_model: Path,
+    small_transactions: Dataset,
+    reference: pd.DataFrame,
+    tmp_path: Path,
+) -> None:
+    """On Apache Kafka (exactly-once, the deployed mode): a failover must cost neither a
+    score nor a count. The killed node's replica takes its slots; until a replica serves
+    them again the writes there cannot be confirmed (WAIT) and the worker retries; the
+    killed node, restarted, rejoins as that replica and the worker goes on."""
+    settings = cluster_settings(apache_kafka, redis_cluster, served_model, batch_size=100)
+    frame = small_transactions.frame
+    n = len(frame)
+    messages = stream(frame, settings, labels_delay=None, detour=False)
+    labels = [m for m in messages if m.topic == settings.topic_labels]
+    rest = [m for m in messages if m.topic != settings.topic_labels]
+    n_frauds = int(frame["TX_FRAUD"].sum())
+    store = RedisStateStore(_client(redis_cluster), prefix=settings.state_key_prefix)
+    victim = redis_cluster.primary_of(store.customer_key("0"))
+    killed: dict[str, float] = {}
+    expected_prefix = f"test-{uuid.uuid4().hex[:12]}"
+    try:
+        with WorkerProcess(settings, tmp_path / "worker.log") as worker:
+            worker.start()
+            asyncio.run(publish(settings, labels, rate=10_000))
+            worker.wait_for('fraudstream_labels_total{outcome="fraud"}', n_frauds)
+
+            def kill_mid_stream(published: int) -> None:
+                scored = worker.metric('fraudstream_events_total{outcome="scored"}') or 0
+                if not killed and scored > n / 3:
+                    redis_cluster.kill(victim)
+                    killed["at"] = time.monotonic()
+
+            asyncio.run(publish(settings, rest, rate=600, on_progress=kill_mid_stream))
+            assert killed, "the primary was not killed"
+            # The replica takes over (cluster-node-timeout 2 s); the worker cannot get its
+            # writes there confirmed until the killed node is back as its replica.
+            redis_cluster.wait_for_failover(victim, timeout_s=30)
+            stalled = worker.metric("fraudstream_redis_errors_total") or 0
+            redis_cluster.restart(victim)
+            redis_cluster.wait_healthy(timeout_s=60)
+            records = asyncio.run(
+                read_topic(settings, settings.topic_scores, until=n, timeout_s=120)
+            )
+            recovered_s = time.monotonic() - killed["at"]
+            worker.wait_for('fraudstream_events_total{outcome="scored"}', 1)
+            assert worker.terminate() == 0, worker.log()
+        print(f"failover: {stalled:.0f} redis errors, all scored {recovered_s:.1f} s after")
+        scores = scores_by_id(records)
+        ids = [str(t) for t in reference["TRANSACTION_ID"]]
+        assert sorted(scores) == sorted(ids), "a transaction was lost"
+        assert all(len(copies) == 1 for copies in scores.values()), "a duplicate was read"
+        ours = np.array([scores[t][0].score for t in ids])
+        np.testing.assert_allclose(ours, reference["score"].to_numpy(), rtol=0, atol=1e-5)
+        assert stalled > 0, "the failover went unnoticed: was the right node killed?"
+        # Nothing counted twice or lost: the state of a run without failure, key for key.
+        label_values = [m.value for m in labels]
+        expected = uninterrupted_cluster_state(
+            redis_cluster, expected_prefix, frame, label_values, TEST_SEQUENCE_LENGTH
+        )
+        got = _state(redis_cluster, settings.state_key_prefix)
+        assert got.keys() == expected.keys()
+        assert got == expected
+    finally:
+        if victim.process is None or victim.process.poll() is not None:
+            redis_cluster.restart(victim)
+        redis_cluster.wait_healthy(timeout_s=60)
+        redis_cluster.flush(settings.state_key_prefix)
+        redis_cluster.flush(expected_prefix)
+        asyncio.run(store.client.aclose())
