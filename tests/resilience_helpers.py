@@ -1,6 +1,6 @@
 """What the resilience tests share: services they own, a paced publisher, and an accounting.
 
-* :class:`OwnedRedis` and :class:`OwnedBroker`: a ``redis-server`` and a Tansu broker of the
+* :class:`OwnedRedis` and :func:`own_broker`: a ``redis-server`` and a broker of the
   test's own, which it may kill, restart, SIGSTOP and SIGCONT without disturbing the session
   services other tests use;
 * :class:`BackgroundPublisher`: publishes at a set rate from a thread, so the test's main
@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -39,7 +38,9 @@ from stream_app.records import ScoreRecord
 from stream_app.redis_state import RedisStateStore
 from stream_app.state import TransactionUpdate
 from training.replay import replay_messages
-from training.services.bundled_broker import broker_binary
+from training.services.apache_kafka import ApacheKafka
+from training.services.brokers import BrokerKind
+from training.services.bundled_broker import BundledBroker
 from training.services.net import LOOPBACK, free_port, wait_for_port
 from training.simulator import SimulatorConfig, simulate
 from training.transactions import to_arrays
@@ -124,58 +125,16 @@ class OwnedRedis:
         return redis.Redis(host=LOOPBACK, port=self.port)
 
 
-class OwnedBroker:
-    """A Tansu broker process owned by one test: it may be paused with SIGSTOP."""
-
-    def __init__(self, log_path: Path) -> None:
-        self.port = free_port()
-        self.log_path = log_path
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def bootstrap_servers(self) -> str:
-        """``host:port``."""
-        return f"{LOOPBACK}:{self.port}"
-
-    def start(self) -> OwnedBroker:
-        """Start and wait until it accepts connections."""
-        url = f"tcp://{LOOPBACK}:{self.port}"
-        command = [
-            broker_binary(),
-            "broker",
-            "--listener-url",
-            url,
-            "--advertised-listener-url",
-            url,
-            "--storage-engine",
-            "memory://tansu/",
-        ]
-        with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-        if not wait_for_port(LOOPBACK, self.port, 20.0):
-            raise AssertionError("the test's broker did not start")
-        return self
-
-    def pause(self) -> None:
-        """SIGSTOP: the process freezes, its sockets stay open and answer nothing."""
-        assert self.process is not None
-        self.process.send_signal(signal.SIGSTOP)
-
-    def resume(self) -> None:
-        """SIGCONT."""
-        assert self.process is not None
-        self.process.send_signal(signal.SIGCONT)
-
-    def stop(self) -> None:
-        """Resume (a stopped process ignores SIGTERM until then) and terminate."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGCONT)
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
+def own_broker(kind: BrokerKind, work_dir: Path) -> BundledBroker | ApacheKafka:
+    """A broker of ``kind`` owned by one test, started: it may be paused (SIGSTOP) and
+    resumed without stalling any other test. Stop it with ``.stop()``."""
+    broker: BundledBroker | ApacheKafka
+    if kind == "kafka":
+        broker = ApacheKafka(root=work_dir / "kafka")
+    else:
+        broker = BundledBroker(log_path=work_dir / "broker.log")
+    broker.start()
+    return broker
 
 
 @dataclass(frozen=True)
@@ -284,10 +243,14 @@ class BackgroundPublisher:
 
 
 async def _read_records(
-    settings: Settings, topic: str, ids: set[str] | None, timeout_s: float
+    settings: Settings, topic: str, ids: set[str] | None, timeout_s: float, committed: bool
 ) -> list[ConsumerRecord[bytes, bytes]]:
     consumer = AIOKafkaConsumer(
-        topic, **kafka_config.client_kwargs(settings), group_id=None, auto_offset_reset="earliest"
+        topic,
+        **kafka_config.client_kwargs(settings),
+        group_id=None,
+        auto_offset_reset="earliest",
+        isolation_level="read_committed" if committed else "read_uncommitted",
     )
     await consumer.start()
     records: list[ConsumerRecord[bytes, bytes]] = []
@@ -316,13 +279,24 @@ async def _read_records(
 
 
 def read_records(
-    settings: Settings, topic: str, *, ids: Iterable[str] | None = None, timeout_s: float = 120.0
+    settings: Settings,
+    topic: str,
+    *,
+    ids: Iterable[str] | None = None,
+    timeout_s: float = 120.0,
+    committed: bool | None = None,
 ) -> list[ConsumerRecord[bytes, bytes]]:
     """Every record of ``topic`` from the start to its end, once ``ids`` all have a record.
 
-    Returns what was read by the timeout: the caller's accounting says what is missing.
+    Under exactly-once only committed transactions are read (``committed`` None follows
+    the settings), as a downstream reader would; ``committed=False`` also shows records of
+    aborted transactions. Returns what was read by the timeout: the caller's accounting
+    says what is missing.
     """
-    return asyncio.run(_read_records(settings, topic, set(ids) if ids else None, timeout_s))
+    if committed is None:
+        committed = settings.exactly_once
+    ids_left = set(ids) if ids else None
+    return asyncio.run(_read_records(settings, topic, ids_left, timeout_s, committed))
 
 
 def score_records(records: Iterable[ConsumerRecord[bytes, bytes]]) -> list[ScoreRecord]:

@@ -1,6 +1,7 @@
 """A 10-second broker stall (SIGSTOP, SIGCONT) mid-stream: nothing lost, recovery alone.
 
-The test owns its broker process, so freezing it stalls no other test. While it is frozen
+The test owns its broker (of the lane's kind: the bundled one, or Apache Kafka with the
+deployed exactly-once settings), so freezing it stalls no other test. While it is frozen
 its sockets stay open and answer nothing: fetches, produce requests, commits and heartbeats
 all hang, the worst kind of outage for a client (no error to react to, only timeouts).
 """
@@ -14,11 +15,11 @@ from pathlib import Path
 import pytest
 
 from stream_app.config import Settings
-from tests.kafka_fixtures import WorkerProcess
+from tests.kafka_fixtures import Broker, WorkerProcess
 from tests.resilience_helpers import (
     BackgroundPublisher,
-    OwnedBroker,
     account,
+    own_broker,
     read_records,
     score_records,
     simulated,
@@ -35,9 +36,9 @@ STALL_S = 10.0
 
 
 def test_a_broker_stall_loses_nothing_and_the_worker_recovers_alone(
-    make_settings: Callable[..., Settings], served_model: Path, tmp_path: Path
+    kafka_broker: Broker, make_settings: Callable[..., Settings], served_model: Path, tmp_path: Path
 ) -> None:
-    broker = OwnedBroker(tmp_path / "broker.log").start()
+    broker = own_broker(kafka_broker.kind, tmp_path)
     try:
         settings = make_settings(
             model_dir=served_model, kafka_bootstrap_servers=broker.bootstrap_servers

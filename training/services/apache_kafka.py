@@ -274,6 +274,7 @@ class ApacheKafka:
         """Stop every node (SIGTERM, SIGKILL after ``timeout_s``) and remove its data."""
         for node in self._nodes:
             if node.process is not None and node.process.poll() is None:
+                node.process.send_signal(signal.SIGCONT)  # a paused node ignores SIGTERM
                 node.process.terminate()
         for node in self._nodes:
             self._reap(node, timeout_s)
@@ -281,6 +282,18 @@ class ApacheKafka:
         if self._own_root and self.root is not None:
             shutil.rmtree(self.root, ignore_errors=True)
             self.root = None
+
+    def pause(self) -> None:
+        """SIGSTOP every node: the cluster freezes, its sockets open and silent."""
+        for node in self._nodes:
+            if node.process is not None and node.process.poll() is None:
+                node.process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT every node after :meth:`pause`."""
+        for node in self._nodes:
+            if node.process is not None and node.process.poll() is None:
+                node.process.send_signal(signal.SIGCONT)
 
     def kill(self, node_id: int) -> None:
         """SIGKILL one node: a crash, no controlled shutdown."""

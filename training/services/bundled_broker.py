@@ -15,6 +15,7 @@ import this module, and :func:`broker_binary` says what to install.
 
 from __future__ import annotations
 
+import signal
 import subprocess
 from pathlib import Path
 from types import TracebackType
@@ -110,10 +111,21 @@ class BundledBroker:
             )
         return self.bootstrap_servers
 
+    def pause(self) -> None:
+        """SIGSTOP: the broker freezes; its sockets stay open and answer nothing."""
+        if self._process is not None:
+            self._process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT after :meth:`pause`."""
+        if self._process is not None:
+            self._process.send_signal(signal.SIGCONT)
+
     def stop(self, timeout_s: float = 5.0) -> None:
         """Terminate the broker (SIGTERM, then SIGKILL after ``timeout_s``)."""
         process, self._process = self._process, None
         if process is not None and process.poll() is None:
+            process.send_signal(signal.SIGCONT)  # a paused process ignores SIGTERM till then
             process.terminate()
             try:
                 process.wait(timeout=timeout_s)
