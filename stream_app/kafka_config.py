@@ -154,6 +154,15 @@ class TopicSpec:
     partitions: int
 
 
+def faust_leader_topic(settings: Settings) -> str:
+    """The topic Faust's partition assignor declares and reads (one partition).
+
+    Faust names it after the application id; created here with the others, so that a
+    principal without the right to create it is told at start-up, not by a Faust crash.
+    """
+    return f"{settings.group_id}-__assignor-__leader"
+
+
 def required_topics(settings: Settings, transactions_partitions: int) -> list[TopicSpec]:
     """Every topic the worker reads or writes.
 
@@ -172,6 +181,7 @@ def required_topics(settings: Settings, transactions_partitions: int) -> list[To
         TopicSpec(settings.topic_transactions, transactions_partitions),
         TopicSpec(settings.topic_repartition, transactions_partitions),
         *(TopicSpec(name, settings.topic_partitions) for name in others),
+        TopicSpec(faust_leader_topic(settings), 1),
     ]
 
 

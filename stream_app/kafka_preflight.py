@@ -240,6 +240,7 @@ def topic_needs(settings: Settings) -> list[TopicNeed]:
         TopicNeed(settings.topic_shadow_scores, write, _setting("topic_shadow_scores")),
         TopicNeed(settings.topic_dead_letters, write, _setting("topic_dead_letters")),
         TopicNeed(settings.topic_label_dead_letters, write, _setting("topic_label_dead_letters")),
+        TopicNeed(kafka_config.faust_leader_topic(settings), read, _setting("group_id")),
     ]
 
 

@@ -184,14 +184,15 @@ def grant(
     prefix: str,
     *,
     topics: tuple[str, ...] = ("Read", "Write", "Describe", "Create"),
+    topic_prefix: str = "{p}",
     groups: bool = True,
     transactional_ids: bool = True,
 ) -> None:
     """Allow ``User:worker`` what the worker needs on names starting with ``prefix``.
 
-    Topics (``topics``: the operations), consumer groups (Read) and transactional ids
-    (Write, Describe). No cluster ACL: since Kafka 3.0, Write on a topic allows an
-    idempotent producer.
+    Topics (``topics``: the operations; ``topic_prefix`` formats ``prefix`` as ``p``),
+    consumer groups (Read) and transactional ids (Write, Describe). No cluster ACL: since
+    Kafka 3.0, Write on a topic allows an idempotent producer.
     """
     operation = {
         "Read": AclOperation.READ,
@@ -207,9 +208,16 @@ def grant(
             (ResourceType.TRANSACTIONAL_ID, AclOperation.WRITE),
             (ResourceType.TRANSACTIONAL_ID, AclOperation.DESCRIBE),
         ]
+    names = {ResourceType.TOPIC: topic_prefix.format(p=prefix)}
     bindings = [
         AclBinding(
-            kind, prefix, ResourcePatternType.PREFIXED, PRINCIPAL, "*", op, AclPermissionType.ALLOW
+            kind,
+            names.get(kind, prefix),
+            ResourcePatternType.PREFIXED,
+            PRINCIPAL,
+            "*",
+            op,
+            AclPermissionType.ALLOW,
         )
         for kind, op in wanted
     ]
@@ -403,6 +411,12 @@ START_UP_CASES: dict[str, StartUpCase] = {
         {"transactional_ids": False},
         lambda _p, _c: {},
         lambda p: (f"transactional id {p}-scoring-test", "FRAUDSTREAM_GROUP_ID"),
+    ),
+    "no ACL on Faust's internal topic": StartUpCase(
+        "SASL",
+        {"topic_prefix": "{p}."},  # every topic but <group>-__assignor-__leader
+        lambda _p, _c: {},
+        lambda p: (f"{p}-__assignor-__leader", "FRAUDSTREAM_CREATE_TOPICS"),
     ),
     "no Create ACL on missing topics": StartUpCase(
         "SASL",
