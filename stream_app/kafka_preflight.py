@@ -10,9 +10,11 @@ answers::
     failure                                   outcome: the setting or ACL named
     ─────────────────────────────────────────────────────────────────────────────────────
     connection refused / reset / timed out    retried by the caller (Kafka may come later)
+    TLS connection closed, client cert set    retried, hinting at FRAUDSTREAM_KAFKA_SSL_CERT_FILE
     TLS certificate fails verification        ConfigError  FRAUDSTREAM_KAFKA_SSL_CA_FILE
     SASL authentication refused               ConfigError  FRAUDSTREAM_KAFKA_SASL_USERNAME/PASSWORD
     SASL mechanism not enabled                ConfigError  FRAUDSTREAM_KAFKA_SASL_MECHANISM
+    topic may not be created (missing)        ConfigError  the topics, FRAUDSTREAM_CREATE_TOPICS
     topic not described / no Read or Write    ConfigError  the topic, the operation, its setting
     consumer group not authorised             ConfigError  the group (FRAUDSTREAM_GROUP_ID)
     transactional id not authorised           ConfigError  the transactional id
