@@ -38,7 +38,7 @@ import redis.asyncio as aioredis
 from stream_app import features, kafka_config
 from stream_app.config import Settings, load_settings, settings_environment
 from stream_app.decisions import decide
-from stream_app.errors import ConfigError, RejectedEvent
+from stream_app.errors import RejectedEvent
 from stream_app.model_registry import resolve_model_dir
 from stream_app.pipeline import epoch_ms
 from stream_app.records import ScoreRecord, TransactionEvent, iso_utc_millis, parse_transaction
@@ -47,7 +47,6 @@ from stream_app.state import ENTRY_DTYPE, history_from_records, retained, transa
 from training.bench import Subject
 
 PROGRESS_INTERVAL_S: Final = 0.01
-_METADATA_WAIT_S: Final = 10.0
 KINDS: Final = ("naive", "limit", "relay")
 
 
@@ -135,17 +134,8 @@ async def run_relay(settings: Settings, progress: Progress) -> None:
     await producer.start()
     await consumer.start()
     outputs = len(await producer.partitions_for(settings.topic_scores))
-    # A topic just created reaches every broker's metadata a moment later (Apache Kafka
-    # propagates it asynchronously): ask until it is there.
-    deadline = time.monotonic() + _METADATA_WAIT_S
-    sources: set[int] = set()
-    while not sources and time.monotonic() < deadline:
-        await consumer.topics()  # refreshes the metadata partitions_for_topic reads
-        sources = consumer.partitions_for_topic(settings.topic_transactions) or set()
-        if not sources:
-            await asyncio.sleep(0.1)
-    if not sources:
-        raise ConfigError(f"topic {settings.topic_transactions} has no partitions to relay")
+    # The producer asks the brokers for these topics' metadata, and waits until they have it.
+    sources = await producer.partitions_for(settings.topic_transactions)
     partitions = [TopicPartition(settings.topic_transactions, p) for p in sorted(sources)]
     consumer.assign(partitions)
     await consumer.seek_to_end(*partitions)
