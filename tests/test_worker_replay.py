@@ -360,7 +360,11 @@ def test_a_sigkilled_worker_loses_nothing_and_counts_nothing_twice(
     n_labels = int(frame["TX_FRAUD"].sum())
     try:
         first = WorkerProcess(settings, tmp_path / "first.log").start()
-        second = WorkerProcess(settings, tmp_path / "second.log")
+        second = WorkerProcess(
+            # Each replica has a name of its own (under exactly-once, its transactional id).
+            settings.model_copy(update={"instance_id": "test-second"}),
+            tmp_path / "second.log",
+        )
         with first, second:
             probe_labels(settings, first)
             # Labels before transactions: every label is counted before any transaction is

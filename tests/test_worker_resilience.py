@@ -115,7 +115,11 @@ def test_a_second_worker_joining_mid_stream_shares_the_work_without_loss_or_doub
     messages = stream(frame, settings, labels_delay=None, detour=False)
     rest = [m for m in messages if m.topic != settings.topic_labels]
     first = WorkerProcess(settings, tmp_path / "first.log").start()
-    second = WorkerProcess(settings, tmp_path / "second.log")
+    second = WorkerProcess(
+        # Each replica has a name of its own (under exactly-once, its transactional id).
+        settings.model_copy(update={"instance_id": "test-second"}),
+        tmp_path / "second.log",
+    )
     with first, second:
         joined = threading.Event()
 
