@@ -17,6 +17,8 @@ answers::
     topic may not be created (missing)        ConfigError  the topics, FRAUDSTREAM_CREATE_TOPICS
     topic not described / no Read or Write    ConfigError  the topic, the operation, its setting
     consumer group not authorised             ConfigError  the group (FRAUDSTREAM_GROUP_ID)
+    session timeout outside the brokers'      ConfigError  FRAUDSTREAM_CONSUMER_SESSION_TIMEOUT_S
+      group.min/max.session.timeout.ms
     transactional id not authorised           ConfigError  the transactional id
     idempotent producer: cluster refused      ConfigError  IdempotentWrite / Write ACLs
     broker cannot initialise the producer     ConfigError  FRAUDSTREAM_IDEMPOTENT_PRODUCER,
@@ -45,6 +47,7 @@ from typing import Any, Final
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.conn import create_conn
 from aiokafka.errors import (
     ClusterAuthorizationFailedError,
@@ -393,6 +396,48 @@ async def check_producer(settings: Settings) -> None:
 # --- all -------------------------------------------------------------------------------
 
 
+_SESSION_RANGE: Final = ("group.min.session.timeout.ms", "group.max.session.timeout.ms")
+
+
+async def check_session_timeout(admin: AIOKafkaAdminClient, settings: Settings) -> None:
+    """The consumer session timeout must lie within the brokers' accepted range.
+
+    Outside it, every JoinGroup fails with ``InvalidSessionTimeoutError``, which the group
+    clients log and retry for ever. Brokers that do not let this principal describe their
+    configuration (no DescribeConfigs ACL on the cluster) are not checked.
+
+    Raises:
+        ConfigError: FRAUDSTREAM_CONSUMER_SESSION_TIMEOUT_S is outside the range.
+    """
+    cluster = await admin.describe_cluster()
+    brokers = cluster.get("brokers") or []
+    if not brokers:
+        return
+    wanted: dict[str, None] = dict.fromkeys(_SESSION_RANGE)
+    resource = ConfigResource(ConfigResourceType.BROKER, str(brokers[0]["node_id"]), wanted)
+    try:
+        responses = await admin.describe_configs([resource])
+    except KafkaError as exc:
+        log.debug("broker configuration not readable (%s): session timeout not checked", exc)
+        return
+    values: dict[str, float] = {}
+    for response in responses:
+        for item in response.to_object().get("resources", []):
+            if item.get("error_code"):
+                log.debug("broker configuration not readable: session timeout not checked")
+                return
+            for entry in item.get("config_entries", []):
+                values[entry["config_names"]] = float(entry["config_value"]) / 1000
+    low, high = (values.get(name) for name in _SESSION_RANGE)
+    timeout = settings.consumer_session_timeout_s
+    if low is not None and high is not None and not low <= timeout <= high:
+        raise ConfigError(
+            f"{_setting('consumer_session_timeout_s')}={timeout:g} is outside the range the "
+            f"brokers accept ({_SESSION_RANGE[0]}={low * 1000:.0f}, {_SESSION_RANGE[1]}="
+            f"{high * 1000:.0f}): set it between {low:g} and {high:g} seconds"
+        )
+
+
 async def check(settings: Settings) -> dict[str, int]:
     """Every start-up check, and topic creation; returns the partition count of each topic.
 
@@ -407,6 +452,7 @@ async def check(settings: Settings) -> dict[str, int]:
     try:
         await check_topics(admin, settings)
         await check_groups(admin, settings)
+        await check_session_timeout(admin, settings)
     finally:
         await admin.close()
     await check_producer(settings)

@@ -487,6 +487,22 @@ def test_a_broker_without_idempotent_producers_stops_the_worker_at_start_up(
     assert "Traceback" not in output
 
 
+def test_a_session_timeout_the_broker_refuses_stops_the_worker_at_start_up(
+    apache_kafka: Broker, served_model: Path
+) -> None:
+    # Apache Kafka accepts 6 s to 30 min by default; below, every JoinGroup fails with
+    # InvalidSessionTimeoutError, which the group clients retried for ever.
+    settings = new_settings(apache_kafka, model_dir=served_model, consumer_session_timeout_s=3.0)
+    try:
+        code, output = run_worker_to_exit(settings, timeout_s=START_UP_BOUND_S)
+    finally:
+        delete_state(settings.state_key_prefix)
+    assert code == 2, output
+    assert "FRAUDSTREAM_CONSUMER_SESSION_TIMEOUT_S=3 is outside the range" in output, output
+    assert "between 6 and 1800 seconds" in output, output
+    assert "Traceback" not in output
+
+
 def run_worker_for(settings: Settings, seconds: float, log_path: Path) -> tuple[bool, str]:
     """Run the worker for ``seconds``, then kill it; returns (was it still running, output)."""
     env = {**environment_without_settings(), **settings_environment(settings)}
