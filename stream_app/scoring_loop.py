@@ -16,6 +16,7 @@ from typing import Any, Final
 
 import numpy as np
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError, ProducerFenced
 from redis.exceptions import (
@@ -53,6 +54,10 @@ _MAX_UNSETTLED: Final = 4
 _CATCH_UP_AGE_MS: Final = 1000
 _CATCH_UP_WAIT_MS: Final = 500
 _ALIGN_STEP_S: Final = 0.002
+# After an assignment, scoring waits at most this long for the labels consumer group to
+# commit the labels already published (see ScoringLoop._wait_for_labels), polling this often.
+_LABELS_WAIT_S: Final = 30.0
+_LABELS_POLL_S: Final = 0.2
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +103,8 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
     async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
         names = sorted(f"{tp.topic}[{tp.partition}]" for tp in assigned)
         log.info("scoring partitions assigned: %s", ", ".join(names))
+        # Not here: waiting in the callback would hold up the group's join.
+        self.scoring.labels_pending = True
         self.scoring.metrics.ready.set(1)
 
 
@@ -140,6 +147,8 @@ class ScoringLoop:
         self._stopping = asyncio.Event()
         self._processed: dict[TopicPartition, int] = {}
         self._lag_refreshed = 0.0
+        self.labels_pending = False  # set on assignment: see _wait_for_labels
+        self._admin: AIOKafkaAdminClient | None = None
         self.consumer = AIOKafkaConsumer(
             **kafka_config.consumer_kwargs(s, s.scoring_group_id),
             partition_assignment_strategy=(RangePartitionAssignor,),
@@ -200,6 +209,8 @@ class ScoringLoop:
                     log.warning("polling transactions failed (%s); retrying", exc)
                     await asyncio.sleep(BACKOFF_START_S)
                     continue
+                if polled and self.labels_pending:
+                    await self._wait_for_labels()
                 async with self._lock:
                     batch = self._prepare(polled) if polled else None
                     await self._advance(batch)
@@ -211,6 +222,59 @@ class ScoringLoop:
             self._settler.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._settler
+
+    async def _wait_for_labels(self) -> None:
+        """Before the first batch after an assignment, let the labels path catch up.
+
+        A transaction's terminal windows count the frauds labelled up to eight days of
+        event time before it, and those labels arrive on their own topic, read by the
+        labels consumer group (any worker's Faust agent), not by this loop. Live, a label
+        is applied seconds after it is published, long before a transaction reads it. But
+        after a restart both consumers start from a backlog, and this loop would score days
+        of event time in a few seconds, before the labels of those days are applied: the
+        features (and the histories they are stored in) would then depend on which consumer
+        recovered first. So scoring waits until the labels group has committed every label
+        published so far (committed means applied: the agent commits only applied labels),
+        for at most ``_LABELS_WAIT_S``; a labels path that is down delays scoring that long
+        once per assignment, with a warning, and does not stop it.
+        """
+        self.labels_pending = False
+        s = self.settings
+        topic = s.topic_labels
+        partitions = [TopicPartition(topic, p) for p in range(self.runtime.partitions[topic])]
+        started = time.monotonic()
+        try:
+            if self._admin is None:
+                self._admin = AIOKafkaAdminClient(**kafka_config.client_kwargs(s))
+                await self._admin.start()
+            ends: dict[TopicPartition, int] = await self.consumer.end_offsets(partitions)
+            while True:
+                committed = await self._admin.list_consumer_group_offsets(
+                    s.group_id, partitions=partitions
+                )
+                behind = {
+                    tp: end - max(committed[tp].offset, 0) if tp in committed else end
+                    for tp, end in ends.items()
+                }
+                if all(n <= 0 for n in behind.values()):
+                    break
+                if time.monotonic() - started > _LABELS_WAIT_S:
+                    log.warning(
+                        "the labels consumer group %s is still %d labels behind after %.0f s; "
+                        "scoring without them (terminal risk may miss recent frauds)",
+                        s.group_id,
+                        sum(n for n in behind.values() if n > 0),
+                        _LABELS_WAIT_S,
+                    )
+                    return
+                await asyncio.sleep(_LABELS_POLL_S)
+        except KafkaError as exc:
+            self.metrics.kafka_errors.labels("admin").inc()
+            log.warning("cannot tell how far the labels path is (%s); scoring anyway", exc)
+            return
+        waited = time.monotonic() - started
+        if waited > 1.0:
+            log.info("waited %.1f s for the labels path to catch up before scoring", waited)
 
     async def _poll(self, timeout_ms: int) -> list[_Polled]:
         """Up to a batch of validated messages, the earliest events first across partitions.
@@ -331,6 +395,9 @@ class ScoringLoop:
             await self.consumer.stop()
         with contextlib.suppress(KafkaError):
             await self.producer.stop()
+        if self._admin is not None:
+            with contextlib.suppress(KafkaError):
+                await self._admin.close()
         self._scoring_thread.shutdown(wait=True)
 
     async def finish_in_flight(self) -> None:
