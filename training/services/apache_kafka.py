@@ -442,8 +442,8 @@ class ApacheKafka:
             "format",
             "--config",
             str(node.data_dir / "server.properties"),
-            "--cluster-id",
-            self.cluster_id,
+            # One argument: an id may start with '-', which would read as an option.
+            f"--cluster-id={self.cluster_id}",
             "--ignore-formatted",
             *scram,
         )
