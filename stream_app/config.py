@@ -25,6 +25,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from stream_app import features
 from stream_app.errors import ConfigError
+from stream_app.redis_cluster_state import DEFAULT_SHARDS
 
 ENV_PREFIX: Final = "FRAUDSTREAM_"
 # Environment names that belong to other tools (the test suite's Redis), not to the worker.
@@ -189,12 +190,13 @@ class Settings(BaseSettings):
         "tags and each micro-batch is split into calls that each touch one slot.",
     )
     redis_cluster_shards: int = Field(
-        16,
+        DEFAULT_SHARDS,
         ge=1,
         le=1024,
         description="With a Redis Cluster: hash tags (shards) for customer keys and as many "
-        "for terminal keys, spread evenly over the slots; a few per primary. It names the "
-        "keys: changing it starts the state afresh.",
+        "for terminal keys, spread evenly over the slots: at least the number of primaries, "
+        "2-3 per primary (each shard a batch touches costs a call). It names the keys: "
+        "changing it starts the state afresh.",
     )
     redis_cluster_wait_replicas: int = Field(
         1,

@@ -31,7 +31,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 
 from stream_app import features
-from stream_app.redis_cluster_state import ClusterState
+from stream_app.redis_cluster_state import DEFAULT_SHARDS, ClusterState
 from stream_app.state import (
     ENTRY_DTYPE,
     TERMINAL_RING_DAYS,
@@ -104,7 +104,7 @@ class RedisStateStore:
         sequence_length: int = features.DEFAULT_SEQUENCE_LENGTH,
         ttl_s: float = 45 * 86_400,
         label_delay_days: int = features.LABEL_DELAY_DAYS,
-        cluster_shards: int = 16,
+        cluster_shards: int = DEFAULT_SHARDS,
         wait_replicas: int = 1,
         wait_timeout_s: float = 1.0,
     ) -> None:

@@ -93,7 +93,8 @@ async def check_redis_mode(client: StateClient, settings: Settings) -> None:
     retrying either would never succeed.
 
     Raises:
-        ConfigError: the server's cluster mode differs from ``FRAUDSTREAM_REDIS_CLUSTER``.
+        ConfigError: the server's cluster mode differs from ``FRAUDSTREAM_REDIS_CLUSTER``,
+            or no primary has the replicas ``FRAUDSTREAM_REDIS_CLUSTER_WAIT_REPLICAS`` asks.
     """
     where = settings.redis_display_url
     if isinstance(client, RedisCluster):
@@ -119,6 +120,18 @@ async def check_redis_mode(client: StateClient, settings: Settings) -> None:
                     "verification: set FRAUDSTREAM_REDIS_SSL_CA_FILE to the CA that signed it"
                 ) from None
             raise RedisConnectionError(f"Redis Cluster at {where}: {text}") from None
+        wanted = settings.redis_cluster_wait_replicas
+        most = max(
+            (len(nodes) - 1 for nodes in client.nodes_manager.slots_cache.values()), default=0
+        )
+        if most < wanted:
+            # No primary has that many replicas: not an outage, a cluster built without
+            # them; every batch would wait for them in vain.
+            raise ConfigError(
+                f"the Redis Cluster at {where} has at most {most} replica(s) per primary: "
+                f"FRAUDSTREAM_REDIS_CLUSTER_WAIT_REPLICAS={wanted} can never be met (set it "
+                f"to {most} or add replicas)"
+            )
         return
     info = await client.info("cluster")
     if int(info.get("cluster_enabled", 0)):

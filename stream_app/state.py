@@ -16,7 +16,9 @@ One micro-batch is one call, applied event by event in order:
    (30 days) before the oldest of them.
 
 :class:`MemoryStateStore` is the reference implementation; :class:`stream_app.redis_state.
-RedisStateStore` does the same in one Lua script call per micro-batch.
+RedisStateStore` does the same in one Lua script call per micro-batch on one Redis, and on a
+Redis Cluster in per-slot calls whose split keeps these semantics through a crash between
+them (:mod:`stream_app.redis_cluster_state`).
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from redis.asyncio.cluster import RedisCluster
 
 from stream_app import features as F
-from stream_app.config import Settings
+from stream_app.config import Settings, load_settings
 from stream_app.errors import ConfigError
 from stream_app.records import parse_label
 from stream_app.redis_state import RedisStateStore
@@ -42,6 +42,7 @@ from tests.kafka_fixtures import (
     read_topic,
 )
 from tests.redis_cluster import LocalRedisCluster, redis_cluster_fixture  # noqa: F401
+from tests.resilience_helpers import run_worker_to_exit
 from tests.test_redis_state import _random_updates
 from tests.test_worker_replay import (
     LABELS_DELAY,
@@ -182,9 +183,12 @@ async def test_a_worker_dying_between_the_customer_and_terminal_steps_counts_onc
         assert crashed is not None
         batch = batches[3]
         everyone = list(range(len(batch)))
-        counts = await crashed._terminal_step(batch, {}, everyone)
+        encoded = crashed._encode(batch)
+        counts = await crashed._terminal_step(batch, encoded, {}, everyone)
         stored, new, flags = [b""] * len(batch), [b""] * len(batch), bytearray(len(batch))
-        outboxes = await crashed._customer_step(batch, everyone, counts, stored, new, flags)
+        outboxes = await crashed._customer_step(
+            batch, encoded, everyone, counts, stored, new, flags
+        )
         assert not any(flags)
         # A new worker gets batch 3 again: every event a duplicate with its first inputs,
         # and the increments still in the outboxes counted now.
@@ -201,7 +205,7 @@ async def test_a_worker_dying_between_the_customer_and_terminal_steps_counts_onc
         # outboxes): every increment there was counted already, nothing changes.
         increments, _ = crashed._increments(outboxes)
         before = _state(redis_cluster, broken)
-        await crashed._terminal_step(batch, increments, [])
+        await crashed._terminal_step(batch, encoded, increments, [])
         assert _state(redis_cluster, broken) == before
         for batch in batches[4:]:
             await second.apply_transactions(batch)
@@ -234,6 +238,40 @@ async def test_the_cluster_setting_must_match_the_server(redis_cluster: LocalRed
         assert isinstance(ok, RedisCluster)
     finally:
         await ok.aclose()
+    # One replica per primary: asking WAIT for two could never succeed.
+    greedy = Settings(
+        redis_url=redis_cluster.url, redis_cluster=True, redis_cluster_wait_replicas=2
+    )
+    client = redis_client(greedy)
+    try:
+        with pytest.raises(ConfigError, match="FRAUDSTREAM_REDIS_CLUSTER_WAIT_REPLICAS=2"):
+            await check_redis_mode(client, greedy)
+    finally:
+        await client.aclose()
+
+
+def test_a_cluster_needs_a_network_url() -> None:
+    with pytest.raises(ConfigError, match="FRAUDSTREAM_REDIS_CLUSTER=true needs a redis://"):
+        load_settings(redis_url="unix:///run/redis.sock", redis_cluster=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cluster", [True, False], ids=["cluster-setting", "single-setting"])
+def test_the_worker_refuses_a_redis_of_the_other_mode_at_start_up(
+    bundled_broker: Broker, redis_cluster: LocalRedisCluster, served_model: Path, cluster: bool
+) -> None:
+    """Set for a cluster and given one Redis, or the reverse: exit 2 within seconds, naming
+    the setting, rather than retrying what no retry can fix."""
+    url = REDIS_URL if cluster else redis_cluster.url
+    settings = new_settings(
+        bundled_broker, model_dir=served_model, redis_url=url, redis_cluster=cluster
+    )
+    started = time.monotonic()
+    code, output = run_worker_to_exit(settings, timeout_s=60)
+    assert code == 2, output[-3000:]
+    assert f"FRAUDSTREAM_REDIS_CLUSTER={'false' if cluster else 'true'}" in output
+    assert "Traceback" not in output
+    assert time.monotonic() - started < 60
 
 
 # The worker on the cluster ------------------------------------------------------------

@@ -2,10 +2,15 @@
 -- in order, atomically. See stream_app/redis_cluster_state.py for the protocol. Put after
 -- terminal_ring.lua, state_header.lua and customer_history.lua.
 --
--- KEYS: per event its customer key, then the shard's outbox key and batch-number key.
+-- KEYS: the shard's outbox key and batch-number key. The customer keys are the shard's key
+--       prefix and the customer id: built here rather than passed, as the cluster client
+--       would hash every key passed to check they share a slot (they do: the prefix holds
+--       the shard's hash tag).
 -- ARGV: the state header, then
+--   * the shard's customer key prefix ('{prefix}:{tag}:c:');
 --   * one string packing every event as <8-byte tx hash, i8 time_ms, d amount,
---     i4 x 2n terminal window counts (step 1), i4 length, terminal id>;
+--     i4 x 2n terminal window counts (step 1), i4 length, customer id, i4 length,
+--     terminal id>;
 --   * trim_upto: outbox entries of batches up to this number are counted in their
 --     terminals (the caller saw it done): they are dropped.
 -- Returns: { duplicate flags ('0'/'1' per event), then per event the two parts of its
@@ -16,12 +21,12 @@
 -- terminal id>: the increment cannot be lost between this call and step 3, and step 3
 -- applies a (shard, batch) at most once per terminal shard. The batch number grows with
 -- time (microseconds of the server clock, at least the last one + 1), so it keeps growing
--- even after the key expired.
+-- even after its key expired.
 
-local n_events = #KEYS - 2
-local qkey, bkey = KEYS[n_events + 1], KEYS[n_events + 2]
-local packed = ARGV[argv_next]
-local trim_upto = tonumber(ARGV[argv_next + 1])
+local qkey, bkey = KEYS[1], KEYS[2]
+local key_prefix = ARGV[argv_next]
+local packed = ARGV[argv_next + 1]
+local trim_upto = tonumber(ARGV[argv_next + 2])
 local counts_len = 8 * n_windows
 
 local outbox = redis.call('GET', qkey) or ''
@@ -44,14 +49,19 @@ local entries = {}
 local flags = {}
 local out = { '' }
 local pos = 1
-for e = 1, n_events do
-  local ckey = KEYS[e]
+local e = 0
+while pos <= #packed do
+  e = e + 1
   local h = string.sub(packed, pos, pos + 7)
   local t, amount = struct.unpack('<i8d', packed, pos + 8)
   local counts = string.sub(packed, pos + 24, pos + 23 + counts_len)
-  local tid_len = struct.unpack('<i4', packed, pos + 24 + counts_len)
-  local tid = string.sub(packed, pos + 28 + counts_len, pos + 27 + counts_len + tid_len)
-  pos = pos + 28 + counts_len + tid_len
+  pos = pos + 24 + counts_len
+  local c_len = struct.unpack('<i4', packed, pos)
+  local ckey = key_prefix .. string.sub(packed, pos + 4, pos + 3 + c_len)
+  pos = pos + 4 + c_len
+  local t_len = struct.unpack('<i4', packed, pos)
+  local tid = string.sub(packed, pos + 4, pos + 3 + t_len)
+  pos = pos + 4 + t_len
   local blob = redis.call('GET', ckey) or ''
   local dup_at = find_record(blob, h)
   if dup_at then

@@ -4,11 +4,13 @@
 -- Put after terminal_ring.lua, state_header.lua and terminal_windows.lua.
 --
 -- KEYS: the shard's counted-batches key (a hash: customer shard -> last batch counted
---       here), then terminal keys.
+--       here). Terminal keys are the shard's key prefix and the terminal id, built here (see
+--       cluster_customers.lua for why).
 -- ARGV: the state header, then
---   * increments: one string of <i4 key index, i4 customer shard, i8 batch, i4 hour>,
---     batches in increasing order per customer shard;
---   * reads: one string of <i4 key index, i8 time_ms>.
+--   * the shard's terminal key prefix ('{prefix}:{tag}:t2:');
+--   * increments: one string of <i4 customer shard, i8 batch, i4 hour, i4 length,
+--     terminal id>, batches in increasing order per customer shard;
+--   * reads: one string of <i8 time_ms, i4 length, terminal id>.
 -- Returns: one string, per read its i4 x 2n window counts.
 --
 -- A (customer shard, batch) at or below the one recorded for its customer shard was
@@ -16,18 +18,21 @@
 -- it is skipped whole, which makes counting idempotent.
 
 local wkey = KEYS[1]
-local increments = ARGV[argv_next]
-local reads = ARGV[argv_next + 1]
+local key_prefix = ARGV[argv_next]
+local increments = ARGV[argv_next + 1]
+local reads = ARGV[argv_next + 2]
 
 local counted = {}  -- customer shard -> last batch counted here, before this call
 local newest = {}
-for o = 1, #increments, 20 do
-  local k, shard, batch, hour = struct.unpack('<i4i4i8i4', increments, o)
+local pos = 1
+while pos <= #increments do
+  local shard, batch, hour, len = struct.unpack('<i4i8i4i4', increments, pos)
+  local tkey = key_prefix .. string.sub(increments, pos + 20, pos + 19 + len)
+  pos = pos + 20 + len
   if counted[shard] == nil then
     counted[shard] = tonumber(redis.call('HGET', wkey, shard) or '0')
   end
   if batch > counted[shard] then
-    local tkey = KEYS[k]
     local day = math.floor(hour / 24)
     count_in_ring(tkey, read_day_slots(tkey, false), day, hour - day * 24, 1, 0)
     if batch > (newest[shard] or 0) then newest[shard] = batch end
@@ -41,9 +46,11 @@ end
 if changed then redis.call('PEXPIRE', wkey, ttl) end
 
 local out = {}
-for o = 1, #reads, 12 do
-  local k, t = struct.unpack('<i4i8', reads, o)
-  local sums = window_sums(KEYS[k], t, true)
+pos = 1
+while pos <= #reads do
+  local t, len = struct.unpack('<i8i4', reads, pos)
+  local sums = window_sums(key_prefix .. string.sub(reads, pos + 12, pos + 11 + len), t, true)
+  pos = pos + 12 + len
   out[#out + 1] = struct.pack(counts_fmt, unpack(sums))
 end
 return table.concat(out)
