@@ -45,6 +45,16 @@ it; every step is idempotent). ``appendfsync always`` on the nodes makes each no
 durable too; ``WAIT`` is about the replica's memory (Redis 7.2's ``WAITAOF`` would wait for
 its AOF as well).
 
+Labels are one call per terminal shard (the label's marker lives in its terminal's shard),
+each atomic and idempotent as on one Redis. Shards hash the ids, not the Kafka partition, so
+adding partitions or workers moves no state.
+
+The scripts build customer and terminal key names from the shard's key prefix (passed once)
+and the ids; only the shard's own keys are passed as ``KEYS``. redis-py's cluster client
+hashes every key passed to check they share a slot, which cost more client CPU than all the
+rest of a batch; every key a script touches still carries the shard's tag, so it is on the
+slot the call was routed to.
+
 Keys (``{tag}`` a shard's hash tag, e.g. ``{c3.7}``):
 
 * ``{prefix}:{c…}:c:{customer_id}``: the customer's history (as on one Redis);
