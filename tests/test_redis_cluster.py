@@ -41,7 +41,7 @@ from tests.kafka_fixtures import (
     new_settings,
     read_topic,
 )
-from tests.redis_cluster import LocalRedisCluster, redis_cluster_fixture  # noqa: F401
+from tests.redis_cluster import redis_cluster_fixture  # noqa: F401
 from tests.resilience_helpers import run_worker_to_exit
 from tests.test_redis_state import _random_updates
 from tests.test_worker_replay import (
@@ -54,6 +54,7 @@ from tests.test_worker_replay import (
 )
 from training.replay import replay_order
 from training.score_file import score_table
+from training.services.redis_cluster import LocalRedisCluster
 from training.transactions import to_arrays
 
 pytestmark = pytest.mark.integration
