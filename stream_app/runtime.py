@@ -11,7 +11,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisClusterException
+from redis.exceptions import RedisClusterException, ResponseError
 
 from stream_app.config import Settings
 from stream_app.errors import ConfigError
@@ -133,7 +133,10 @@ async def check_redis_mode(client: StateClient, settings: Settings) -> None:
                 f"to {most} or add replicas)"
             )
         return
-    info = await client.info("cluster")
+    try:
+        info = await client.info("cluster")
+    except ResponseError:
+        return  # INFO denied by an ACL or renamed: the mode cannot be told from here
     if int(info.get("cluster_enabled", 0)):
         raise ConfigError(
             f"Redis at {where} is a Redis Cluster node: set FRAUDSTREAM_REDIS_CLUSTER=true"
