@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import enum
+from typing import Final
 
 
 class FraudStreamError(Exception):
@@ -47,6 +48,13 @@ class RejectReason(enum.StrEnum):
     TIMESTAMP_UNPARSEABLE = "timestamp_unparseable"
     TIMESTAMP_OUT_OF_RANGE = "timestamp_out_of_range"
     INVALID_CURRENCY = "invalid_currency"
+    # Not from validation: a valid event the serving model gave no probability for (a
+    # model fault); dead-lettered so that it can be replayed once the model is fixed.
+    UNSCORABLE = "unscorable"
+
+
+# The reasons validation gives (all but UNSCORABLE, which only the model's output gives).
+VALIDATION_REASONS: Final = tuple(r for r in RejectReason if r is not RejectReason.UNSCORABLE)
 
 
 class RejectedEvent(FraudStreamError):

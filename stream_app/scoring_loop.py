@@ -25,7 +25,7 @@ from redis.exceptions import (
 
 from stream_app import kafka_config
 from stream_app.backoff import BACKOFF_START_S, Backoff
-from stream_app.errors import FraudStreamError
+from stream_app.errors import FraudStreamError, RejectedEvent, RejectReason
 from stream_app.metrics import observe_many
 from stream_app.pipeline import (
     Accepted,
@@ -81,6 +81,7 @@ class _Batch:
     rejected: list[Rejected]
     polled_at: float
     state: asyncio.Task[BatchState] | None = None
+    unscorable: list[Rejected] = field(default_factory=list)  # dead-lettered after scoring
     outputs: list[Output] = field(default_factory=list)
     acks: list[asyncio.Future[Any]] = field(default_factory=list)
 
@@ -153,7 +154,7 @@ class ScoringLoop:
             **kafka_config.consumer_kwargs(s, s.scoring_group_id),
             partition_assignment_strategy=(RangePartitionAssignor,),
         )
-        transactional_id = f"{s.group_id}-scoring-{s.instance_id}" if s.exactly_once else None
+        transactional_id = kafka_config.scoring_transactional_id(s) if s.exactly_once else None
         self.producer = AIOKafkaProducer(
             **kafka_config.producer_kwargs(s, transactional_id=transactional_id)
         )
@@ -467,22 +468,40 @@ class ScoringLoop:
                         timestamp_ms=message.timestamp_ms,
                     )
                 )
-        dlq_partitions = self.runtime.partitions[s.topic_dead_letters]
-        dead_letters = [
-            Output(
-                s.topic_dead_letters,
-                r.message.partition % dlq_partitions,  # source order kept per partition
-                r.message.key,
-                r.message.value or b"",
-                dead_letter_headers(
-                    r.error, r.message.topic, r.message.partition, r.message.offset
-                ),
-            )
-            for r in rejected
-        ]
+        dead_letters = [self._dead_letter(r) for r in rejected]
         return _Batch(
             offsets, len(polled), local, forwards, dead_letters, rejected, time.perf_counter()
         )
+
+    def _dead_letter(self, rejected: Rejected) -> Output:
+        """The dead letter of a message: its original bytes, and why, in headers."""
+        m = rejected.message
+        return Output(
+            self.settings.topic_dead_letters,
+            # Source order kept per partition.
+            m.partition % self.runtime.partitions[self.settings.topic_dead_letters],
+            m.key,
+            m.value or b"",
+            dead_letter_headers(rejected.error, m.topic, m.partition, m.offset),
+        )
+
+    def _unscorable(self, batch: _Batch, positions: Sequence[int], version: str) -> None:
+        """Dead-letter the events the champion could not score (see ``ScoredBatch``)."""
+        for i in positions:
+            error = RejectedEvent(
+                RejectReason.UNSCORABLE,
+                f"model {version} gave no probability for this transaction",
+            )
+            rejected = Rejected(batch.local[i].message, error)
+            batch.unscorable.append(rejected)
+            batch.dead_letters.append(self._dead_letter(rejected))
+            log.warning(
+                "transaction at %s[%d] offset %d is unscorable by model %s: dead-lettered",
+                rejected.message.topic,
+                rejected.message.partition,
+                rejected.message.offset,
+                version,
+            )
 
     def _outputs(self, scored: ScoredBatch) -> list[Output]:
         s = self.settings
@@ -499,24 +518,28 @@ class ScoringLoop:
             outputs.append(
                 Output(s.topic_alerts, key_partition(key, alerts_n), key, scored.payloads[i])
             )
-        for key, payload in zip(keys, scored.shadow_payloads, strict=False):  # none: empty
+        for key, payload in zip(scored.shadow_keys, scored.shadow_payloads, strict=True):
             shadow = key_partition(key, shadow_n)
             outputs.append(Output(s.topic_shadow_scores, shadow, key, payload))
         return outputs
 
-    def _score(self, events: list[TransactionEvent], state: BatchState | None) -> list[Output]:
+    def _score(
+        self, events: list[TransactionEvent], state: BatchState | None
+    ) -> tuple[list[Output], ScoredBatch]:
         """Features, model calls and records of a batch (in the scoring thread)."""
         scored = self.pipeline.score(events, state) if state is not None else _NOTHING_SCORED
-        return self._outputs(scored)
+        return self._outputs(scored), scored
 
     async def _score_and_send(self, batch: _Batch, state: BatchState | None) -> None:
         """Score a batch and queue its outputs; stage 3 commits it once acknowledged."""
         for swap in self.runtime.models.activate_pending():
             log.info("model swap between batches: %s", swap)
         events = [a.event for a in batch.local]
-        outputs = await asyncio.get_running_loop().run_in_executor(
+        outputs, scored = await asyncio.get_running_loop().run_in_executor(
             self._scoring_thread, self._score, events, state
         )
+        if scored.unscorable:
+            self._unscorable(batch, scored.unscorable, self.runtime.models.champion.version)
         batch.outputs = [*batch.dead_letters, *batch.forwards, *outputs]
         if self.settings.exactly_once:
             await self.backoff.run(
@@ -603,7 +626,7 @@ class ScoringLoop:
             )
             latencies = np.maximum(0.0, acked_s - created_ms / 1000)
             observe_many(self.metrics.end_to_end_latency, latencies)
-        for r in batch.rejected:
+        for r in [*batch.rejected, *batch.unscorable]:
             self.metrics.dead_letters.labels(r.error.reason.value).inc()
         self.metrics.events.labels("dead_letter").inc(len(batch.rejected))
         self.metrics.repartitioned.inc(len(batch.forwards))

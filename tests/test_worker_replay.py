@@ -25,7 +25,7 @@ from aiokafka.structs import ConsumerRecord
 
 from stream_app import kafka_config
 from stream_app.config import Settings
-from stream_app.errors import RejectReason
+from stream_app.errors import VALIDATION_REASONS, RejectReason
 from stream_app.publisher import key_partition
 from stream_app.records import DeadLetterHeaders, Decision, ScoreRecord
 from stream_app.scoring import OnnxScorer
@@ -296,7 +296,7 @@ def test_invalid_messages_are_dead_lettered_with_their_reason_and_source(
     for message in uninterrupted.dead_letters:
         headers = {k: v.decode() for k, v in message.headers}
         by_reason[RejectReason(headers[DeadLetterHeaders.REASON])] = (message, headers)
-    assert set(by_reason) == set(RejectReason)
+    assert set(by_reason) == set(VALIDATION_REASONS)
     for reason, (message, headers) in by_reason.items():
         assert message.value == INVALID[reason]  # the original bytes
         assert headers[DeadLetterHeaders.SOURCE_TOPIC] == uninterrupted.settings.topic_transactions
@@ -312,8 +312,9 @@ def test_metrics_tell_what_happened(uninterrupted: Run, small_transactions: Data
     assert m['fraudstream_events_total{outcome="scored"}'] == n
     assert m['fraudstream_events_total{outcome="duplicate"}'] == 0
     assert m['fraudstream_events_total{outcome="dead_letter"}'] == len(INVALID)
-    for reason in RejectReason:
+    for reason in VALIDATION_REASONS:
         assert m[f'fraudstream_dead_letters_total{{reason="{reason.value}"}}'] == 1
+    assert m['fraudstream_events_total{outcome="unscorable"}'] == 0
     assert m['fraudstream_labels_total{outcome="fraud"}'] == frauds
     assert m["fraudstream_repartitioned_total"] > 0
     assert m["fraudstream_shadow_scores_total"] == n
