@@ -213,6 +213,8 @@ class WorkerProcess:
             if self.metric("fraudstream_ready") == 1.0:
                 return self
             time.sleep(0.2)
+        self.process.kill()  # the caller's `with` has not begun: nothing else would stop it
+        self.process.wait(timeout=30)
         raise AssertionError(f"the worker was not ready in {timeout_s} s:\n{self.log()}")
 
     def log(self) -> str:
