@@ -9,8 +9,17 @@
 local SLOT = 12
 local HOUR_SLOT = 192
 local ring, ttl
+-- The unpack format of n hour slots, built when first needed: building all 24 up front cost
+-- ~10 us a call (measured), which a Redis Cluster pays on every one of its per-slot calls.
 local hour_fmt = {}
-for n = 1, 24 do hour_fmt[n] = '<' .. string.rep('i4', 2 * n) end
+local function hours_format(n)
+  local fmt = hour_fmt[n]
+  if not fmt then
+    fmt = '<' .. string.rep('i4', 2 * n)
+    hour_fmt[n] = fmt
+  end
+  return fmt
+end
 
 -- Offset of hour `hod` of the day in `slot`.
 local function hour_offset(slot, hod)
@@ -36,7 +45,7 @@ local function read_hours(tkey, day, from_h, to_h)
   if to_h < from_h then return 0, 0 end
   local n = to_h - from_h + 1
   local at = hour_offset(day % ring, from_h)
-  local v = { struct.unpack(hour_fmt[n], redis.call('GETRANGE', tkey, at, at + 8 * n - 1)) }
+  local v = { struct.unpack(hours_format(n), redis.call('GETRANGE', tkey, at, at + 8 * n - 1)) }
   local tx, fr = 0, 0
   for j = 1, 2 * n, 2 do
     tx = tx + v[j]
