@@ -16,7 +16,10 @@ Two inbound paths, one process::
 * **Labels** (a few percent of the volume) are a Faust agent. Faust acks the events of a
   ``take_events`` batch in a ``finally``, even when the batch failed, so the agent holds an
   extra reference on each message and releases it only on success: a failed batch is
-  never committed.
+  never committed. It runs at least once in every mode (see :func:`build_app`): a label
+  applied twice counts once. After an assignment the scoring loop waits for this group's
+  commits to reach the labels already published, so a restart's backlog is scored with
+  the labels an uninterrupted run would have seen.
 
 Failures of Redis or Kafka are retried with capped exponential backoff, logged once per
 attempt, counted, and reflected in ``fraudstream_ready``; nothing is committed past an
@@ -146,7 +149,13 @@ def build_app(runtime: WorkerRuntime) -> faust.App:
         s.group_id,
         broker=[f"kafka://{server}" for server in s.bootstrap_servers],
         broker_credentials=kafka_config.faust_credentials(s),
-        processing_guarantee=s.processing_guarantee,
+        # The labels path commits at least once whatever FRAUDSTREAM_PROCESSING_GUARANTEE
+        # says: its effect is in Redis, where a redelivered label counts once (the label
+        # dedup key), so a Kafka transaction would add nothing but Faust's own transactional
+        # producer per labels partition, which another replica fences after a pause, and
+        # Faust then crashes the whole worker. Its output, label dead letters, may repeat
+        # after a crash (identical copies). Exactly-once is the transactions path's job.
+        processing_guarantee="at_least_once",
         key_serializer="raw",
         value_serializer="raw",
         web_enabled=False,
