@@ -58,6 +58,15 @@ _ALIGN_STEP_S: Final = 0.002
 # commit the labels already published (see ScoringLoop._wait_for_labels), polling this often.
 _LABELS_WAIT_S: Final = 30.0
 _LABELS_POLL_S: Final = 0.2
+# The stall watchdog's tick; a gap between ticks longer than half the consumer session
+# means heartbeats stopped long enough for the group to evict this member.
+_WATCHDOG_TICK_S: Final = 0.1
+
+
+class _StaleBatch(Exception):
+    """A batch that must not be committed: this worker stalled (or the batch took longer
+    than the consumer session), so the group may have given its partitions to another
+    member, which re-does the batch from the last commit."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,6 +159,10 @@ class ScoringLoop:
         self._lag_refreshed = 0.0
         self.labels_pending = False  # set on assignment: see _wait_for_labels
         self._admin: AIOKafkaAdminClient | None = None
+        # Stalls seen by the watchdog, in all and as of the last committed transaction.
+        self._stalls = 0
+        self._stalls_settled = 0
+        self._watchdog: asyncio.Task[None] | None = None
         self.consumer = AIOKafkaConsumer(
             **kafka_config.consumer_kwargs(s, s.scoring_group_id),
             partition_assignment_strategy=(RangePartitionAssignor,),
@@ -196,6 +209,8 @@ class ScoringLoop:
     async def run(self) -> None:
         """Consume until :meth:`stop` is called, then finish everything in flight."""
         self._settler = asyncio.create_task(self._settle_forever(), name="settle")
+        if self.settings.exactly_once:
+            self._watchdog = asyncio.create_task(self._watch_stalls(), name="stall-watchdog")
         wait_ms = max(1, int(self.settings.batch_max_wait_s * 1000))
         try:
             while not self._stopping.is_set():
@@ -220,9 +235,11 @@ class ScoringLoop:
                     self._refresh_lag(force=False)
             await self.finish_in_flight()
         finally:
-            self._settler.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._settler
+            for task in (self._settler, self._watchdog):
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
 
     async def _wait_for_labels(self) -> None:
         """Before the first batch after an assignment, let the labels path catch up.
@@ -417,7 +434,11 @@ class ScoringLoop:
             batch.state = asyncio.create_task(self.pipeline.update_state(events))
             await asyncio.sleep(0)  # let the call go out before the CPU-bound work below
         if previous is not None:
-            await self._score_and_send(previous, state)
+            try:
+                await self._score_and_send(previous, state)
+            except _StaleBatch as exc:
+                await self._rewind(batch, exc)
+                return
         self._pending = batch
 
     async def _state_of(self, batch: _Batch) -> BatchState | None:
@@ -568,12 +589,79 @@ class ScoringLoop:
                 await self.producer.send_offsets_to_transaction(
                     dict(batch.offsets), self.settings.scoring_group_id
                 )
+                self._check_still_member(batch)  # raising here aborts the transaction
         except ProducerFenced as exc:
             # Another instance with our transactional id took over: we must not go on.
             raise FraudStreamError(
                 f"this worker's producer was fenced ({exc}): is FRAUDSTREAM_INSTANCE_ID "
                 "shared by two running workers?"
             ) from exc
+
+    def _check_still_member(self, batch: _Batch) -> None:
+        """Refuse to commit a batch this worker may no longer own.
+
+        A restarted worker fences its predecessor through their shared transactional id.
+        But a worker that stalls (a long GC pause, a stopped VM, SIGSTOP) past its session
+        while another replica, with another transactional id, takes its partitions, is
+        fenced by nothing: aiokafka commits offsets in a transaction without the group's
+        generation (TxnOffsetCommit v0, no KIP-447), so the broker would accept the batch
+        it had in flight, which the new owner re-does: published twice. Heartbeats run on
+        this event loop, so a stall of the loop is what can cost the membership: the
+        watchdog counts stalls, and a batch is committed only if none happened since the
+        last commit and the batch itself is younger than the session.
+
+        Raises:
+            _StaleBatch: the batch must be aborted and the partitions re-read.
+        """
+        age = time.perf_counter() - batch.polled_at
+        if self._stalls != self._stalls_settled:
+            raise _StaleBatch(f"the worker stalled for over {self._stall_limit_s():.1f} s")
+        if age > self.settings.consumer_session_timeout_s:
+            raise _StaleBatch(f"the batch took {age:.1f} s, longer than the consumer session")
+
+    def _stall_limit_s(self) -> float:
+        return self.settings.consumer_session_timeout_s / 2
+
+    async def _watch_stalls(self) -> None:
+        """Count the times the event loop stalled long enough to lose the group membership."""
+        limit = self._stall_limit_s()
+        while True:
+            before = time.monotonic()
+            await asyncio.sleep(_WATCHDOG_TICK_S)
+            gap = time.monotonic() - before
+            if gap > limit:
+                self._stalls += 1
+                log.warning("the worker stalled for %.1f s (no heartbeats meanwhile)", gap)
+
+    async def _rewind(self, batch: _Batch | None, reason: _StaleBatch) -> None:
+        """After an aborted batch, drop what is in flight and re-read from the last commit.
+
+        The state calls already made are redone (the state recognises them), and if the
+        partitions did move, the rebalance now under way hands them to their new owner.
+        """
+        log.warning(
+            "batch aborted, not committed (%s): re-reading from the last committed offsets",
+            reason,
+        )
+        self.metrics.kafka_errors.labels("commit").inc()
+        if batch is not None and batch.state is not None:
+            with contextlib.suppress(RedisError):
+                await batch.state
+        self.forget_buffered()
+
+        async def seek() -> None:
+            with contextlib.suppress(IllegalStateError):  # reassigned meanwhile: reset anyway
+                assigned = self.consumer.assignment()
+                if assigned:
+                    await self.consumer.seek_to_committed(*assigned)
+
+        await self.backoff.run(
+            seek,
+            "re-reading from the committed offsets",
+            (KafkaError,),
+            self._kafka_error("consume"),
+        )
+        self._stalls_settled = self._stalls
 
     async def _settle_forever(self) -> None:
         """Stage 3: acknowledgements then commits, batch after batch, in order."""

@@ -295,3 +295,61 @@ def test_a_restarted_replica_fences_its_old_producer_while_the_other_keeps_going
         f"fenced); b never stopped; {accounting.records:,} committed score records, "
         f"0 duplicates, 0 lost; {aborted:,} score records of aborted transactions"
     )
+
+
+def test_a_replica_frozen_past_its_session_commits_nothing_its_successor_redoes(
+    deployed: Callable[..., Settings], replay_data: pd.DataFrame, tmp_path: Path
+) -> None:
+    """Replica ``a`` freezes (SIGSTOP) longer than its session; ``b`` takes its partitions.
+
+    No restart reuses ``a``'s transactional id here, so nothing fences it, and aiokafka's
+    ``TxnOffsetCommit`` carries no group generation (KIP-447): the broker would accept the
+    batch ``a`` had in flight when it froze, which ``b`` re-does from the last commit. The
+    worker must notice on its own that its batch outlived the session and abort it.
+    """
+    a = deployed(topic_partitions=4, instance_id="a")
+    b = a.model_copy(update={"instance_id": "b"})
+    messages = labelled_stream(replay_data, a, limit=TWO_REPLICAS_EVENTS)
+    ids = transaction_ids(m for m in messages if m.topic == a.topic_transactions)
+    publisher = BackgroundPublisher(a, messages, TWO_REPLICAS_RATE)
+    with contextlib.ExitStack() as stack:
+        frozen = stack.enter_context(WorkerProcess(a, tmp_path / "a.log"))
+        other = stack.enter_context(WorkerProcess(b, tmp_path / "b.log"))
+        frozen.start()
+        other.start()
+        publisher.start()
+        frozen.wait_for(SCORED, 1_000)
+        other.wait_for(SCORED, 500)
+        assert frozen.process is not None
+        frozen.process.send_signal(signal.SIGSTOP)
+        frozen_at = publisher.published
+        try:
+            # b takes a's partitions once a's session has expired, and re-does its batch.
+            scored_by_b = other.metric(SCORED) or 0
+            other.wait_for(SCORED, scored_by_b + 3_000, timeout_s=60)
+            time.sleep(a.consumer_session_timeout_s)
+        finally:
+            frozen.process.send_signal(signal.SIGCONT)
+        # Thawed, a rejoins the group and goes on with a share of the partitions.
+        scored_by_a = frozen.metric(SCORED) or 0
+        frozen.wait_for(SCORED, scored_by_a + 500, timeout_s=90)
+        publisher.join()
+        read_records(a, a.topic_scores, ids=ids, timeout_s=120)
+        assert frozen.terminate() == 0, frozen.log()
+        assert other.terminate() == 0, other.log()
+
+    run = Run(
+        settings=a,
+        scores=score_records(read_records(a, a.topic_scores)),
+        alerts=score_records(read_records(a, a.topic_alerts)),
+        uncommitted_scores=len(read_records(a, a.topic_scores, committed=False)),
+        kills=[(frozen_at, 0.0)],
+        seconds=0.0,
+    )
+    accounting = assert_exactly_once(run, ids)
+    aborted = run.uncommitted_scores - len(run.scores)
+    print(
+        f"\nreplica a frozen at {frozen_at:,} published past its session, b took over, a "
+        f"thawed and rejoined: {accounting.records:,} committed score records, 0 duplicates, "
+        f"0 lost; {aborted:,} score records of aborted transactions"
+    )
