@@ -26,6 +26,7 @@ from redis.exceptions import (
 from stream_app import kafka_config
 from stream_app.backoff import BACKOFF_START_S, Backoff
 from stream_app.errors import FraudStreamError, RejectedEvent, RejectReason
+from stream_app.kafka_fencing import GroupFencedError, fence_by_generation, group_metadata
 from stream_app.metrics import observe_many
 from stream_app.pipeline import (
     Accepted,
@@ -198,6 +199,9 @@ class ScoringLoop:
             [self.settings.topic_transactions, self.settings.topic_repartition],
             listener=_Rebalance(self),
         )
+        if self.settings.exactly_once:
+            # Offsets go with the group generation: a stale member's batch cannot commit.
+            fence_by_generation(self.producer, group_metadata(self.consumer))
 
     def _kafka_error(self, operation: str) -> Callable[[BaseException], None]:
         counter = self.metrics.kafka_errors.labels(operation)
@@ -590,6 +594,9 @@ class ScoringLoop:
                     dict(batch.offsets), self.settings.scoring_group_id
                 )
                 self._check_still_member(batch)  # raising here aborts the transaction
+        except GroupFencedError as exc:
+            # The group coordinator refused the offsets (a stale generation): aborted.
+            raise _StaleBatch(str(exc)) from exc
         except ProducerFenced as exc:
             # Another instance with our transactional id took over: we must not go on.
             raise FraudStreamError(
@@ -605,10 +612,13 @@ class ScoringLoop:
         while another replica, with another transactional id, takes its partitions, is
         fenced by nothing: aiokafka commits offsets in a transaction without the group's
         generation (TxnOffsetCommit v0, no KIP-447), so the broker would accept the batch
-        it had in flight, which the new owner re-does: published twice. Heartbeats run on
-        this event loop, so a stall of the loop is what can cost the membership: the
-        watchdog counts stalls, and a batch is committed only if none happened since the
-        last commit and the batch itself is younger than the session.
+        it had in flight, which the new owner re-does: published twice. Two fences stop
+        that: the broker's, as :mod:`stream_app.kafka_fencing` sends the offsets with the
+        group generation (a stale member's are refused: ``GroupFencedError``); and this
+        one, which needs no round trip: heartbeats run on this event loop, so a stall of
+        the loop is what can cost the membership: the watchdog counts stalls, and a batch
+        is committed only if none happened since the last commit and the batch itself is
+        younger than the session.
 
         Raises:
             _StaleBatch: the batch must be aborted and the partitions re-read.
