@@ -53,6 +53,7 @@ from stream_app.kafka_config import ensure_topics
 from training.replay import ReplayMessage, ensure_input_topics, replay, replay_messages
 from training.services.brokers import BrokerKind, deployed_settings, describe, local_broker
 from training.services.net import free_port, wait_for_port
+from training.services.redis_cluster import LocalRedisCluster
 
 DEFAULT_DATA: Final = Path("data/tx.parquet")
 DEFAULT_MODEL: Final = Path("onnx_models/default")
@@ -259,15 +260,35 @@ def process_probe(subjects: Sequence[Subject]) -> CpuProbe:
     return lambda: sum(cpu_seconds(s.pid) for s in subjects)
 
 
-def redis_probe(settings: Settings) -> CpuProbe:
-    """Redis's CPU time (``INFO cpu``), wherever it runs."""
+def redis_node_urls(settings: Settings) -> list[str]:
+    """URLs of every Redis server holding the state: one, or every node of a cluster
+    (primaries and replicas: a replica spends CPU applying what it is sent)."""
+    url = settings.redis_url.get_secret_value()
+    if not settings.redis_cluster:
+        return [url]
     import redis
 
-    client = redis.Redis.from_url(settings.redis_url.get_secret_value())
+    # Every node's address, as the node the URL names sees the cluster.
+    client: Any = redis.Redis.from_url(url)  # execute_command is untyped in redis-py
+    try:
+        nodes: dict[str, Any] = client.execute_command("CLUSTER NODES")
+    finally:
+        client.close()
+    return [f"redis://{address.split('@')[0]}/0" for address in nodes]
+
+
+def redis_probe(settings: Settings) -> CpuProbe:
+    """Redis's CPU time (``INFO cpu``), summed over the servers holding the state."""
+    import redis
+
+    clients = [redis.Redis.from_url(url) for url in redis_node_urls(settings)]
 
     def probe() -> float:
-        info = client.info("cpu")
-        return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+        total = 0.0
+        for client in clients:
+            info = client.info("cpu")
+            total += float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+        return total
 
     return probe
 
@@ -604,19 +625,21 @@ async def offered_load(
 
 
 async def redis_stats(settings: Settings) -> dict[str, float]:
-    """Redis CPU seconds, memory, and the state script's calls and time so far."""
-    client = aioredis.Redis.from_url(settings.redis_url.get_secret_value())
-    try:
-        info = await client.info("all")
-    finally:
-        await client.aclose()
-    evalsha = info.get("cmdstat_evalsha", {})
-    return {
-        "cpu_s": float(info["used_cpu_user"]) + float(info["used_cpu_sys"]),
-        "used_memory": float(info["used_memory"]),
-        "evalsha_calls": float(evalsha.get("calls", 0)),
-        "evalsha_usec": float(evalsha.get("usec", 0)),
-    }
+    """Redis CPU seconds, memory, and the state scripts' calls and time so far, summed
+    over the servers holding the state."""
+    totals = dict.fromkeys(("cpu_s", "used_memory", "evalsha_calls", "evalsha_usec"), 0.0)
+    for url in await asyncio.to_thread(redis_node_urls, settings):
+        client = aioredis.Redis.from_url(url)
+        try:
+            info = await client.info("all")
+        finally:
+            await client.aclose()
+        evalsha = info.get("cmdstat_evalsha", {})
+        totals["cpu_s"] += float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+        totals["used_memory"] += float(info["used_memory"])
+        totals["evalsha_calls"] += float(evalsha.get("calls", 0))
+        totals["evalsha_usec"] += float(evalsha.get("usec", 0))
+    return totals
 
 
 async def delete_prefix(settings: Settings, prefix: str) -> None:
@@ -659,6 +682,8 @@ class BenchOptions:
     workdir: Path = Path("/tmp")
     broker: BrokerKind = "bundled"
     guarantee: str = "at_least_once"  # or exactly_once (Apache Kafka only)
+    redis_cluster: bool = False  # a 3-primary, 3-replica Redis Cluster of the run's own
+    latency: bool = True  # the offered loads after the throughput
 
     @property
     def needed(self) -> int:
@@ -666,6 +691,8 @@ class BenchOptions:
         relay floor runs each load too)."""
         if self.soak_seconds:
             return int(self.soak_rate * self.soak_seconds)
+        if not self.latency:
+            return self.warmup_events + self.events
         paced = sum(self.loads) + (30_000 if self.max_load else 0)
         runs = 2 if self.references else 1  # the relay floor takes as many as the worker
         return self.warmup_events + self.events + int(runs * paced * self.load_seconds)
@@ -710,7 +737,9 @@ def bench_settings(
     if options.guarantee == "exactly_once" and options.broker != "kafka":
         raise ConfigError("exactly_once needs Apache Kafka: run the bench with --broker kafka")
     names = ("transactions", "labels", "scores", "alerts", "shadow_scores", "dead_letters")
-    extra = {"redis_url": redis_url} if redis_url else {}
+    extra: dict[str, Any] = {"redis_url": redis_url} if redis_url else {}
+    if options.redis_cluster:
+        extra["redis_cluster"] = True
     topics = f"bench-{tag}{phase}"
     return load_settings(
         **extra,
@@ -768,7 +797,12 @@ class BenchRun:
         with contextlib.ExitStack() as services:
             self.say(f"starting {describe(o.broker)}")
             bootstrap = services.enter_context(local_broker(o.broker, self.workdir))
-            redis_url = o.redis_url or services.enter_context(own_redis(self.workdir))
+            if o.redis_cluster:
+                self.say("starting a Redis Cluster (3 primaries, 3 replicas)")
+                cluster = LocalRedisCluster(self.workdir / "redis-cluster")
+                redis_url = services.enter_context(cluster).url
+            else:
+                redis_url = o.redis_url or services.enter_context(own_redis(self.workdir))
             settings = bench_settings(bootstrap, o, self.tag, redis_url)
             result = BenchResult(
                 started_at=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -778,7 +812,13 @@ class BenchRun:
                 settings={
                     "broker": o.broker,
                     "processing_guarantee": o.guarantee,
-                    "redis": "shared " + redact_url(o.redis_url) if o.redis_url else "own",
+                    "redis": (
+                        "own Redis Cluster, 3 primaries + 3 replicas"
+                        if o.redis_cluster
+                        else "shared " + redact_url(o.redis_url)
+                        if o.redis_url
+                        else "own"
+                    ),
                     "partitions": o.partitions,
                     "batch_size": settings.batch_size,
                     "batch_max_wait_s": settings.batch_max_wait_s,
@@ -798,8 +838,9 @@ class BenchRun:
             finally:
                 for subject in self.subjects:
                     subject.stop()
-                for prefix in (settings.state_key_prefix, settings.state_key_prefix + "-naive"):
-                    await delete_prefix(settings, prefix)
+                if not o.redis_cluster:  # a cluster is the run's own: it goes with its keys
+                    for prefix in (settings.state_key_prefix, settings.state_key_prefix + "-naive"):
+                        await delete_prefix(settings, prefix)
             result.load_average["after"] = round(os.getloadavg()[0], 2)
         return result
 
@@ -879,6 +920,8 @@ class BenchRun:
         result.worker = worker  # the offered loads below run in fresh processes
         for w in workers:
             w.stop()
+        if not o.latency:
+            return
 
         loads = list(o.loads)
         if o.max_load:

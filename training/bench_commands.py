@@ -45,13 +45,19 @@ def cpu_us_per_event(cores: float, events_per_s: float) -> float:
     return cores / events_per_s * 1e6 if events_per_s > 0 else math.nan
 
 
-def report_stem(broker: str, guarantee: str) -> str:
-    """The file name (without suffix) of a bench report: one per broker and guarantee.
+def report_stem(broker: str, guarantee: str, workers: int = 1, redis_cluster: bool = False) -> str:
+    """The file name (without suffix) of a bench report: one per broker, guarantee and
+    topology.
 
     >>> report_stem("kafka", "exactly_once")
     'bench-kafka-exactly_once'
+    >>> report_stem("kafka", "at_least_once", workers=2, redis_cluster=True)
+    'bench-kafka-at_least_once-2workers-redis_cluster'
     """
-    return f"bench-{broker}-{guarantee}"
+    stem = f"bench-{broker}-{guarantee}"
+    if workers > 1:
+        stem += f"-{workers}workers"
+    return stem + ("-redis_cluster" if redis_cluster else "")
 
 
 @dataclass(frozen=True)
@@ -243,10 +249,18 @@ def bench_command(
         GuaranteeChoice,
         typer.Option(help="The worker's processing guarantee (exactly_once: kafka only)."),
     ] = GuaranteeChoice.AT_LEAST_ONCE,
+    redis_cluster: Annotated[
+        bool,
+        typer.Option(help="State on a Redis Cluster of the run's own (3 primaries, 3 replicas)."),
+    ] = False,
+    latency: Annotated[
+        bool, typer.Option(help="Measure latency at the offered loads after the throughput.")
+    ] = True,
     out: Annotated[
         Path,
         typer.Option(
-            help="Folder for the report: bench-BROKER-GUARANTEE.md and .json (soak.md, soak.json)."
+            help="Folder for the report: bench-BROKER-GUARANTEE[-Nworkers][-redis_cluster].md "
+            "and .json (soak.md, soak.json)."
         ),
     ] = Path("training/reports"),
 ) -> None:
@@ -280,6 +294,8 @@ def bench_command(
         soak_rate=soak_rate,
         broker=broker.value,
         guarantee=guarantee.value,
+        redis_cluster=redis_cluster,
+        latency=latency,
     )
 
     async def run() -> BenchResult:
@@ -299,7 +315,7 @@ def bench_command(
         raise typer.Exit(code=143) from None
     table = render_markdown(result)
     console.print(table, markup=False, highlight=False)
-    stem = "soak" if soak else report_stem(broker.value, guarantee.value)
+    stem = "soak" if soak else report_stem(broker.value, guarantee.value, workers, redis_cluster)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{stem}.md").write_text(table)
     (out / f"{stem}.json").write_text(result.to_json())

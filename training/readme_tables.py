@@ -121,7 +121,40 @@ def stream_worker(reports: Path = REPORTS) -> str:
     return "\n".join(lines)
 
 
-SECTIONS: Final[dict[str, Callable[[], str]]] = {"stream-worker": stream_worker}
+SCALING_RUNS: Final = (
+    (report_stem("kafka", "at_least_once"), "1 worker, one Redis"),
+    (
+        report_stem("kafka", "at_least_once", workers=2, redis_cluster=True),
+        "2 workers, Redis Cluster (3 primaries + 3 replicas)",
+    ),
+)
+
+
+def scaling(reports: Path = REPORTS) -> str:
+    """One worker on one Redis against two workers on a Redis Cluster (Apache Kafka)."""
+    lines = [
+        "| Run (report) | Events/s | Workers' CPU µs/event | Redis CPU µs/event "
+        "| Broker CPU µs/event | Partitions per worker |",
+        "| --- | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for stem, name in SCALING_RUNS:
+        r = _load(stem, reports)
+        w = r.worker
+        if w is None:
+            continue
+        split = " / ".join(str(len(v)) for v in r.partition_split.values()) or "all"
+        lines.append(
+            f"| {name} (`{stem}.md`) | {_rate(w)} | {_us(w.cpu_cores, w.events_per_s)} | "
+            f"{_us(w.redis_cpu_cores, w.events_per_s)} | "
+            f"{_us(w.broker_cpu_cores, w.events_per_s)} | {split} |"
+        )
+    return "\n".join(lines)
+
+
+SECTIONS: Final[dict[str, Callable[[], str]]] = {
+    "stream-worker": stream_worker,
+    "scaling": scaling,
+}
 _PART: Final = re.compile(
     r"(<!-- BEGIN generated: (?P<name>[a-z-]+) \(python -m training.readme_tables\) -->\n)"
     r".*?"
