@@ -102,6 +102,7 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
         # Finish and commit what we hold, so the next owner starts where we stopped.
+        self.scoring.rebalances += 1
         self.scoring.metrics.ready.set(0)
         await self.scoring.finish_in_flight()
         # Positions go back to the committed offsets on assignment: what we buffered is
@@ -115,6 +116,7 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         names = sorted(f"{tp.topic}[{tp.partition}]" for tp in assigned)
         log.info("scoring partitions assigned: %s", ", ".join(names))
         # Not here: waiting in the callback would hold up the group's join.
+        self.scoring.rebalances += 1
         self.scoring.labels_pending = True
         self.scoring.metrics.ready.set(1)
 
@@ -159,6 +161,8 @@ class ScoringLoop:
         self._processed: dict[TopicPartition, int] = {}
         self._lag_refreshed = 0.0
         self.labels_pending = False  # set on assignment: see _wait_for_labels
+        # Rebalance callbacks run so far: a batch polled before one must not be processed.
+        self.rebalances = 0
         self._admin: AIOKafkaAdminClient | None = None
         # Stalls seen by the watchdog, in all and as of the last committed transaction.
         self._stalls = 0
@@ -220,8 +224,11 @@ class ScoringLoop:
             while not self._stopping.is_set():
                 if self._settler.done():  # it only ends by failing: surface its error
                     self._settler.result()
+                if self.labels_pending:
+                    await self._wait_for_labels()
                 # With a batch in flight, take only what is already fetched: never wait.
                 timeout = 0 if self._pending is not None else wait_ms
+                rebalances = self.rebalances
                 try:
                     polled = await self._poll(timeout)
                 except KafkaError as exc:
@@ -229,9 +236,15 @@ class ScoringLoop:
                     log.warning("polling transactions failed (%s); retrying", exc)
                     await asyncio.sleep(BACKOFF_START_S)
                     continue
-                if polled and self.labels_pending:
-                    await self._wait_for_labels()
                 async with self._lock:
+                    if rebalances != self.rebalances and polled:
+                        # A rebalance ran while we polled: these records may come from
+                        # partitions revoked meanwhile (perhaps handed back to us, from the
+                        # committed offsets). Processed now they could be published twice:
+                        # read everything again from the committed offsets instead.
+                        polled = []
+                        log.info("a rebalance ran during a poll: re-reading from the commits")
+                        await self._reread_from_committed()
                     batch = self._prepare(polled) if polled else None
                     await self._advance(batch)
                 if batch is None:
@@ -392,13 +405,18 @@ class ScoringLoop:
         fetched while records of it wait in a buffer: after we drain it, its watermark is
         stale until the next fetch answers, and then it counts as possibly behind.
         """
+        if tp not in self.consumer.assignment():  # revoked while _align awaited
+            return False
         highwater = self.consumer.highwater(tp)
         if highwater is None:  # no fetch answered yet: cannot tell, do not wait
             return False
         fetched_at = self.consumer.last_poll_timestamp(tp) or 0
         if fetched_at <= self._drained_at.get(tp, -1.0):
             return True
-        position: int = await self.consumer.position(tp)
+        try:
+            position: int = await self.consumer.position(tp)
+        except IllegalStateError:  # revoked meanwhile
+            return False
         return bool(position < highwater)
 
     def forget_buffered(self) -> None:
@@ -657,13 +675,22 @@ class ScoringLoop:
         if batch is not None and batch.state is not None:
             with contextlib.suppress(RedisError):
                 await batch.state
+        await self._reread_from_committed()
+        self._stalls_settled = self._stalls
+
+    async def _reread_from_committed(self) -> None:
+        """Drop what is buffered and move every assigned partition back to its committed
+        offset (the beginning when nothing is committed: ``auto_offset_reset`` earliest)."""
         self.forget_buffered()
 
         async def seek() -> None:
-            with contextlib.suppress(IllegalStateError):  # reassigned meanwhile: reset anyway
-                assigned = self.consumer.assignment()
-                if assigned:
-                    await self.consumer.seek_to_committed(*assigned)
+            for tp in list(self.consumer.assignment()):
+                with contextlib.suppress(IllegalStateError):  # revoked meanwhile: reset anyway
+                    committed = await self.consumer.committed(tp)
+                    if committed is None or committed <= 0:
+                        await self.consumer.seek_to_beginning(tp)
+                    else:
+                        self.consumer.seek(tp, committed)
 
         await self.backoff.run(
             seek,
@@ -671,7 +698,6 @@ class ScoringLoop:
             (KafkaError,),
             self._kafka_error("consume"),
         )
-        self._stalls_settled = self._stalls
 
     async def _settle_forever(self) -> None:
         """Stage 3: acknowledgements then commits, batch after batch, in order."""
@@ -762,11 +788,14 @@ class ScoringLoop:
         """
         if self._pending is not None or not self._unsettled.empty():
             return
-        for tp in self.consumer.assignment():
+        for tp in list(self.consumer.assignment()):
             if self._buffered.get(tp) or tp not in self._processed:
                 continue
-            position: int = await self.consumer.position(tp)
-            if position > self._processed[tp]:
+            try:
+                position: int = await self.consumer.position(tp)
+            except IllegalStateError:  # a rebalance revoked it during an earlier await
+                continue
+            if position > self._processed.get(tp, position):
                 self._processed[tp] = position
 
     def _refresh_lag(self, *, force: bool) -> None:
