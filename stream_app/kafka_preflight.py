@@ -30,10 +30,8 @@ Topic creation and the partition contract are :func:`stream_app.kafka_config.ens
 Topic permissions come from the broker's own answer (Metadata v8,
 ``include_topic_authorized_operations``): nothing is written to a topic to find out.
 The producer check starts the producer the scoring loop will start (same transactional id,
-which belongs to this instance alone), so its ``InitProducerId`` is the real one. Faust's
-per-partition transactional ids of the labels path (``<group>-<n>-<partition>``) are not
-initialised here: another live instance may own them, and initialising one would fence it.
-They share the ``FRAUDSTREAM_GROUP_ID`` prefix, which is what the ACL advice names.
+which belongs to this instance alone), so its ``InitProducerId`` is the real one. The
+labels path (Faust) runs at least once in every mode and has no transactional producer.
 """
 
 from __future__ import annotations
