@@ -163,7 +163,8 @@ def render_markdown(result: BenchResult) -> str:
     if result.latencies:
         floors = {x.offered_per_s: x for x in result.floor_latencies}
         lines += [
-            "Latency: event handed to the producer -> its score record held by a consumer. "
+            "Latency: event handed to the producer -> its score record held by a consumer, "
+            "after 2 s at the same rate that are not measured (fresh topics and clients). "
             "Relay floor: the same offered load through the **relay** reference, which "
             "consumes with the worker's consumer settings and produces each message unchanged "
             "with its producer settings: the two broker hops alone, with no work between them.",

@@ -225,6 +225,22 @@ class NaiveState:
         return history_from_records([entries])
 
 
+async def create_topic(settings: Settings, name: str) -> None:
+    """Create a topic of the worker's partition count, unless it exists (brokers such as
+    the compose file's Apache Kafka create none by themselves)."""
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+    from aiokafka.errors import TopicAlreadyExistsError
+
+    admin = AIOKafkaAdminClient(**kafka_config.client_kwargs(settings))
+    await admin.start()
+    try:
+        topic = NewTopic(name, settings.topic_partitions, settings.topic_replication_factor)
+        with contextlib.suppress(TopicAlreadyExistsError):
+            await admin.create_topics([topic])
+    finally:
+        await admin.close()
+
+
 def run_naive(settings: Settings, progress: Progress) -> int:
     """A Faust worker scoring one event at a time, until SIGTERM; returns its exit code."""
     import faust
@@ -246,6 +262,7 @@ def run_naive(settings: Settings, progress: Progress) -> int:
         broker_heartbeat_interval=settings.consumer_session_timeout_s / 3,
     )
     source = app.topic(settings.topic_transactions)
+    asyncio.run(create_topic(settings, f"{settings.topic_scores}.naive"))
     scores = app.topic(f"{settings.topic_scores}.naive")
     client = aioredis.Redis.from_url(settings.redis_url.get_secret_value())
     state = NaiveState(client, f"{settings.state_key_prefix}-naive", scorer.sequence_length)
