@@ -47,3 +47,11 @@ def test_every_command_in_the_readme_exists_with_help() -> None:
     for command in sorted(named):
         result = runner.invoke(app, [command, "--help"])
         assert result.exit_code == 0, f"fraudstream {command} --help: {result.output}"
+
+
+def test_benchmark_tables_are_generated_from_the_reports() -> None:
+    from training.readme_tables import SECTIONS, render
+
+    for name in SECTIONS:
+        assert f"<!-- BEGIN generated: {name} " in README, f"README lacks the {name} part"
+    assert render(README) == README, "run `python -m training.readme_tables`"

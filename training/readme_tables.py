@@ -158,7 +158,7 @@ SECTIONS: Final[dict[str, Callable[[], str]]] = {
 _PART: Final = re.compile(
     r"(<!-- BEGIN generated: (?P<name>[a-z-]+) \(python -m training.readme_tables\) -->\n)"
     r".*?"
-    r"(\n<!-- END generated: (?P=name) -->)",
+    r"(<!-- END generated: (?P=name) -->)",
     re.DOTALL,
 )
 
@@ -168,7 +168,7 @@ def render(readme: str) -> str:
 
     def part(match: re.Match[str]) -> str:
         body = SECTIONS[match["name"]]()
-        return f"{match[1]}{body}{match[3]}"
+        return f"{match[1]}{body}\n{match[3]}"
 
     return _PART.sub(part, readme)
 
