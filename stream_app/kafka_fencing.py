@@ -130,10 +130,12 @@ class _GenerationTxnOffsetCommitHandler(TxnOffsetCommitHandler):  # type: ignore
     def __init__(self, sender: Any, offsets: Any, group_id: str, metadata: GroupMetadata) -> None:
         super().__init__(sender, offsets, group_id)
         self._metadata = metadata
+        self._sent_generation = -1
 
     def create_request(self) -> _TxnOffsetCommitRequest:
         txn = self._sender._txn_manager
         generation, member_id = self._metadata()
+        self._sent_generation = generation
         by_topic: dict[str, list[tuple[Any, ...]]] = collections.defaultdict(list)
         for tp, offset in sorted(self._offsets.items()):
             by_topic[tp.topic].append(
@@ -158,14 +160,18 @@ class _GenerationTxnOffsetCommitHandler(TxnOffsetCommitHandler):  # type: ignore
         for name, partitions, _ in resp.topics:
             for partition, error_code, _ in partitions:
                 if error_code in _FENCED:
-                    generation = self._metadata()[0]
-                    self._sender._txn_manager.error_transaction(
+                    txn = self._sender._txn_manager
+                    txn.error_transaction(
                         GroupFencedError(
                             f"the consumer group refused this worker's offsets for "
                             f"{name}[{partition}] (error {error_code}, generation "
-                            f"{generation}): its partitions belong to another member now"
+                            f"{self._sent_generation}): its partitions belong to another "
+                            "member now"
                         )
                     )
+                    # The send_offsets call raises it and the transaction aborts: that is
+                    # its handling; the same error on the transaction's waiter is no news.
+                    txn._transaction_waiter.exception()
                     return None
         # Everything else as aiokafka handles version 0, whose shape this mimics.
         errors = [(name, [(p, e) for p, e, _ in parts]) for name, parts, _ in resp.topics]
