@@ -121,9 +121,15 @@ async def check_redis_mode(client: StateClient, settings: Settings) -> None:
                 ) from None
             raise RedisConnectionError(f"Redis Cluster at {where}: {text}") from None
         wanted = settings.redis_cluster_wait_replicas
-        most = max(
-            (len(nodes) - 1 for nodes in client.nodes_manager.slots_cache.values()), default=0
-        )
+        # The replicas the cluster is built with (CLUSTER NODES), whether in sync or not:
+        # one failing or still syncing is an outage that WAIT retries, not a setting.
+        topology: dict[str, dict[str, Any]] = await client.cluster_nodes()
+        replicas: dict[str, int] = {}
+        for node in topology.values():
+            if "slave" in str(node.get("flags", "")) and node.get("master_id", "-") != "-":
+                master = str(node["master_id"])
+                replicas[master] = replicas.get(master, 0) + 1
+        most = max(replicas.values(), default=0)
         if most < wanted:
             # No primary has that many replicas: not an outage, a cluster built without
             # them; every batch would wait for them in vain.

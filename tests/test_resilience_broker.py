@@ -69,7 +69,14 @@ def test_a_broker_stall_loses_nothing_and_the_worker_recovers_alone(
         accounting.assert_complete()
         # The stall really stopped the flow: at most the batches already fetched got scored.
         assert frozen - scored_before <= 2 * settings.batch_size
-        assert metrics['fraudstream_events_total{outcome="scored"}'] == EVENTS
+        scored = metrics['fraudstream_events_total{outcome="scored"}']
+        duplicate = metrics['fraudstream_events_total{outcome="duplicate"}']
+        if settings.exactly_once and "batch aborted" in log:
+            # A batch whose transaction was refused or stale is aborted and re-read: its
+            # events, already in the state, come back as duplicates (identical records).
+            assert scored <= EVENTS <= scored + duplicate
+        else:
+            assert scored == EVENTS
         assert "Traceback" not in log
         errors = sum(
             v for k, v in metrics.items() if k.startswith("fraudstream_kafka_errors_total")

@@ -86,7 +86,14 @@ def test_a_redis_outage_is_retried_and_the_worker_recovers_alone(
         # server applied and persisted but never answered comes back as duplicates when the
         # call is retried (same inputs, hence the same records): counted as "duplicate".
         scored = after['fraudstream_events_total{outcome="scored"}']
-        assert scored + after['fraudstream_events_total{outcome="duplicate"}'] == EVENTS
+        duplicate = after['fraudstream_events_total{outcome="duplicate"}']
+        if settings.exactly_once and "batch aborted" in log:
+            # Under exactly-once a batch held up past the session is aborted and re-read
+            # (another member may own its partitions by then): its events come back as
+            # duplicates of the state it had applied.
+            assert scored <= EVENTS <= scored + duplicate
+        else:
+            assert scored + duplicate == EVENTS
         assert "updating state" in log and "succeeded again" in log
         assert "Traceback" not in log
 
