@@ -12,7 +12,10 @@ changes, loads the candidate in a thread with every serving check of
 model from start to end: no event is dropped or scored twice by a swap, and every
 ScoreRecord names the version that scored it. A candidate that fails is refused (logged,
 ``fraudstream_model_reloads_total{outcome="refused"}``) and the current model keeps serving;
-the same files are not retried until they change again.
+the same files are not retried until they change again. A location that cannot even be read
+(a pointer file that is not text, a symlink loop, permission denied, a directory removed
+mid-read) is refused the same way, once per distinct error, and the watcher goes on: it
+never dies, so a valid model deployed later still loads.
 """
 
 from __future__ import annotations
@@ -44,16 +47,25 @@ def resolve_model_dir(location: Path) -> Path:
     Raises:
         ModelError: the location or the directory it points to does not exist.
     """
-    if location.is_file():
-        if location.stat().st_size > _MAX_POINTER_BYTES:
-            raise ModelError(f"{location} is a file but too large to be a pointer to a model")
-        target = Path(location.read_text(encoding="utf-8").strip())
-        if not target.parts:
-            raise ModelError(f"pointer file {location} is empty: write a model directory in it")
-        location = target if target.is_absolute() else location.parent / target
-    directory = location.resolve()
-    if not directory.is_dir():
-        raise ModelError(f"model directory {directory} does not exist")
+    try:
+        if location.is_file():
+            if location.stat().st_size > _MAX_POINTER_BYTES:
+                raise ModelError(f"{location} is a file but too large to be a pointer to a model")
+            target = Path(location.read_text(encoding="utf-8").strip())
+            if not target.parts:
+                raise ModelError(f"pointer file {location} is empty: write a model directory in it")
+            location = target if target.is_absolute() else location.parent / target
+        directory = location.resolve()
+        if not directory.is_dir():
+            raise ModelError(f"model directory {directory} does not exist")
+    except UnicodeDecodeError:
+        raise ModelError(
+            f"pointer file {location} is not UTF-8 text: write a model directory's path in it"
+        ) from None
+    except (OSError, RuntimeError, ValueError) as exc:
+        # Permission denied, a symlink loop (RuntimeError before Python 3.13, OSError
+        # after), a NUL byte in the path, a directory removed while it was read.
+        raise ModelError(f"cannot read the model location {location}: {exc}") from None
     return directory
 
 
@@ -71,6 +83,8 @@ def fingerprint(location: Path) -> Fingerprint:
             st = (directory / name).stat()
         except FileNotFoundError:
             raise ModelError(f"{directory} has no {name}: not a model directory") from None
+        except OSError as exc:  # permission denied, a loop, gone mid-read
+            raise ModelError(f"cannot read {directory / name}: {exc}") from None
         stats.append((st.st_ino, st.st_size, st.st_mtime_ns))
     return (str(directory), stats[0], stats[1])
 
@@ -191,6 +205,8 @@ class ModelRegistry:
         self.serving: dict[Role, ServingModel | None] = {"champion": None, "challenger": None}
         self._pending: dict[Role, ServingModel] = {}
         self._refused: dict[Role, Fingerprint | None] = {"champion": None, "challenger": None}
+        # The last error reading each location, so a lasting one is refused once.
+        self._failed: dict[Role, str | None] = {"champion": None, "challenger": None}
 
     @property
     def champion(self) -> ServingModel:
@@ -237,7 +253,7 @@ class ModelRegistry:
         self.metrics.model_info.labels(model.version, role).set(1)
         log.info("%s model %s serving from %s", role, model.version, model.fingerprint[0])
 
-    def _refuse(self, role: Role, location: Path, exc: ModelError) -> None:
+    def _refuse(self, role: Role, location: Path, exc: Exception) -> None:
         try:
             self._refused[role] = fingerprint(location)
         except ModelError:
@@ -263,33 +279,73 @@ class ModelRegistry:
         return swaps
 
     async def poll(self) -> None:
-        """Check each location once; load what changed in a thread and park it."""
+        """Check each location once; load what changed in a thread and park it.
+
+        Never raises (but for cancellation): whatever goes wrong with one location (a
+        pointer that is not text, a symlink loop, permission denied, a directory removed
+        mid-read, a bug) is logged, counted as a refused reload once per distinct error,
+        and the next poll tries again, so a later valid model still loads.
+        """
         for role, location in self.locations.items():
             if location is None:
                 continue
-            current = self._pending.get(role) or self.serving[role]
             try:
-                seen = fingerprint(location)
-            except ModelError as exc:
-                if self._refused[role] is None and current is not None:
-                    log.warning("cannot read the %s model at %s: %s", role, location, exc)
-                continue
-            if (current is not None and seen == current.fingerprint) or seen == self._refused[role]:
-                continue
-            try:
-                model = await asyncio.to_thread(load_model, location, role, self.options)
-            except ModelError as exc:
-                self._refuse(role, location, exc)
-            else:
-                self.metrics.model_reloads.labels("loaded").inc()
-                self._refused[role] = None
-                self._pending[role] = model
-                log.info("%s model %s loaded; it serves from the next batch", role, model.version)
+                await self._poll_one(role, location)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self._unreadable(role, location, exc)
+
+    async def _poll_one(self, role: Role, location: Path) -> None:
+        current = self._pending.get(role) or self.serving[role]
+        seen = fingerprint(location)  # raises on an unreadable location: see poll()
+        self._failed[role] = None
+        if (current is not None and seen == current.fingerprint) or seen == self._refused[role]:
+            return
+        try:
+            model = await asyncio.to_thread(load_model, location, role, self.options)
+        except Exception as exc:  # ModelError, or anything ONNX Runtime or the OS raised
+            self._refuse(role, location, exc)
+        else:
+            self.metrics.model_reloads.labels("loaded").inc()
+            self._refused[role] = None
+            self._pending[role] = model
+            log.info("%s model %s loaded; it serves from the next batch", role, model.version)
+
+    def _unreadable(self, role: Role, location: Path, exc: BaseException) -> None:
+        """A location that could not even be read: refused once per distinct error (a
+        pointer left broken for an hour is one refusal, not one per poll)."""
+        what = f"{type(exc).__name__}: {exc}"
+        if self._failed[role] == what:
+            return
+        self._failed[role] = what
+        self.metrics.model_reloads.labels("refused").inc()
+        current = self.serving[role]
+        keeping = f"; {current.version} keeps serving" if current else ""
+        log.error(
+            "refused the %s model at %s: cannot read it (%s)%s; still watching",
+            role,
+            location,
+            exc if isinstance(exc, ModelError) else what,
+            keeping,
+        )
 
     async def watch(self, interval_s: float, stop: asyncio.Event) -> None:
-        """Poll every ``interval_s`` seconds until ``stop`` is set."""
+        """Poll every ``interval_s`` seconds until ``stop`` is set.
+
+        The watcher outlives every error (see :meth:`poll`); a failure even outside a
+        location's poll is logged with its traceback, counted as a refused reload, and
+        the next poll goes on, so a model deployed later still loads.
+        """
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=interval_s)
-            if not stop.is_set():
+            if stop.is_set():
+                break
+            try:
                 await self.poll()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                self.metrics.model_reloads.labels("refused").inc()
+                log.exception("the model watcher failed; it goes on watching")
