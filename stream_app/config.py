@@ -25,6 +25,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from stream_app import features
 from stream_app.errors import ConfigError
+from stream_app.records import MAX_CLOCK_SKEW
 from stream_app.redis_cluster_state import DEFAULT_SHARDS
 
 ENV_PREFIX: Final = "FRAUDSTREAM_"
@@ -166,7 +167,11 @@ class Settings(BaseSettings):
         16 * 1024, ge=64, le=1 << 20, description="Larger messages are dead-lettered."
     )
     max_clock_skew_s: float = Field(
-        _DAY_S, ge=0, description="How far in the future an event time may lie (s)."
+        MAX_CLOCK_SKEW.total_seconds(),
+        ge=0,
+        description="How far past the worker's clock an event time may lie (s); further "
+        "ahead is dead-lettered (timestamp_out_of_range). Minutes cover synchronised clocks; "
+        "an event hours ahead is a wrong clock or time zone.",
     )
     # Redis state
     redis_url: SecretStr = Field(

@@ -46,6 +46,12 @@ MAX_REASONS: Final = 5
 MAX_REASON_LENGTH: Final = 120
 JSON_SCHEMA_DIR: Final = Path(__file__).parent / "json_schemas"
 
+# How far past the worker's clock an event time may lie. Card networks and acquirers stamp
+# transactions with clocks kept in sync (NTP); minutes cover any honest skew, as in Kerberos'
+# 5-minute default. Further ahead is a wrong clock or a wrong time zone: dead-lettered
+# (timestamp_out_of_range) rather than scored, since an event dated hours ahead would sit in its
+# customer's history ahead of everything that follows. The Handbook data has no future event.
+MAX_CLOCK_SKEW: Final = timedelta(minutes=5)
 _PREVIEW_CHARS: Final = 80
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 # Python ints this large are past any id a producer could mean; bounding them first also
@@ -65,7 +71,7 @@ class ValidationLimits:
 
     max_payload_bytes: int = 16 * 1024
     min_timestamp: datetime = datetime(2000, 1, 1, tzinfo=UTC)
-    max_future: timedelta = timedelta(days=1)
+    max_future: timedelta = MAX_CLOCK_SKEW
 
     def __post_init__(self) -> None:
         if self.max_payload_bytes <= 0:

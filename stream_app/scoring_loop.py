@@ -76,7 +76,49 @@ class _Polled:
 
     tp: TopicPartition
     outcome: Accepted | Rejected
-    clock: float  # the partition's latest event time up to this message: the merge key
+    event_time: float | None  # seconds; None for a rejected message
+
+
+def merge_key(before: float | None, current: float | None, after: float | None) -> float:
+    """Where a partition's head record goes in the event-time merge of partitions.
+
+    ``current`` is the head's event time, ``before`` the key of the record taken before it
+    from the same partition, ``after`` the event time of the record behind it (None when
+    unknown: not buffered yet, or a rejected message). The key is the median of the three:
+    an event far ahead of its neighbours (or far behind) does not move its partition, it
+    is taken in its partition's order, with its neighbours. A partition that really jumps
+    ahead (a quiet night) moves as soon as the record behind the jump confirms it. A
+    running maximum, what this replaces, let one event dated a day ahead push its whole
+    partition behind every other one (with it, every transaction of the partition was
+    scored after the others' backlog, and their terminal windows missed them).
+
+    Sorted event times keep their own time as key:
+
+    >>> merge_key(10.0, 11.0, 12.0)
+    11.0
+
+    An outlier, ahead or behind, takes its neighbours' place:
+
+    >>> merge_key(10.0, 90_000.0, 12.0), merge_key(10.0, 1.0, 12.0)
+    (12.0, 10.0)
+
+    At the head of a backlog, and at the end of what is buffered, the known neighbour
+    holds the key back; a rejected message goes with its predecessor:
+
+    >>> merge_key(None, 90_000.0, 12.0), merge_key(10.0, 90_000.0, None)
+    (12.0, 10.0)
+    >>> merge_key(10.0, None, 12.0), merge_key(None, 5.0, None)
+    (10.0, 5.0)
+    """
+    if current is None:
+        return before if before is not None else 0.0  # nothing to wait for: take it now
+    if before is None and after is None:
+        return current
+    if before is None or after is None:
+        other = before if after is None else after
+        assert other is not None
+        return min(current, other)
+    return max(min(before, current), min(max(before, current), after))
 
 
 @dataclass
@@ -152,7 +194,7 @@ class ScoringLoop:
         self.source_partitions = runtime.partitions[s.topic_transactions]
         self._lock = asyncio.Lock()
         self._buffered: dict[TopicPartition, deque[_Polled]] = {}
-        self._clocks: dict[TopicPartition, float] = {}
+        self._clocks: dict[TopicPartition, float] = {}  # merge key of the last record taken
         self._drained_at: dict[TopicPartition, float] = {}  # epoch ms, by partition
         self._pending: _Batch | None = None
         self._unsettled: asyncio.Queue[_Batch] = asyncio.Queue(maxsize=_MAX_UNSETTLED)
@@ -320,9 +362,11 @@ class ScoringLoop:
         every partition, would miss some. So each partition's messages are validated and
         buffered (up to a batch each), and a batch takes the earliest by event time: a
         k-way merge in which each partition contributes a prefix, so committed offsets stay
-        contiguous. While catching up, a batch also ends where a partition runs dry, and
-        the next one first waits for that partition's fetch (:meth:`_align`). Live,
-        partitions are caught up, nothing waits, and this is simply arrival order.
+        contiguous. A partition's place in the merge is its head's :func:`merge_key`, which
+        one event far ahead of (or behind) its neighbours cannot move. While catching up,
+        a batch also ends where a partition runs dry, and the next one first waits for that
+        partition's fetch (:meth:`_align`). Live, partitions are caught up, nothing waits,
+        and this is simply arrival order.
         """
         size = self.settings.batch_size
         assignment = self.consumer.assignment()
@@ -340,18 +384,19 @@ class ScoringLoop:
         if catching_up:
             await self._align(assignment)
         heads = [
-            (buffer[0].clock, i, tp)
+            (self._head_key(tp, buffer), i, tp)
             for i, (tp, buffer) in enumerate(self._buffered.items())
             if buffer
         ]
         heapq.heapify(heads)
         taken: list[_Polled] = []
         while heads and len(taken) < size:
-            _, i, tp = heapq.heappop(heads)
+            key, i, tp = heapq.heappop(heads)
             buffer = self._buffered[tp]
             taken.append(buffer.popleft())
+            self._clocks[tp] = key
             if buffer:
-                heapq.heappush(heads, (buffer[0].clock, i, tp))
+                heapq.heappush(heads, (self._head_key(tp, buffer), i, tp))
             else:
                 self._drained_at[tp] = time.time() * 1000
                 if catching_up:
@@ -360,19 +405,20 @@ class ScoringLoop:
                     break
         return taken
 
+    def _head_key(self, tp: TopicPartition, buffer: deque[_Polled]) -> float:
+        """The merge key of a partition's head record (see :func:`merge_key`)."""
+        after = buffer[1].event_time if len(buffer) > 1 else None
+        return merge_key(self._clocks.get(tp), buffer[0].event_time, after)
+
     def _buffer(self, fetched: Mapping[TopicPartition, Sequence[Any]]) -> None:
         limits = self.runtime.limits
         for tp, records in fetched.items():
             buffer = self._buffered.setdefault(tp, deque())
-            clock = buffer[-1].clock if buffer else self._clocks.get(tp, 0.0)
             for r in records:
                 message = Inbound(r.topic, r.partition, r.offset, r.key, r.value, r.timestamp)
                 outcome = validate_transaction(message, limits)
-                if isinstance(outcome, Accepted):
-                    # A running maximum: the merge needs each partition's keys in order.
-                    clock = max(clock, outcome.event.event_time_s)
-                buffer.append(_Polled(tp, outcome, clock))
-            self._clocks[tp] = clock
+                event_time = outcome.event.event_time_s if isinstance(outcome, Accepted) else None
+                buffer.append(_Polled(tp, outcome, event_time))
 
     def _catching_up(self) -> bool:
         """Whether the buffered records are old: a backlog, not live traffic."""
