@@ -51,10 +51,24 @@ class RejectReason(enum.StrEnum):
     # Not from validation: a valid event the serving model gave no probability for (a
     # model fault); dead-lettered so that it can be replayed once the model is fixed.
     UNSCORABLE = "unscorable"
+    # Not from validation either: what the state found. A transaction id already used for
+    # another transaction (other amount, time, terminal or customer); a label whose
+    # transaction has another customer, terminal or time; a label whose transaction was not
+    # seen within the label wait.
+    CONFLICTING_DUPLICATE = "conflicting_duplicate"
+    LABEL_MISMATCH = "label_mismatch"
+    LABEL_UNKNOWN_TRANSACTION = "label_unknown_transaction"
 
 
-# The reasons validation gives (all but UNSCORABLE, which only the model's output gives).
-VALIDATION_REASONS: Final = tuple(r for r in RejectReason if r is not RejectReason.UNSCORABLE)
+# The reasons the model's output or the state give, not validation.
+STATE_REASONS: Final = (
+    RejectReason.UNSCORABLE,
+    RejectReason.CONFLICTING_DUPLICATE,
+    RejectReason.LABEL_MISMATCH,
+    RejectReason.LABEL_UNKNOWN_TRANSACTION,
+)
+# The reasons validation gives.
+VALIDATION_REASONS: Final = tuple(r for r in RejectReason if r not in STATE_REASONS)
 
 
 class RejectedEvent(FraudStreamError):

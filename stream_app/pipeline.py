@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import struct
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -34,11 +35,12 @@ import orjson
 
 from stream_app import features
 from stream_app.decisions import decide
-from stream_app.errors import RejectedEvent
+from stream_app.errors import RejectedEvent, RejectReason
 from stream_app.metrics import ScoreDrift, WorkerMetrics, observe_many
 from stream_app.model_registry import ModelRegistry, ServingModel
-from stream_app.reasons import AlertContext, explain
+from stream_app.reasons import STATE_RESET_REASON, AlertContext, explain
 from stream_app.records import (
+    MAX_REASONS,
     Decision,
     ScoreRecord,
     TransactionEvent,
@@ -48,7 +50,13 @@ from stream_app.records import (
     parse_transaction,
 )
 from stream_app.scoring import valid_scores
-from stream_app.state import BatchState, LabelUpdate, StateStore, TransactionUpdate
+from stream_app.state import (
+    BatchState,
+    LabelOutcome,
+    LabelUpdate,
+    StateStore,
+    TransactionUpdate,
+)
 
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 _MS: Final = timedelta(milliseconds=1)
@@ -133,6 +141,9 @@ class ScoredBatch:
     # here; the worker dead-letters them (``unscorable``). Records are for the other events,
     # in their order.
     unscorable: list[int] = field(default_factory=list)
+    # Positions of conflicting duplicates (an id already used for another transaction): no
+    # record either; the worker dead-letters them (``conflicting_duplicate``).
+    conflicting: list[int] = field(default_factory=list)
 
     @classmethod
     def empty(cls) -> ScoredBatch:
@@ -278,6 +289,8 @@ class ScoringPipeline:
         started = time.perf_counter()
         state = await self.store.apply_transactions(updates)
         self.metrics.redis.observe(time.perf_counter() - started)
+        if state.labels_applied:
+            self.metrics.labels.labels("applied_on_arrival").inc(state.labels_applied)
         return state
 
     def score(self, events: Sequence[TransactionEvent], state: BatchState) -> ScoredBatch:
@@ -298,16 +311,23 @@ class ScoringPipeline:
         current, sequences = features.online_features(state.history, champion.sequence_length)
         batch = sequences.astype(np.float32)
         scores, ok = checked_scores(champion.scorer.raw_scores, batch)
-        unscorable = np.flatnonzero(~ok).tolist()
+        conflict = state.conflicts
+        unscorable = np.flatnonzero(~ok & ~conflict).tolist()
+        conflicting = np.flatnonzero(conflict).tolist()
         duplicate = state.duplicate
-        if unscorable:
+        reset = state.resets
+        if unscorable or conflicting:
+            ok &= ~conflict
             keep = np.flatnonzero(ok)
             events = [events[i] for i in keep.tolist()]
             batch, scores, duplicate = batch[keep], scores[keep], duplicate[keep]
-            current = current[keep]
+            current, reset = current[keep], reset[keep]
             self.metrics.events.labels("unscorable").inc(len(unscorable))
+            self.metrics.events.labels("conflicting_duplicate").inc(len(conflicting))
             if not events:
-                return dataclasses.replace(ScoredBatch.empty(), unscorable=unscorable)
+                return dataclasses.replace(
+                    ScoredBatch.empty(), unscorable=unscorable, conflicting=conflicting
+                )
         event_ms = [epoch_ms(e.timestamp) for e in events]
         decisions = decide(scores, champion.thresholds)
         alerts = [i for i, d in enumerate(decisions) if d is not Decision.APPROVE]
@@ -326,6 +346,8 @@ class ScoringPipeline:
                 self.max_reasons,
             )
             reasons = dict(zip(alerts, explained, strict=True))
+        for i in np.flatnonzero(reset).tolist():
+            reasons[i] = (STATE_RESET_REASON, *reasons.get(i, ()))[:MAX_REASONS]
         shadow_scores = None
         shadow_ok = np.zeros(0, dtype=bool)
         if challenger is not None:
@@ -334,7 +356,7 @@ class ScoringPipeline:
             else:
                 _, other = features.online_features(state.history, challenger.sequence_length)
                 shadow_batch = other.astype(np.float32)
-                if unscorable:
+                if unscorable or conflicting:
                     shadow_batch = shadow_batch[np.flatnonzero(ok)]
             # The challenger only observes: a row it cannot score gets no shadow record.
             shadow_scores, shadow_ok = checked_scores(challenger.scorer.raw_scores, shadow_batch)
@@ -369,7 +391,15 @@ class ScoringPipeline:
         observe_many(self.metrics.score, scores)
         self._update_drift(champion, scores)
         return ScoredBatch(
-            keys, payloads, alerts, duplicate, champion.version, shadow, shadow_keys, unscorable
+            keys,
+            payloads,
+            alerts,
+            duplicate,
+            champion.version,
+            shadow,
+            shadow_keys,
+            unscorable,
+            conflicting,
         )
 
     async def process(self, events: Sequence[TransactionEvent]) -> ScoredBatch:
@@ -381,12 +411,41 @@ class ScoringPipeline:
 
 @dataclass(frozen=True)
 class LabelBatch:
-    """The outcome of a micro-batch of labels."""
+    """The outcome of a micro-batch of labels: what each valid one did, and the refused."""
 
     rejected: list[Rejected]
-    frauds: int
-    genuine: int
-    new_frauds: int
+    outcomes: list[LabelOutcome]
+    frauds: int  # valid labels with a fraud verdict
+    genuine: int  # valid labels with a genuine verdict
+    new_frauds: int  # fraud verdicts that changed a terminal's counters
+
+
+_SOURCE: Final = struct.Struct("<iqqii")  # partition, offset, timestamp, topic and key lengths
+
+
+def pack_source(message: Inbound) -> bytes:
+    """A message as a pending label keeps it, to dead-letter it as it came if it expires."""
+    topic = message.topic.encode()
+    key = message.key
+    head = _SOURCE.pack(
+        message.partition,
+        message.offset,
+        message.timestamp_ms,
+        len(topic),
+        -1 if key is None else len(key),
+    )
+    return b"".join((head, topic, key or b"", message.value or b""))
+
+
+def unpack_source(source: bytes) -> Inbound:
+    """The message :func:`pack_source` packed."""
+    partition, offset, timestamp_ms, topic_len, key_len = _SOURCE.unpack_from(source)
+    at = _SOURCE.size
+    topic = source[at : at + topic_len].decode()
+    at += topic_len
+    key = None if key_len < 0 else source[at : at + key_len]
+    at += max(key_len, 0)
+    return Inbound(topic, partition, offset, key, source[at:], timestamp_ms)
 
 
 async def apply_labels(
@@ -395,12 +454,15 @@ async def apply_labels(
     limits: ValidationLimits,
     metrics: WorkerMetrics,
 ) -> LabelBatch:
-    """Validate labels and count the frauds into their terminals' days, one Redis call.
+    """Validate labels and reconcile them with the transactions, one Redis call.
 
-    A fraud label seen before counts once (``duplicate``); genuine labels change no state
-    and are counted as ``genuine`` whether seen before or not.
+    A label refused by validation, or whose transaction has another customer, terminal or
+    time (``label_mismatch``), is to be dead-lettered: it is in ``rejected``. A label
+    whose transaction is not known yet waits for it (``pending``). The metric counts each
+    label by outcome.
     """
     updates: list[LabelUpdate] = []
+    parsed: list[Inbound] = []
     rejected: list[Rejected] = []
     for message in messages:
         try:
@@ -408,6 +470,7 @@ async def apply_labels(
         except RejectedEvent as exc:
             rejected.append(Rejected(message, exc))
             continue
+        parsed.append(message)
         updates.append(
             LabelUpdate(
                 label.transaction_id,
@@ -415,15 +478,52 @@ async def apply_labels(
                 label.terminal_id,
                 epoch_ms(label.event_time),
                 label.is_fraud,
+                epoch_ms(label.reported_at),
+                pack_source(message),
             )
         )
     started = time.perf_counter()
-    new_frauds = await store.apply_labels(updates)
+    outcomes = await store.apply_labels(updates)
     metrics.redis.observe(time.perf_counter() - started)
-    frauds = sum(1 for u in updates if u.is_fraud)
-    genuine = len(updates) - frauds
-    metrics.labels.labels("fraud").inc(new_frauds)
-    metrics.labels.labels("duplicate").inc(frauds - new_frauds)
-    metrics.labels.labels("genuine").inc(genuine)
+    for update, message, outcome in zip(updates, parsed, outcomes, strict=True):
+        metrics.labels.labels(outcome.value).inc()
+        if outcome is LabelOutcome.MISMATCH:
+            rejected.append(
+                Rejected(
+                    message,
+                    RejectedEvent(
+                        RejectReason.LABEL_MISMATCH,
+                        f"transaction {update.transaction_id!r} was scored with another "
+                        "customer, terminal or time than this label names",
+                    ),
+                )
+            )
     metrics.labels.labels("dead_letter").inc(len(rejected))
-    return LabelBatch(rejected, frauds, genuine, new_frauds)
+    frauds = sum(1 for u in updates if u.is_fraud)
+    new_frauds = sum(
+        1
+        for u, o in zip(updates, outcomes, strict=True)
+        if u.is_fraud and o in (LabelOutcome.FRAUD, LabelOutcome.CORRECTED)
+    )
+    return LabelBatch(rejected, outcomes, frauds, len(updates) - frauds, new_frauds)
+
+
+async def expired_labels(
+    store: StateStore, wait_s: float, metrics: WorkerMetrics, limit: int = 1000
+) -> tuple[list[Rejected], list[str]]:
+    """Pending labels whose transaction never came: their dead letters, and their ids (to
+    :meth:`~stream_app.state.StateStore.drop_pending` once the dead letters are out)."""
+    expired = await store.expired_labels(limit)
+    rejected = [
+        Rejected(
+            unpack_source(e.source),
+            RejectedEvent(
+                RejectReason.LABEL_UNKNOWN_TRANSACTION,
+                f"no transaction {e.transaction_id!r} with this label's customer, terminal "
+                f"and time was scored within {wait_s:g} s",
+            ),
+        )
+        for e in expired
+    ]
+    metrics.labels.labels("expired").inc(len(rejected))
+    return rejected, [e.transaction_id for e in expired]

@@ -163,6 +163,11 @@ def _clip(text: str) -> str:
     return text if len(text) <= MAX_REASON_LENGTH else text[: MAX_REASON_LENGTH - 3] + "..."
 
 
+# Given with every score of an event whose stored state was corrupt and set aside: its
+# customer or terminal history is missing from the score.
+STATE_RESET_REASON: Final = "scored without history: the stored state was corrupt and was reset"
+
+
 def fallback_reason(score: float) -> str:
     """The reason given when no single group moves the score by :data:`MIN_CONTRIBUTION`."""
     return f"score {score:.2f} comes from the customer's recent sequence as a whole"

@@ -46,7 +46,11 @@ durable too; ``WAIT`` is about the replica's memory (Redis 7.2's ``WAITAOF`` wou
 its AOF as well).
 
 Labels are one call per terminal shard (the label's marker lives in its terminal's shard),
-each atomic and idempotent as on one Redis. Shards hash the ids, not the Kafka partition, so
+each atomic and idempotent. Unlike one Redis, a cluster keeps no transaction ledger: a
+reused transaction id is a duplicate only within its customer's history, and labels are
+counted once per transaction id without being checked against the transaction (a
+ledger entry lives with the customer, its label's counter with the terminal: two slots).
+Shards hash the ids, not the Kafka partition, so
 adding partitions or workers moves no state.
 
 The scripts build customer and terminal key names from the shard's key prefix (passed once)
@@ -86,8 +90,10 @@ from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 from stream_app import features
 from stream_app.state import (
     ENTRY_DTYPE,
+    LABEL_CODES,
     TERMINAL_RING_DAYS,
     BatchState,
+    LabelOutcome,
     LabelUpdate,
     TransactionUpdate,
     transaction_hash,
@@ -264,7 +270,7 @@ class ClusterState:
         batch = self._encode(updates)
         stored: list[bytes] = [b""] * len(updates)
         new: list[bytes] = [b""] * len(updates)
-        flags = bytearray(len(updates))
+        flags = bytearray(b"0" * len(updates))
         parts = self.parts(updates)
         counts = await self._terminal_step(updates, batch, {}, parts[0])
         for j, part in enumerate(parts):
@@ -288,7 +294,10 @@ class ClusterState:
             terminal_tx=flat["terminal_tx"].astype(np.int64),
             terminal_fraud=flat["terminal_fraud"].astype(np.int64),
         )
-        return BatchState(history=history, duplicate=np.frombuffer(flags, np.uint8) == 1)
+        outcome = np.frombuffer(flags, np.uint8)
+        return BatchState(
+            history=history, duplicate=outcome == ord("1"), conflict=outcome == ord("C")
+        )
 
     async def _terminal_step(
         self,
@@ -386,7 +395,7 @@ class ClusterState:
         for cshard, reply in zip(order, replies, strict=True):
             marks: bytes = reply[0]
             for k, i in enumerate(members[cshard]):
-                flags[i] = marks[k] == ord("1")
+                flags[i] = marks[k]
                 stored[i] = reply[1 + 2 * k]
                 new[i] = reply[2 + 2 * k]
             outboxes[cshard] = reply[-1]
@@ -414,30 +423,42 @@ class ClusterState:
 
     # Labels ----------------------------------------------------------------------------
 
-    async def apply_labels(self, labels: Sequence[LabelUpdate]) -> int:
+    async def apply_labels(self, labels: Sequence[LabelUpdate]) -> list[LabelOutcome]:
         """Count fraud labels into their terminal's hour, one call per terminal shard; a
-        label seen before counts once (its marker lives in the terminal's shard)."""
+        label seen before counts once (its marker lives in the terminal's shard).
+
+        Labels are not reconciled with a transaction ledger here: the ledger of one Redis
+        lives with the transaction's customer, and checking a label against it and counting
+        it at its terminal would span two slots.
+        """
         keys: dict[int, list[str]] = defaultdict(list)
         args: dict[int, list[Any]] = defaultdict(list)
-        for label in labels:
+        positions: dict[int, list[int]] = defaultdict(list)
+        for i, label in enumerate(labels):
             tshard = shard_of(label.terminal_id.encode(), self.shards)
             keys[tshard] += [
                 self.terminal_key(label.terminal_id),
                 self.label_key(label.terminal_id, label.transaction_id),
             ]
             args[tshard] += [label.time_ms // features.MS_PER_HOUR, "1" if label.is_fraud else "0"]
+            positions[tshard].append(i)
+        shards = list(keys)
         replies = await self._run(
             [
                 _Call(
-                    self._sha["apply_labels"],
+                    self._sha["cluster_labels"],
                     keys[t],
                     [self.ttl_ms, TERMINAL_RING_DAYS, *args[t]],
                     writes=True,
                 )
-                for t in keys
+                for t in shards
             ]
         )
-        return sum(int(r) for r in replies)
+        outcomes = [LabelOutcome.DUPLICATE] * len(labels)
+        for t, codes in zip(shards, replies, strict=True):
+            for i, code in zip(positions[t], codes, strict=True):
+                outcomes[i] = LABEL_CODES[chr(code)]
+        return outcomes
 
     # Calls -----------------------------------------------------------------------------
 

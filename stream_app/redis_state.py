@@ -9,7 +9,12 @@ Keys (``prefix`` is a setting, so several deployments or tests can share one Red
   as many 192-byte hour slots (the same days' 24 hours of transactions and fraud labels);
   13,056 bytes a terminal. (``{prefix}:t:`` keys held day slots only, feature version 1:
   they are not read, and expire.)
-* ``{prefix}:l:{transaction_id}``: string, marks a label as counted (dedupe).
+* ``{prefix}:x:{transaction_id}``: string, the transaction's ledger entry (41 bytes: its
+  time, amount, customer and terminal digests, and its latest verdict), see
+  redis_scripts/ledger.lua;
+* ``{prefix}:lp:{transaction_id}``: string, a label waiting for its transaction, and
+  ``{prefix}:lpq``: sorted set of those keys by deadline;
+* ``{key}:quarantined``: a key found corrupt (another type or size), set aside as it was.
 
 Every key carries a TTL (refreshed on write), which bounds memory; a customer or terminal
 unseen for that long starts afresh.
@@ -21,8 +26,10 @@ touch one slot, as :mod:`stream_app.redis_cluster_state` describes.
 
 from __future__ import annotations
 
+import logging
 import struct
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from importlib import resources
 from typing import Any, Final
 
@@ -33,19 +40,29 @@ from redis.asyncio.cluster import RedisCluster
 from stream_app import features
 from stream_app.redis_cluster_state import DEFAULT_SHARDS, ClusterState
 from stream_app.state import (
+    DEFAULT_LABEL_WAIT_S,
     ENTRY_DTYPE,
+    LABEL_CODES,
     TERMINAL_RING_DAYS,
     TRIM_SLACK,
     BatchState,
+    ExpiredLabel,
+    LabelOutcome,
     LabelUpdate,
     TransactionUpdate,
     history_from_records,
+    id_hash,
     transaction_hash,
 )
 
 _SCRIPTS: Final = resources.files("stream_app") / "redis_scripts"
 # One event as packed for the script, after its 8-byte hash: time_ms, amount.
 _EVENT: Final = struct.Struct("<qd")
+# One label as packed for the script: time_ms, customer and terminal digests, reported_at
+# ms, verdict, then the length of its source.
+_LABEL: Final = struct.Struct("<q8s8sqci")
+# How long an expired pending label stays claimed by the worker dead-lettering it.
+_PENDING_LEASE_MS: Final = 60_000
 # A terminal's ring of day and hour counters (see redis_scripts/terminal_ring.lua).
 _DAY_SLOT: Final = np.dtype([("day", "<i4"), ("tx", "<i4"), ("fraud", "<i4")])
 _HOUR_SLOT: Final = np.dtype([("tx", "<i4"), ("fraud", "<i4")])
@@ -60,12 +77,26 @@ _RING: Final = np.dtype(
 # Each script, after the shared parts it is built on (redis_scripts/*.lua, in this order).
 _PARTS: Final = {
     "apply_transactions": (
-        "terminal_ring", "state_header", "terminal_windows", "customer_history",
+        "terminal_ring", "state_header", "terminal_windows", "customer_history", "ledger",
     ),
-    "apply_labels": ("terminal_ring",),
+    "apply_labels": ("terminal_ring", "ledger"),
+    "expired_labels": ("terminal_ring", "ledger"),
+    "cluster_labels": ("terminal_ring",),
     "cluster_customers": ("terminal_ring", "state_header", "customer_history"),
     "cluster_terminals": ("terminal_ring", "state_header", "terminal_windows"),
 }  # fmt: skip
+log = logging.getLogger(__name__)
+
+
+def _log_quarantine(key: str) -> None:
+    log.error(
+        "state key %r was corrupt (wrong type or size): renamed to %r; "
+        "the events it concerns are scored from empty state",
+        key,
+        f"{key}:quarantined",
+    )
+
+
 # Clients the store works with: one Redis, or a Redis Cluster.
 StateClient = aioredis.Redis | RedisCluster
 
@@ -94,6 +125,9 @@ class RedisStateStore:
         wait_replicas: on a cluster, replicas each write must reach (``WAIT``) before a
             batch goes on; 0 to not wait.
         wait_timeout_s: on a cluster, how long to wait for them.
+        label_wait_s: how long a label for a transaction not seen yet waits for it.
+        on_quarantine: called with each key found corrupt and set aside (the worker logs
+            and counts it); by default a logged error.
     """
 
     def __init__(
@@ -107,8 +141,12 @@ class RedisStateStore:
         cluster_shards: int = DEFAULT_SHARDS,
         wait_replicas: int = 1,
         wait_timeout_s: float = 1.0,
+        label_wait_s: float = DEFAULT_LABEL_WAIT_S,
+        on_quarantine: Callable[[str], None] | None = None,
     ) -> None:
+        self.on_quarantine = on_quarantine or _log_quarantine
         self.client = client
+        self.label_wait_ms = int(label_wait_s * 1000)
         self.prefix = prefix
         self.sequence_length = sequence_length
         self.ttl_ms = int(ttl_s * 1000)
@@ -121,6 +159,7 @@ class RedisStateStore:
             *(bound for pair in offsets for bound in pair),
             TRIM_SLACK,
             TERMINAL_RING_DAYS,
+            features.MAX_CUSTOMER_WINDOW_TX,
         ]
         self._cluster: ClusterState | None = None
         if isinstance(client, RedisCluster):
@@ -130,7 +169,7 @@ class RedisStateStore:
                 header=self._header,
                 scripts={
                     name: _script(name)
-                    for name in ("cluster_customers", "cluster_terminals", "apply_labels")
+                    for name in ("cluster_customers", "cluster_terminals", "cluster_labels")
                 },
                 shards=cluster_shards,
                 ttl_ms=self.ttl_ms,
@@ -140,6 +179,7 @@ class RedisStateStore:
             )
         self._apply_transactions = client.register_script(_script("apply_transactions"))
         self._apply_labels = client.register_script(_script("apply_labels"))
+        self._expired_labels = client.register_script(_script("expired_labels"))
 
     def customer_key(self, customer_id: str) -> str:
         """Key of a customer's history."""
@@ -153,10 +193,18 @@ class RedisStateStore:
             return self._cluster.terminal_key(terminal_id)
         return f"{self.prefix}:t2:{terminal_id}"
 
-    def label_key(self, transaction_id: str) -> str:
-        """Key marking a transaction's label as counted (on one Redis; on a cluster the key
-        also names the terminal's shard: :meth:`ClusterState.label_key`)."""
-        return f"{self.prefix}:l:{transaction_id}"
+    def ledger_key(self, transaction_id: str) -> str:
+        """Key of a transaction's ledger entry (on one Redis)."""
+        return f"{self.prefix}:x:{transaction_id}"
+
+    def pending_key(self, transaction_id: str) -> str:
+        """Key of a label waiting for its transaction (on one Redis)."""
+        return f"{self.prefix}:lp:{transaction_id}"
+
+    @property
+    def pending_queue(self) -> str:
+        """Key of the pending labels' deadlines."""
+        return f"{self.prefix}:lpq"
 
     async def terminal_counts(self, terminal_id: str, hour: int) -> tuple[int, int, int, int]:
         """A terminal's counters as stored: (transactions, fraud labels) of the day of
@@ -179,18 +227,24 @@ class RedisStateStore:
             return BatchState(history_from_records([]), np.zeros(0, dtype=bool))
         if self._cluster is not None:
             return await self._cluster.apply_transactions(updates)
-        keys: list[str] = []
+        keys: list[str] = [self.pending_queue]
         packed = bytearray()
         for u in updates:
-            keys.append(self.customer_key(u.customer_id))
-            keys.append(self.terminal_key(u.terminal_id))
+            keys += (
+                self.customer_key(u.customer_id),
+                self.terminal_key(u.terminal_id),
+                self.ledger_key(u.transaction_id),
+                self.pending_key(u.transaction_id),
+            )
             packed += transaction_hash(u.transaction_id)
             packed += _EVENT.pack(u.time_ms, u.amount)
+            packed += id_hash(u.customer_id)
+            packed += id_hash(u.terminal_id)
         reply = await self._apply_transactions(keys=keys, args=[*self._header, bytes(packed)])
         flags: bytes = reply[0]
         # Each event's history comes in two parts (stored, new record): joined here, once,
         # and read as one array (one frombuffer per event costs more than the rest).
-        parts: list[bytes] = reply[1:]
+        parts: list[bytes] = reply[4:]
         lengths = (
             np.fromiter(
                 (len(parts[i]) + len(parts[i + 1]) for i in range(0, len(parts), 2)),
@@ -200,7 +254,7 @@ class RedisStateStore:
             // ENTRY_DTYPE.itemsize
         )
         flat = np.frombuffer(b"".join(parts), dtype=ENTRY_DTYPE)
-        duplicate = np.frombuffer(flags, dtype=np.uint8) == ord("1")
+        outcome = np.frombuffer(flags, dtype=np.uint8)
         history = features.HistoryBatch(
             group=np.repeat(np.arange(len(updates), dtype=np.int64), lengths),
             times_ms=flat["time_ms"].astype(np.int64),
@@ -208,20 +262,80 @@ class RedisStateStore:
             terminal_tx=flat["terminal_tx"].astype(np.int64),
             terminal_fraud=flat["terminal_fraud"].astype(np.int64),
         )
-        return BatchState(history=history, duplicate=duplicate)
+        return BatchState(
+            history=history,
+            duplicate=outcome == ord("1"),
+            conflict=outcome == ord("C"),
+            reset=np.frombuffer(reply[1], dtype=np.uint8) == ord("1"),
+            quarantined=self._quarantined(reply[2]),
+            labels_applied=int(reply[3]),
+        )
 
-    async def apply_labels(self, labels: Sequence[LabelUpdate]) -> int:
-        """Count fraud labels into their terminal's hour; a label seen before counts once."""
+    def _quarantined(self, keys: Sequence[bytes]) -> tuple[str, ...]:
+        names = tuple(k.decode(errors="replace") for k in keys)
+        for name in names:
+            self.on_quarantine(name)
+        return names
+
+    async def apply_labels(self, labels: Sequence[LabelUpdate]) -> list[LabelOutcome]:
+        """Reconcile labels with the ledger and apply their verdicts, one Redis call.
+
+        On a Redis Cluster labels are counted once per transaction id, unreconciled (see
+        :mod:`stream_app.redis_cluster_state`).
+        """
         if not labels:
-            return 0
+            return []
         if self._cluster is not None:
             return await self._cluster.apply_labels(labels)
-        keys: list[str] = []
-        args: list[Any] = [self.ttl_ms, TERMINAL_RING_DAYS]
+        keys: list[str] = [self.pending_queue]
+        packed = bytearray()
         for label in labels:
-            keys.append(self.terminal_key(label.terminal_id))
-            keys.append(self.label_key(label.transaction_id))
-            args.append(label.time_ms // features.MS_PER_HOUR)
-            args.append("1" if label.is_fraud else "0")
-        counted = await self._apply_labels(keys=keys, args=args)
-        return int(counted)
+            keys += (
+                self.terminal_key(label.terminal_id),
+                self.ledger_key(label.transaction_id),
+                self.pending_key(label.transaction_id),
+            )
+            packed += _LABEL.pack(
+                label.time_ms,
+                id_hash(label.customer_id),
+                id_hash(label.terminal_id),
+                label.reported_ms,
+                b"1" if label.is_fraud else b"0",
+                len(label.source),
+            )
+            packed += label.source
+        now_ms = int(time.time() * 1000)
+        args: list[int | bytes] = [
+            self.ttl_ms,
+            TERMINAL_RING_DAYS,
+            now_ms,
+            self.label_wait_ms,
+            bytes(packed),
+        ]
+        reply = await self._apply_labels(keys=keys, args=args)
+        self._quarantined(reply[1])
+        return [LABEL_CODES[chr(c)] for c in reply[0]]
+
+    async def expired_labels(self, limit: int = 1000) -> list[ExpiredLabel]:
+        """Pending labels past their deadline, claimed for a minute (see ``drop_pending``)."""
+        if self._cluster is not None:
+            return []
+        now_ms = int(time.time() * 1000)
+        reply = await self._expired_labels(
+            keys=[self.pending_queue], args=[now_ms, _PENDING_LEASE_MS, limit]
+        )
+        cut = len(f"{self.prefix}:lp:")
+        return [
+            ExpiredLabel(reply[i][cut:].decode(errors="replace"), reply[i + 1])
+            for i in range(0, len(reply), 2)
+        ]
+
+    async def drop_pending(self, transaction_ids: Sequence[str]) -> None:
+        """Forget pending labels once dead-lettered."""
+        if not transaction_ids or self._cluster is not None:
+            return
+        keys = [self.pending_key(t) for t in transaction_ids]
+        async with self.client.pipeline(transaction=True) as pipe:
+            pipe.delete(*keys)
+            pipe.zrem(self.pending_queue, *keys)
+            await pipe.execute()

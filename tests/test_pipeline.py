@@ -31,6 +31,7 @@ from stream_app.pipeline import (
     apply_labels,
     checked_scores,
     epoch_ms,
+    expired_labels,
     utc_millis,
     validate_transactions,
 )
@@ -49,6 +50,7 @@ from stream_app.records import (
     iso_utc_millis,
 )
 from stream_app.redis_state import RedisStateStore
+from stream_app.state import TransactionUpdate
 from tests.kafka_fixtures import POISON_AMOUNT, REDIS_URL, Dataset
 from training.replay import label_payload
 from training.score_file import score_table
@@ -324,21 +326,59 @@ async def test_labels_count_once_and_invalid_ones_are_rejected(
     store: RedisStateStore, small_transactions: Dataset
 ) -> None:
     metrics = WorkerMetrics(CollectorRegistry(), process_collectors=False)
-    fraud = label_payload(1, 2, 3, 1_522_540_992_000, True, 1_522_627_392_000)
-    genuine = label_payload(4, 2, 3, 1_522_540_992_000, False, 1_522_627_392_000)
-    broken = b'{"transaction_id": "9", "is_fraud": "yes"}'
-    outcome = await apply_labels(
-        _inbound([fraud, genuine, broken, fraud]), store, DEFAULT_LIMITS, metrics
+    at = 1_522_540_992_000
+    await store.apply_transactions(
+        [TransactionUpdate(tx, "2", "3", at, 10.0) for tx in ("1", "4", "5")]
     )
-    assert (outcome.frauds, outcome.genuine, outcome.new_frauds) == (2, 1, 1)
-    assert [r.error.reason for r in outcome.rejected] == [RejectReason.MISSING_FIELD]
+    fraud = label_payload(1, 2, 3, at, True, 1_522_627_392_000)
+    genuine = label_payload(4, 2, 3, at, False, 1_522_627_392_000)
+    broken = b'{"transaction_id": "9", "is_fraud": "yes"}'
+    elsewhere = label_payload(5, 2, 7, at, True, 1_522_627_392_000)
+    unknown = label_payload(6, 2, 3, at, True, 1_522_627_392_000)
+    outcome = await apply_labels(
+        _inbound([fraud, genuine, broken, fraud, elsewhere, unknown]),
+        store,
+        DEFAULT_LIMITS,
+        metrics,
+    )
+    assert (outcome.frauds, outcome.genuine, outcome.new_frauds) == (4, 1, 1)
+    assert [r.error.reason for r in outcome.rejected] == [
+        RejectReason.MISSING_FIELD,
+        RejectReason.LABEL_MISMATCH,
+    ]
+    assert outcome.rejected[1].message.value == elsewhere
     values = {
         o: metrics.labels.labels(o)._value.get()
-        for o in ("fraud", "genuine", "duplicate", "dead_letter")
+        for o in ("fraud", "genuine", "duplicate", "mismatch", "pending", "dead_letter")
     }
-    assert values == {"fraud": 1, "genuine": 1, "duplicate": 1, "dead_letter": 1}
-    hour = 1_522_540_992_000 // F.MS_PER_HOUR
-    assert await store.terminal_counts("3", hour) == (0, 1, 0, 1)
+    assert values == {
+        "fraud": 1,
+        "genuine": 1,
+        "duplicate": 1,
+        "mismatch": 1,
+        "pending": 1,
+        "dead_letter": 2,
+    }
+    hour = at // F.MS_PER_HOUR
+    assert await store.terminal_counts("3", hour) == (3, 1, 3, 1)
+
+
+@pytest.mark.integration
+async def test_a_label_whose_transaction_never_comes_is_dead_lettered_as_it_came(
+    redis_client: aioredis.Redis, redis_prefix: str
+) -> None:
+    metrics = WorkerMetrics(CollectorRegistry(), process_collectors=False)
+    store = RedisStateStore(redis_client, prefix=redis_prefix, label_wait_s=0.0)
+    unknown = label_payload(6, 2, 3, 1_522_540_992_000, True, 1_522_627_392_000)
+    [message] = _inbound([unknown])
+    await apply_labels([message], store, DEFAULT_LIMITS, metrics)
+    rejected, ids = await expired_labels(store, 0.0, metrics)
+    assert [(r.message, r.error.reason) for r in rejected] == [
+        (message, RejectReason.LABEL_UNKNOWN_TRANSACTION)
+    ]
+    assert ids == ["6"]
+    await store.drop_pending(ids)
+    assert await expired_labels(store, 0.0, metrics) == ([], [])
 
 
 # --- reasons -------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from stream_app import features as F
 from stream_app.redis_state import RedisStateStore
-from stream_app.state import LabelUpdate, MemoryStateStore, TransactionUpdate
+from stream_app.state import LabelOutcome, LabelUpdate, MemoryStateStore, TransactionUpdate
 from tests.conftest import REDIS_URL
 from tests.feature_cases import BASE_MS, Tx, replay_online, run_offline, transactions
 
@@ -113,21 +113,22 @@ async def test_state_survives_a_new_store_and_sets_ttls(
 
 async def test_a_label_counts_once(redis_client: aioredis.Redis, redis_prefix: str) -> None:
     store = RedisStateStore(redis_client, prefix=redis_prefix)
-    label = LabelUpdate("tx1", "c1", "t1", BASE_MS, True)
-    assert await store.apply_labels([label, label]) == 1
-    assert await store.apply_labels([label]) == 0
     hour = BASE_MS // F.MS_PER_HOUR + 5
-    assert (
-        await store.apply_labels(
-            [label._replace(transaction_id="tx0", time_ms=hour * F.MS_PER_HOUR)]
-        )
-        == 1
+    await store.apply_transactions(
+        [
+            TransactionUpdate("tx1", "c1", "t1", BASE_MS, 5.0),
+            TransactionUpdate("tx0", "c1", "t1", hour * F.MS_PER_HOUR, 5.0),
+        ]
     )
-    assert await store.terminal_counts("t1", hour - 5) == (0, 2, 0, 1)
-    assert await store.terminal_counts("t1", hour) == (0, 2, 0, 1)
-    # The day's transaction then lands in the same slot; a day a ring later replaces it.
-    await store.apply_transactions([TransactionUpdate("tx1", "c1", "t1", BASE_MS + 1, 5.0)])
-    assert await store.terminal_counts("t1", hour - 5) == (1, 2, 1, 1)
+    label = LabelUpdate("tx1", "c1", "t1", BASE_MS, True)
+    assert await store.apply_labels([label, label]) == [LabelOutcome.FRAUD, LabelOutcome.DUPLICATE]
+    assert await store.apply_labels([label]) == [LabelOutcome.DUPLICATE]
+    assert await store.apply_labels(
+        [label._replace(transaction_id="tx0", time_ms=hour * F.MS_PER_HOUR)]
+    ) == [LabelOutcome.FRAUD]
+    assert await store.terminal_counts("t1", hour - 5) == (2, 2, 1, 1)
+    assert await store.terminal_counts("t1", hour) == (2, 2, 1, 1)
+    # A day a ring later replaces the day's slot.
     later = BASE_MS + 64 * F.MS_PER_DAY
     await store.apply_transactions([TransactionUpdate("tx2", "c1", "t1", later, 5.0)])
     assert await store.terminal_counts("t1", hour - 5) == (0, 0, 0, 0)

@@ -13,7 +13,7 @@
 --     terminal id>;
 --   * trim_upto: outbox entries of batches up to this number are counted in their
 --     terminals (the caller saw it done): they are dropped.
--- Returns: { duplicate flags ('0'/'1' per event), then per event the two parts of its
+-- Returns: { outcome per event ('0' new, '1' duplicate, 'C' conflicting duplicate), then per event the two parts of its
 --            retained history (stored, new record), then the outbox after this call }.
 --
 -- A new event is appended to its customer's history and, in the same atomic call, its
@@ -62,9 +62,16 @@ while pos <= #packed do
   local t_len = struct.unpack('<i4', packed, pos)
   local tid = string.sub(packed, pos + 4, pos + 3 + t_len)
   pos = pos + 4 + t_len
-  local blob = redis.call('GET', ckey) or ''
+  local blob, reset = sound_get(ckey, nil, REC)
+  blob = blob or ''
   local dup_at = find_record(blob, h)
-  if dup_at then
+  if dup_at and string.sub(blob, (dup_at - 1) * REC + 1, (dup_at - 1) * REC + 16)
+      ~= struct.pack('<i8d', t, amount) then
+    -- The id of another transaction (time or amount differ): not scored, a placeholder.
+    flags[e] = 'C'
+    out[2 * e] = ''
+    out[2 * e + 1] = struct.pack('<i8d', t, amount) .. h .. counts
+  elseif dup_at then
     flags[e] = '1'
     out[2 * e] = string.sub(blob, 1, dup_at * REC)
     out[2 * e + 1] = ''

@@ -21,6 +21,43 @@ local function hours_format(n)
   return fmt
 end
 
+-- Keys set aside as corrupt by this call (returned to the caller, which logs and counts them).
+local quarantined = {}
+
+-- Rename a key that is not what this store writes (another type, another size) out of the
+-- way, kept for inspection as long as any state: the events it concerns start afresh.
+local function quarantine(key)
+  redis.call('RENAME', key, key .. ':quarantined')
+  redis.call('PEXPIRE', key .. ':quarantined', ttl)
+  quarantined[#quarantined + 1] = key
+end
+
+-- A string key's value, or nil when missing; a key of another type, or whose length is not
+-- `size` (or a multiple of `multiple_of`), is quarantined and reads as missing. Returns the
+-- value and whether the key was quarantined.
+local function sound_get(key, size, multiple_of)
+  local ok, value = pcall(redis.call, 'GET', key)
+  if not ok then
+    quarantine(key)
+    return nil, true
+  end
+  if not value then return nil, false end
+  if (size and #value ~= size) or (multiple_of and #value % multiple_of ~= 0) then
+    quarantine(key)
+    return nil, true
+  end
+  return value, false
+end
+
+-- Whether a terminal's counters are sound (missing, or a string of the ring's size);
+-- corrupt ones are quarantined, and the terminal starts afresh.
+local function sound_terminal(tkey)
+  local ok, len = pcall(redis.call, 'STRLEN', tkey)
+  if ok and (len == 0 or len == ring * (SLOT + HOUR_SLOT)) then return true end
+  quarantine(tkey)
+  return false
+end
+
 -- Offset of hour `hod` of the day in `slot`.
 local function hour_offset(slot, hod)
   return ring * SLOT + slot * HOUR_SLOT + hod * 8
@@ -72,6 +109,23 @@ local function count_in_ring(tkey, days, day, hod, d_tx, d_fr)
   else
     return false
   end
+  redis.call('PEXPIRE', tkey, ttl)
+  return true
+end
+
+-- Move a terminal hour's fraud count by delta (a verdict or its correction), never below 0
+-- nor above the hour's transactions. Only an hour whose day the ring still holds changes: a
+-- terminal that forgot the transaction has nothing to correct.
+local function adjust_fraud(tkey, day, hod, delta)
+  local days = read_day_slots(tkey, true)
+  local slot = day % ring
+  local s_day, s_tx, s_fr = struct.unpack('<i4i4i4', days, slot * SLOT + 1)
+  if s_day ~= day then return false end
+  local cell = hour_offset(slot, hod)
+  local c_tx, c_fr = struct.unpack('<i4i4', redis.call('GETRANGE', tkey, cell, cell + 7))
+  local n_fr = math.min(math.max(c_fr + delta, 0), c_tx)
+  redis.call('SETRANGE', tkey, slot * SLOT, struct.pack('<i4i4i4', day, s_tx, s_fr + n_fr - c_fr))
+  redis.call('SETRANGE', tkey, cell, struct.pack('<i4i4', c_tx, n_fr))
   redis.call('PEXPIRE', tkey, ttl)
   return true
 end

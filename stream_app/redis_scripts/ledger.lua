@@ -1,0 +1,42 @@
+-- The transaction ledger and pending labels, shared by apply_transactions.lua and
+-- apply_labels.lua (put after terminal_ring.lua). See stream_app/state.py for the semantics.
+--
+-- Ledger entry, per transaction id: 41 bytes <i8 time_ms, d amount, 8-byte customer hash,
+-- 8-byte terminal hash, i8 reported_at ms of the verdict, 1 byte verdict ('-' none, '0'
+-- genuine, '1' fraud)>; the first 32 bytes are the transaction's content.
+-- Pending labels, per transaction id: a hash whose field is the transaction a label names
+-- (24 bytes <i8 time_ms, 8-byte customer hash, 8-byte terminal hash>: labels naming
+-- different ones wait side by side) and whose value is <i8 reported_at ms, 1 byte verdict>
+-- then the caller's opaque source bytes (the latest verdict kept). The pending queue (a
+-- sorted set) holds the hash's key, scored by its deadline (wall clock, ms).
+
+local LEDGER = 41
+local CONTENT = 32
+local LABEL_HEAD = 33  -- a label as packed: its identity, reported_at ms, verdict
+local IDENTITY = 24
+
+-- Apply a verdict to a ledger entry x (at xkey) and its terminal's fraud counter, atomically
+-- with the verdict itself. Returns the outcome code (see state.LABEL_CODES).
+local function apply_verdict(xkey, x, tkey, verdict, reported)
+  local old = string.sub(x, LEDGER, LEDGER)
+  local old_reported = struct.unpack('<i8', x, CONTENT + 1)
+  if old ~= '-' and old_reported > reported then return 'S' end
+  if old == verdict then return 'D' end
+  local delta = (verdict == '1' and 1 or 0) - (old == '1' and 1 or 0)
+  if delta ~= 0 and sound_terminal(tkey) then
+    local hour = math.floor(struct.unpack('<i8', x, 1) / 3600000)
+    local day = math.floor(hour / 24)
+    adjust_fraud(tkey, day, hour - day * 24, delta)
+  end
+  redis.call('SET', xkey, string.sub(x, 1, CONTENT) .. struct.pack('<i8', reported) .. verdict,
+    'KEEPTTL')
+  if old ~= '-' then return 'R' end
+  if verdict == '1' then return 'F' end
+  return 'G'
+end
+
+-- The 24-byte identity <time, customer hash, terminal hash> of the transaction whose ledger
+-- entry is x, as a label names it.
+local function identity_of(x)
+  return string.sub(x, 1, 8) .. string.sub(x, 17, 32)
+end
