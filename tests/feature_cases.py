@@ -51,6 +51,30 @@ transactions = st.lists(
 )
 
 
+@st.composite
+def bursts(draw: st.DrawFn) -> list[Tx]:
+    """A card-testing burst: one customer's history well past the window bound, in minutes.
+
+    ``K + 1`` to ``2 K + 40`` transactions (``K`` = ``F.MAX_CUSTOMER_WINDOW_TX``) seconds
+    apart, some at the same millisecond, mixed into random background history in which the
+    same customer may already have older transactions, so both the count bound and the 30-day
+    cutoff trim the same history.
+    """
+    background = draw(transactions)
+    n = draw(st.integers(F.MAX_CUSTOMER_WINDOW_TX + 1, 2 * F.MAX_CUSTOMER_WINDOW_TX + 40))
+    customer = draw(st.integers(0, 4))
+    start = BASE_MS + draw(st.integers(0, 60 * F.MS_PER_DAY))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    gaps = rng.integers(0, 3_000, n) * (rng.random(n) < 0.9)  # 10 % at the same ms
+    times = start + np.cumsum(gaps)
+    amounts = np.round(rng.uniform(0, 20, n), 2)
+    burst = [
+        Tx(customer, int(rng.integers(0, 4)), int(t), float(a), bool(rng.random() < 0.5), 0)
+        for t, a in zip(times, amounts, strict=True)
+    ]
+    return background + burst
+
+
 async def replay_online(
     store: StateStore, txs: list[Tx], batch_sizes: list[int], sequence_length: int
 ) -> tuple[np.ndarray, np.ndarray]:

@@ -10,8 +10,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from stream_app import features as F
-from stream_app.state import MemoryStateStore
-from tests.feature_cases import BASE_MS, Tx, replay_online, run_offline, transactions
+from stream_app.state import TRIM_SLACK, MemoryStateStore, max_history
+from tests.feature_cases import (
+    BASE_MS,
+    Tx,
+    bursts,
+    replay_online,
+    run_offline,
+    transactions,
+)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -26,6 +33,27 @@ def test_online_equals_offline(txs: list[Tx], batch_sizes: list[int], sequence_l
     offline_f, offline_s = run_offline(txs, sequence_length)
     np.testing.assert_allclose(online_f, offline_f, rtol=0, atol=1e-6)
     np.testing.assert_allclose(online_s, offline_s, rtol=0, atol=1e-6)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    txs=bursts(),
+    batch_sizes=st.lists(st.integers(1, 64), min_size=1, max_size=4),
+    sequence_length=st.integers(1, 6),
+)
+def test_online_equals_offline_past_the_window_bound(
+    txs: list[Tx], batch_sizes: list[int], sequence_length: int
+) -> None:
+    """A burst longer than K: windows count K, the stored history stays bounded, both agree."""
+    store = MemoryStateStore(sequence_length)
+    online_f, online_s = asyncio.run(replay_online(store, txs, batch_sizes, sequence_length))
+    offline_f, offline_s = run_offline(txs, sequence_length)
+    np.testing.assert_allclose(online_f, offline_f, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(online_s, offline_s, rtol=0, atol=1e-6)
+    count_30 = offline_f[:, F.FEATURE_INDEX["CUSTOMER_ID_NB_TX_30DAY_WINDOW"]]
+    assert count_30.max() == F.MAX_CUSTOMER_WINDOW_TX  # the bound binds
+    longest = max(len(entries) for entries in store.customers.values())
+    assert longest < max_history(sequence_length) + TRIM_SLACK
 
 
 def test_baseline_features_follow_the_handbook() -> None:

@@ -16,8 +16,10 @@ local function find_record(blob, h)
 end
 
 -- Append rec (an event at time t) to the history blob stored at ckey; returns the history
--- kept before rec. History no sequence element needs is dropped (see state.retained) once
--- there is enough of it to be worth rewriting the key; until then only append.
+-- kept before rec. History no sequence element needs is dropped (see state.retained: of the
+-- last seq_len - 1 + max_window_tx records, those from 30 days before the oldest of the
+-- last seq_len on) once there is enough of it to be worth rewriting the key; until then
+-- only append. The key so never holds more than seq_len - 2 + max_window_tx + trim_slack.
 local function append_record(ckey, blob, t, rec)
   local n = #blob / REC + 1
   local keep = 1
@@ -32,6 +34,7 @@ local function append_record(ckey, blob, t, rec)
     while keep < n and struct.unpack('<i8', blob, (keep - 1) * REC + 1) <= cutoff do
       keep = keep + 1
     end
+    keep = math.max(keep, n - (seq_len - 1 + max_window_tx) + 1)
   end
   if keep - 1 >= trim_slack then
     blob = string.sub(blob, (keep - 1) * REC + 1)

@@ -1,6 +1,7 @@
 -- The header every transaction script's ARGV starts with (RedisStateStore builds it once):
 -- sequence_length, lookback_ms, ttl_ms, n_windows, then per window its first and last day
--- relative to the event's day (features.terminal_window_days), then trim_slack, ring_days.
+-- relative to the event's day (features.terminal_window_days), then trim_slack, ring_days,
+-- max_window_tx (features.MAX_CUSTOMER_WINDOW_TX).
 -- Sets the locals below (and terminal_ring.lua's `ring` and `ttl`, which must come first);
 -- the script's own arguments start at ARGV[argv_next].
 
@@ -18,6 +19,7 @@ for w = 1, n_windows do
 end
 local trim_slack = tonumber(ARGV[5 + 2 * n_windows])
 ring = tonumber(ARGV[6 + 2 * n_windows])
-local argv_next = 7 + 2 * n_windows
+local max_window_tx = tonumber(ARGV[7 + 2 * n_windows])
+local argv_next = 8 + 2 * n_windows
 local counts_fmt = '<' .. string.rep('i4', 2 * n_windows)
 local span = max_hi - min_lo + 1
