@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 import socket
 from collections.abc import Mapping
 from pathlib import Path
@@ -27,6 +28,7 @@ from stream_app import features
 from stream_app.errors import ConfigError
 from stream_app.records import MAX_CLOCK_SKEW
 from stream_app.redis_cluster_state import DEFAULT_SHARDS
+from stream_app.state import DEFAULT_LABEL_WAIT_S
 
 ENV_PREFIX: Final = "FRAUDSTREAM_"
 # Environment names that belong to other tools (the test suite's Redis), not to the worker.
@@ -41,6 +43,7 @@ MIN_STATE_TTL_S: Final = (
 SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_SSL"]
 SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
 ProcessingGuarantee = Literal["at_least_once", "exactly_once"]
+OffsetResetPolicy = Literal["earliest", "latest", "fail"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 TopicName = Annotated[str, Field(min_length=1, max_length=249, pattern=r"^[A-Za-z0-9._-]+$")]
 
@@ -163,6 +166,13 @@ class Settings(BaseSettings):
         description="How long a poll waits for a first event. A batch holds whatever has "
         "arrived, up to batch_size: events never wait for a batch to fill.",
     )
+    offset_reset_policy: OffsetResetPolicy = Field(
+        "earliest",
+        description="What to do when the scoring group's position on an input partition is "
+        "out of range (its topic deleted and re-created, or truncated): earliest re-reads "
+        "it from its start, latest skips to its end, fail stops the worker. Always logged "
+        "at ERROR and counted (fraudstream_offset_resets_total).",
+    )
     max_payload_bytes: int = Field(
         16 * 1024, ge=64, le=1 << 20, description="Larger messages are dead-lettered."
     )
@@ -223,6 +233,13 @@ class Settings(BaseSettings):
         ge=MIN_STATE_TTL_S,
         description="Lifetime of a customer's or terminal's state after its last write (s); "
         "at least 38 days, the terminal windows' reach.",
+    )
+    label_wait_s: float = Field(
+        DEFAULT_LABEL_WAIT_S,
+        gt=0,
+        le=30 * _DAY_S,
+        description="How long a label for a transaction the worker has not scored yet "
+        "waits for it (s); then it is dead-lettered (label_unknown_transaction).",
     )
     state_sequence_length: int | None = Field(
         None,
@@ -307,18 +324,58 @@ class Settings(BaseSettings):
         return self.processing_guarantee == "exactly_once"
 
 
+# A query parameter holding a secret: redis-py reads ``?password=`` as the password.
+_SECRET_QUERY: Final = re.compile(r"(?i)((?:^|[?&;])[^=&;#]*pass[^=&;#]*=)[^&;#]*")
+
+
 def redact_url(url: str) -> str:
-    """A URL with its password masked.
+    """A URL with its password masked, wherever it is and however badly it is written.
+
+    The user information is everything between ``://`` and the *last* ``@``, so a
+    password holding an unencoded ``/``, ``?``, ``#`` or ``@`` is masked whole (a URL
+    parser would read part of it as the path, query or fragment); any query parameter
+    whose name holds ``pass`` is masked too.
 
     >>> redact_url("rediss://app:s3cret@cache:6380/0")
     'rediss://app:***@cache:6380/0'
+    >>> redact_url("redis://:pa/ss#x@cache:6379/0?password=s3cret&db=1")
+    'redis://:***@cache:6379/0?password=***&db=1'
     """
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.netloc.rsplit("@", 1)[1]
-    return parts._replace(netloc=f"{user}:***@{host}").geturl()
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return _SECRET_QUERY.sub(r"\1***", url)
+    if "@" in rest:
+        user_info, _, rest = rest.rpartition("@")
+        user = user_info.partition(":")[0]
+        rest = f"{user}:***@{rest}" if ":" in user_info else f"***@{rest}"
+    return f"{scheme}://" + _SECRET_QUERY.sub(r"\1***", rest)
+
+
+def redis_url_problem(url: str) -> str | None:
+    """What makes a Redis URL unreadable, phrased without any part of it; None if fine.
+
+    A password with an unencoded ``/``, ``?`` or ``#`` ends the URL's authority early: the
+    rest of the password would be read as a port (a crash that echoed the password's first
+    characters) or the server silently taken as ``localhost``.
+    """
+    _, sep, rest = url.partition("://")
+    if not sep:
+        return None
+    authority_end = min((i for i in map(rest.find, "/?#") if i >= 0), default=len(rest))
+    if "@" in rest[authority_end:]:
+        return (
+            f"{ENV_PREFIX}REDIS_URL: the user name or password holds a '/', '?' or '#' that "
+            "is not percent-encoded: write / as %2F, ? as %3F, # as %23, @ as %40 and % as "
+            f"%25, or set the password apart in {ENV_PREFIX}REDIS_PASSWORD"
+        )
+    try:
+        urlsplit(url).port  # noqa: B018 - parsing the port is the check
+    except ValueError:
+        return (
+            f"{ENV_PREFIX}REDIS_URL: the port is not a number (a password holding ':' "
+            "needs no encoding, but one holding '/', '?', '#' does)"
+        )
+    return None
 
 
 def _cross_field_problems(s: Settings) -> list[str]:
@@ -357,6 +414,9 @@ def _cross_field_problems(s: Settings) -> list[str]:
     if s.exactly_once and not s.idempotent_producer:
         problems.append(f"{p}PROCESSING_GUARANTEE=exactly_once needs {p}IDEMPOTENT_PRODUCER=true")
     redis_url = s.redis_url.get_secret_value()
+    url_problem = redis_url_problem(redis_url)
+    if url_problem is not None:
+        problems.append(url_problem)
     scheme = urlsplit(redis_url).scheme
     if scheme not in ("redis", "rediss", "unix"):
         problems.append(

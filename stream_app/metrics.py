@@ -116,6 +116,12 @@ class WorkerMetrics:
             ["outcome"],
             registry=registry,
         )
+        self.state_quarantined = Counter(
+            "fraudstream_state_quarantined_total",
+            "State keys found corrupt (another type or size than the worker writes) and set "
+            "aside; the events they concerned were scored from empty state.",
+            registry=registry,
+        )
         self.repartitioned = Counter(
             "fraudstream_repartitioned_total",
             "Transactions that arrived on a partition other than their customer's and were "
@@ -184,8 +190,17 @@ class WorkerMetrics:
         )
         self.consumer_lag = Gauge(
             "fraudstream_consumer_lag",
-            "Messages behind the partition's high watermark.",
+            "Messages of the partition not yet processed: the brokers' end offset minus "
+            "the group's committed position, refreshed every second whatever the worker "
+            "is busy with.",
             ["topic", "partition"],
+            registry=registry,
+        )
+        self.offset_resets = Counter(
+            "fraudstream_offset_resets_total",
+            "Input partitions found with their position out of range (topic deleted and "
+            "re-created, or truncated), by topic and FRAUDSTREAM_OFFSET_RESET_POLICY applied.",
+            ["topic", "policy"],
             registry=registry,
         )
         self.last_commit_timestamp = Gauge(

@@ -3,6 +3,7 @@ and state store."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,8 +18,11 @@ from stream_app.config import Settings
 from stream_app.errors import ConfigError
 from stream_app.metrics import WorkerMetrics
 from stream_app.model_registry import ModelRegistry
+from stream_app.reasons import STATE_RESET_REASON
 from stream_app.records import ValidationLimits
 from stream_app.redis_state import RedisStateStore, StateClient
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -72,8 +76,23 @@ def redis_wait_timeout_s(settings: Settings) -> float:
     return min(1.0, settings.redis_timeout_s / 2)
 
 
-def state_store(settings: Settings, sequence_length: int) -> RedisStateStore:
-    """The worker's state store, on one Redis or a Redis Cluster as the settings say."""
+def state_store(
+    settings: Settings, sequence_length: int, metrics: WorkerMetrics | None = None
+) -> RedisStateStore:
+    """The worker's state store, on one Redis or a Redis Cluster as the settings say; a
+    corrupt key it sets aside is logged and counted in ``metrics``."""
+
+    def quarantined(key: str) -> None:
+        log.error(
+            "state key %r was corrupt (wrong type or size): set aside as %r; the events it "
+            "concerns are scored from empty state (reason %r)",
+            key,
+            f"{key}:quarantined",
+            STATE_RESET_REASON,
+        )
+        if metrics is not None:
+            metrics.state_quarantined.inc()
+
     return RedisStateStore(
         redis_client(settings),
         prefix=settings.state_key_prefix,
@@ -82,6 +101,8 @@ def state_store(settings: Settings, sequence_length: int) -> RedisStateStore:
         cluster_shards=settings.redis_cluster_shards,
         wait_replicas=settings.redis_cluster_wait_replicas,
         wait_timeout_s=redis_wait_timeout_s(settings),
+        label_wait_s=settings.label_wait_s,
+        on_quarantine=quarantined,
     )
 
 

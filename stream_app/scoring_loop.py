@@ -18,7 +18,14 @@ import numpy as np
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
-from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError, ProducerFenced
+from aiokafka.errors import (
+    CommitFailedError,
+    IllegalStateError,
+    KafkaError,
+    NoOffsetForPartitionError,
+    OffsetOutOfRangeError,
+    ProducerFenced,
+)
 from redis.exceptions import (
     RedisError,
 )
@@ -44,7 +51,10 @@ from stream_app.state import BatchState
 
 log = logging.getLogger(__name__)
 
-_LAG_REFRESH_S: Final = 1.0  # while idle, the lag gauge is refreshed at most this often
+# The lag gauges are refreshed this often from the brokers' end offsets, by a task of their
+# own (see ScoringLoop._report_lag_forever): one ListOffsets and, before the first commit,
+# one OffsetFetch request a second.
+_LAG_REFRESH_S: Final = 1.0
 _NOTHING_SCORED: Final = ScoredBatch.empty()
 # Batches scored and sent but not yet acknowledged and committed. Enough to keep the
 # producer busy while the next batches are scored; bounded so an outage stops polling.
@@ -62,6 +72,12 @@ _LABELS_POLL_S: Final = 0.2
 # The stall watchdog's tick; a gap between ticks longer than half the consumer session
 # means heartbeats stopped long enough for the group to evict this member.
 _WATCHDOG_TICK_S: Final = 0.1
+# What each FRAUDSTREAM_OFFSET_RESET_POLICY does with a partition whose position is out of range.
+_RESET_ACTIONS: Final = {
+    "earliest": "reading it again from its first offset",
+    "latest": "skipping to its end (what it holds now is not scored)",
+    "fail": "stopping the worker",
+}
 
 
 class _StaleBatch(Exception):
@@ -201,7 +217,15 @@ class ScoringLoop:
         self._settler: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
         self._processed: dict[TopicPartition, int] = {}
-        self._lag_refreshed = 0.0
+        # Partitions whose committed position lies past their end (seen by the lag task):
+        # the loop applies FRAUDSTREAM_OFFSET_RESET_POLICY to them (_reset_offsets).
+        self._out_of_range: dict[TopicPartition, int] = {}
+        self._lag_task: asyncio.Task[None] | None = None
+        self._lag_failing = False
+        # The labels partitions this worker's Faust consumer owns (set by the worker): their
+        # lag is reported by the same task, from the labels group's commits.
+        self.labels_partitions: Callable[[], Iterable[TopicPartition]] | None = None
+        self._labels_reported: set[TopicPartition] = set()
         self.labels_pending = False  # set on assignment: see _wait_for_labels
         # Rebalance callbacks run so far: a batch polled before one must not be processed.
         self.rebalances = 0
@@ -211,7 +235,13 @@ class ScoringLoop:
         self._stalls_settled = 0
         self._watchdog: asyncio.Task[None] | None = None
         self.consumer = AIOKafkaConsumer(
-            **kafka_config.consumer_kwargs(s, s.scoring_group_id),
+            **{
+                **kafka_config.consumer_kwargs(s, s.scoring_group_id),
+                # Never reset a position silently: a partition without a commit starts at
+                # its beginning, and one whose position is out of range (its topic deleted
+                # and re-created) goes through _reset_offsets, logged and counted.
+                "auto_offset_reset": "none",
+            },
             partition_assignment_strategy=(RangePartitionAssignor,),
         )
         transactional_id = kafka_config.scoring_transactional_id(s) if s.exactly_once else None
@@ -259,6 +289,7 @@ class ScoringLoop:
     async def run(self) -> None:
         """Consume until :meth:`stop` is called, then finish everything in flight."""
         self._settler = asyncio.create_task(self._settle_forever(), name="settle")
+        self._lag_task = asyncio.create_task(self._report_lag_forever(), name="consumer-lag")
         if self.settings.exactly_once:
             self._watchdog = asyncio.create_task(self._watch_stalls(), name="stall-watchdog")
         wait_ms = max(1, int(self.settings.batch_max_wait_s * 1000))
@@ -268,11 +299,20 @@ class ScoringLoop:
                     self._settler.result()
                 if self.labels_pending:
                     await self._wait_for_labels()
+                if self._out_of_range:
+                    await self._reset_offsets(dict(self._out_of_range), confirmed=False)
                 # With a batch in flight, take only what is already fetched: never wait.
                 timeout = 0 if self._pending is not None else wait_ms
                 rebalances = self.rebalances
                 try:
                     polled = await self._poll(timeout)
+                except NoOffsetForPartitionError as exc:
+                    # A partition this group never committed: read it from the start.
+                    await self._start_uncommitted(exc)
+                    continue
+                except OffsetOutOfRangeError as exc:
+                    await self._reset_offsets(dict(exc.args[0]), confirmed=True)
+                    continue
                 except KafkaError as exc:
                     self.metrics.kafka_errors.labels("consume").inc()
                     log.warning("polling transactions failed (%s); retrying", exc)
@@ -291,10 +331,9 @@ class ScoringLoop:
                     await self._advance(batch)
                 if batch is None:
                     await self._catch_up_positions()
-                    self._refresh_lag(force=False)
             await self.finish_in_flight()
         finally:
-            for task in (self._settler, self._watchdog):
+            for task in (self._settler, self._watchdog, self._lag_task):
                 if task is not None:
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
@@ -574,22 +613,36 @@ class ScoringLoop:
             dead_letter_headers(rejected.error, m.topic, m.partition, m.offset),
         )
 
-    def _unscorable(self, batch: _Batch, positions: Sequence[int], version: str) -> None:
-        """Dead-letter the events the champion could not score (see ``ScoredBatch``)."""
-        for i in positions:
-            error = RejectedEvent(
+    def _refuse_scored(self, batch: _Batch, scored: ScoredBatch) -> None:
+        """Dead-letter the events the batch could not score: those the champion gave no
+        probability for, and conflicting duplicates (see ``ScoredBatch``)."""
+        version = self.runtime.models.champion.version
+        refusals = [
+            (
+                i,
                 RejectReason.UNSCORABLE,
                 f"model {version} gave no probability for this transaction",
             )
-            rejected = Rejected(batch.local[i].message, error)
+            for i in scored.unscorable
+        ] + [
+            (
+                i,
+                RejectReason.CONFLICTING_DUPLICATE,
+                f"transaction id {batch.local[i].event.transaction_id!r} was already used "
+                "for another transaction (amount, time, terminal or customer differ)",
+            )
+            for i in scored.conflicting
+        ]
+        for i, reason, detail in refusals:
+            rejected = Rejected(batch.local[i].message, RejectedEvent(reason, detail))
             batch.unscorable.append(rejected)
             batch.dead_letters.append(self._dead_letter(rejected))
             log.warning(
-                "transaction at %s[%d] offset %d is unscorable by model %s: dead-lettered",
+                "transaction at %s[%d] offset %d refused (%s): dead-lettered",
                 rejected.message.topic,
                 rejected.message.partition,
                 rejected.message.offset,
-                version,
+                reason,
             )
 
     def _outputs(self, scored: ScoredBatch) -> list[Output]:
@@ -627,8 +680,8 @@ class ScoringLoop:
         outputs, scored = await asyncio.get_running_loop().run_in_executor(
             self._scoring_thread, self._score, events, state
         )
-        if scored.unscorable:
-            self._unscorable(batch, scored.unscorable, self.runtime.models.champion.version)
+        if scored.unscorable or scored.conflicting:
+            self._refuse_scored(batch, scored)
         batch.outputs = [*batch.dead_letters, *batch.forwards, *outputs]
         if self.settings.exactly_once:
             await self.backoff.run(
@@ -763,7 +816,6 @@ class ScoringLoop:
                 if await self._commit(offsets):
                     self.metrics.offsets_committed.inc(sum(item.messages for item in ready))
                     self._processed.update(offsets)
-                    self._refresh_lag(force=False)
             finally:
                 for _ in ready:
                     self._unsettled.task_done()
@@ -844,15 +896,155 @@ class ScoringLoop:
             if position > self._processed.get(tp, position):
                 self._processed[tp] = position
 
-    def _refresh_lag(self, *, force: bool) -> None:
-        now = time.monotonic()
-        if not force and now - self._lag_refreshed < _LAG_REFRESH_S:
+    async def _report_lag_forever(self) -> None:
+        """Refresh the lag gauges on a timer of their own, from the brokers' end offsets.
+
+        The batch loop can be stuck for minutes (a Redis outage: it retries one batch) while
+        producers keep writing. The lag must keep growing then, or the lag and no-commit
+        alerts cannot fire; the high watermark of the last fetch stops moving when the loop
+        stops polling, so the end offsets are asked of the brokers (ListOffsets), and the
+        lag is what they hold past this group's committed position.
+        """
+        while True:
+            await asyncio.sleep(_LAG_REFRESH_S)
+            try:
+                await self._report_lag()
+                if self.labels_partitions is not None:
+                    await self._report_labels_lag(self.labels_partitions())
+            except KafkaError as exc:
+                self.metrics.kafka_errors.labels("admin").inc()
+                if not self._lag_failing:  # once per streak: the loop reports the outage
+                    log.warning("cannot read the end offsets for the lag gauges (%s)", exc)
+                self._lag_failing = True
+            else:
+                self._lag_failing = False
+
+    async def _report_lag(self) -> None:
+        """Lag of each assigned partition: its end offset minus the committed position."""
+        assignment = sorted(self.consumer.assignment())
+        if not assignment:
             return
-        self._lag_refreshed = now
-        for tp in self.consumer.assignment():
-            highwater = self.consumer.highwater(tp)
-            position = self._processed.get(tp)
-            if highwater is None or position is None:
+        # Positions first, end offsets after: an end offset is then never older than the
+        # position it is compared with, and a position past the end is a real anomaly.
+        positions = dict(self._processed)
+        starts: list[TopicPartition] = []
+        for tp in assignment:
+            if tp in positions:
                 continue
-            lag = max(highwater - position, 0)
+            committed = await self.consumer.committed(tp)
+            if committed is not None and committed >= 0:
+                positions[tp] = committed
+            else:
+                starts.append(tp)
+        if starts:
+            positions.update(await self.consumer.beginning_offsets(starts))
+        ends: dict[TopicPartition, int] = await self.consumer.end_offsets(assignment)
+        owned = self.consumer.assignment()
+        for tp, end in ends.items():
+            position = positions.get(tp)
+            if tp not in owned or position is None:  # revoked meanwhile
+                continue
+            if position > end:
+                self._out_of_range.setdefault(tp, position)
+            self.metrics.consumer_lag.labels(tp.topic, str(tp.partition)).set(
+                max(end - position, 0)
+            )
+
+    async def _report_labels_lag(self, partitions: Iterable[TopicPartition]) -> None:
+        """Lag of the labels partitions this worker owns, from the labels group's commits
+        (the Faust agent commits a batch only once it is applied)."""
+        s = self.settings
+        owned = sorted(
+            {TopicPartition(tp.topic, tp.partition) for tp in partitions}
+            & {
+                TopicPartition(s.topic_labels, p)
+                for p in range(self.runtime.partitions[s.topic_labels])
+            }
+        )
+        for tp in self._labels_reported - set(owned):
+            with contextlib.suppress(KeyError):
+                self.metrics.consumer_lag.remove(tp.topic, str(tp.partition))
+        self._labels_reported = set(owned)
+        if not owned:
+            return
+        if self._admin is None:
+            self._admin = AIOKafkaAdminClient(**kafka_config.client_kwargs(s))
+            await self._admin.start()
+        committed = await self._admin.list_consumer_group_offsets(s.group_id, partitions=owned)
+        positions = {tp: c.offset for tp, c in committed.items() if c.offset >= 0}
+        missing = [tp for tp in owned if tp not in positions]
+        if missing:
+            positions.update(await self.consumer.beginning_offsets(missing))
+        ends: dict[TopicPartition, int] = await self.consumer.end_offsets(owned)
+        for tp, end in ends.items():
+            lag = max(end - positions[tp], 0)
             self.metrics.consumer_lag.labels(tp.topic, str(tp.partition)).set(lag)
+
+    async def _start_uncommitted(self, error: NoOffsetForPartitionError) -> None:
+        """A partition without a committed offset starts at its beginning (a new group)."""
+        tp = error.args[0] if error.args else None
+        partitions = [tp] if isinstance(tp, TopicPartition) else list(self.consumer.assignment())
+        for partition in partitions:
+            with contextlib.suppress(IllegalStateError):  # revoked meanwhile
+                if await self.consumer.committed(partition) is None:
+                    await self.consumer.seek_to_beginning(partition)
+
+    async def _reset_offsets(self, found: Mapping[TopicPartition, int], *, confirmed: bool) -> None:
+        """Apply ``FRAUDSTREAM_OFFSET_RESET_POLICY`` to partitions whose position is outside
+        their offsets: their topic was deleted and re-created (or truncated), and what the
+        group committed means nothing there any more.
+
+        Never silent: logged at ERROR with the topic, partition, position and the offsets
+        the partition now holds, and counted (``fraudstream_offset_resets_total``).
+        ``confirmed`` is False for what the lag task saw: checked again here first.
+
+        Raises:
+            FraudStreamError: the policy is ``fail``.
+        """
+        for tp in found:
+            self._out_of_range.pop(tp, None)
+        owned = [tp for tp in found if tp in self.consumer.assignment()]
+        if not owned:
+            return
+        # What was read before is scored and committed first (the old topic's records:
+        # they cannot be read again), so the next commits start from the new position.
+        leftover = [polled for tp in owned for polled in self._buffered.pop(tp, ())]
+        if leftover:
+            async with self._lock:
+                await self._advance(self._prepare(leftover))
+        await self.finish_in_flight()
+        starts: dict[TopicPartition, int] = await self.consumer.beginning_offsets(owned)
+        ends: dict[TopicPartition, int] = await self.consumer.end_offsets(owned)
+        policy = self.settings.offset_reset_policy
+        for tp in owned:
+            position = found[tp]
+            if not confirmed:
+                position = self._processed.get(tp, position)
+                if starts[tp] <= position <= ends[tp]:
+                    continue
+            self.metrics.offset_resets.labels(tp.topic, policy).inc()
+            log.error(
+                "offset %d of %s[%d] is out of range: the partition now holds offsets %d to "
+                "%d (its topic was deleted and re-created, or truncated); "
+                "FRAUDSTREAM_OFFSET_RESET_POLICY=%s: %s",
+                position,
+                tp.topic,
+                tp.partition,
+                starts[tp],
+                ends[tp],
+                policy,
+                _RESET_ACTIONS[policy],
+            )
+            if policy == "fail":
+                raise FraudStreamError(
+                    f"offset {position} of {tp.topic}[{tp.partition}] is out of range "
+                    f"({starts[tp]} to {ends[tp]}): stopping, as FRAUDSTREAM_OFFSET_RESET_POLICY"
+                    "=fail says; set it to earliest or latest to go on"
+                )
+            self._clocks.pop(tp, None)
+            if policy == "earliest":
+                await self.consumer.seek_to_beginning(tp)
+                self._processed[tp] = starts[tp]
+            else:
+                await self.consumer.seek_to_end(tp)
+                self._processed[tp] = ends[tp]

@@ -62,6 +62,7 @@ from stream_app.pipeline import (
     Inbound,
     Rejected,
     apply_labels,
+    expired_labels,
 )
 from stream_app.records import ValidationLimits, dead_letter_headers
 from stream_app.redis_state import RedisStateStore, StateClient
@@ -150,11 +151,12 @@ def build_app(runtime: WorkerRuntime) -> faust.App:
         broker=[f"kafka://{server}" for server in s.bootstrap_servers],
         broker_credentials=kafka_config.faust_credentials(s),
         # The labels path commits at least once whatever FRAUDSTREAM_PROCESSING_GUARANTEE
-        # says: its effect is in Redis, where a redelivered label counts once (the label
-        # dedup key), so a Kafka transaction would add nothing but Faust's own transactional
-        # producer per labels partition, which another replica fences after a pause, and
-        # Faust then crashes the whole worker. Its output, label dead letters, may repeat
-        # after a crash (identical copies). Exactly-once is the transactions path's job.
+        # says: its effect is in Redis, where a redelivered label counts once (the ledger
+        # keeps each transaction's verdict), so a Kafka transaction would add nothing but
+        # Faust's own transactional producer per labels partition, which another replica
+        # fences after a pause, and Faust then crashes the whole worker. Its output, label
+        # dead letters, may repeat after a crash (identical copies). Exactly-once is the
+        # transactions path's job.
         processing_guarantee="at_least_once",
         key_serializer="raw",
         value_serializer="raw",
@@ -175,7 +177,7 @@ def build_app(runtime: WorkerRuntime) -> faust.App:
         broker_rebalance_timeout=s.consumer_session_timeout_s,
         broker_heartbeat_interval=s.consumer_session_timeout_s / 3,
     )
-    store = state_store(s, runtime.state_sequence_length)
+    store = state_store(s, runtime.state_sequence_length, runtime.metrics)
     labels_topic = app.topic(s.topic_labels, key_serializer="raw", value_serializer="raw")
     label_dlq = app.topic(s.topic_label_dead_letters, key_serializer="raw", value_serializer="raw")
     backoff = Backoff(runtime.metrics, s.retry_backoff_max_s)
@@ -250,6 +252,33 @@ def build_app(runtime: WorkerRuntime) -> faust.App:
             for event in events:
                 event.ack()
             record_label_lag({e.message.tp: e.message.offset + 1 for e in events})
+
+    sweep_every_s = min(5.0, max(0.5, s.label_wait_s / 2))
+
+    @app.timer(interval=sweep_every_s, name="expired_labels")  # type: ignore[untyped-decorator]
+    async def dead_letter_expired_labels() -> None:
+        """Dead-letter the labels whose transaction never came within the label wait.
+
+        Each pending label is claimed for a minute, dead-lettered, then dropped: a worker
+        that dies in between leaves it to be handed out again (its dead letter may repeat,
+        an identical copy). A failure here is logged and retried at the next tick."""
+        try:
+            rejected, ids = await expired_labels(store, s.label_wait_s, metrics)
+            if not rejected:
+                return
+            await publish_label_dead_letters(rejected)
+            await store.drop_pending(ids)
+        except (RedisError, KafkaError) as exc:
+            log.warning("dead-lettering expired labels failed (%s); retrying shortly", exc)
+            return
+        for r in rejected:
+            metrics.dead_letters.labels(r.error.reason.value).inc()
+        log.warning(
+            "%d label(s) dead-lettered: no transaction with their customer, terminal and "
+            "time was scored within %g s (FRAUDSTREAM_LABEL_WAIT_S)",
+            len(rejected),
+            s.label_wait_s,
+        )
 
     class _Scoring(ScoringService):
         # Faust instantiates services itself (with loop and beacon); bind ours to runtime.
