@@ -382,7 +382,12 @@ def redis_state(client: redis.Redis, prefix: str) -> dict[str, object]:
     for key in client.scan_iter(match=f"{prefix}:*", count=1000):
         name = key.decode()[len(prefix) :]
         kind = client.type(key)
-        state[name] = client.hgetall(key) if kind == b"hash" else client.get(key)
+        if kind == b"hash":
+            state[name] = client.hgetall(key)
+        elif kind == b"zset":
+            state[name] = client.zrange(key, 0, -1)  # members only: scores are deadlines
+        else:
+            state[name] = client.get(key)
     return state
 
 

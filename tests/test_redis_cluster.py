@@ -32,7 +32,13 @@ from stream_app.records import parse_label
 from stream_app.redis_state import RedisStateStore
 from stream_app.runtime import check_redis_mode, redis_client
 from stream_app.scoring import OnnxScorer
-from stream_app.state import ENTRY_DTYPE, LabelUpdate, MemoryStateStore, TransactionUpdate
+from stream_app.state import (
+    ENTRY_DTYPE,
+    LabelOutcome,
+    LabelUpdate,
+    MemoryStateStore,
+    TransactionUpdate,
+)
 from tests.feature_cases import BASE_MS, Tx, replay_online, run_offline, transactions
 from tests.kafka_fixtures import (
     REDIS_URL,
@@ -153,8 +159,12 @@ async def test_cluster_store_matches_the_reference_store_batch_for_batch(
 
 async def test_terminal_counts_and_labels_on_the_cluster(cluster_store: RedisStateStore) -> None:
     label = LabelUpdate("tx1", "c1", "t1", BASE_MS, True)
-    assert await cluster_store.apply_labels([label, label]) == 1
-    assert await cluster_store.apply_labels([label]) == 0
+    # No ledger on a cluster: a label counts once per transaction id, unreconciled.
+    assert await cluster_store.apply_labels([label, label]) == [
+        LabelOutcome.FRAUD,
+        LabelOutcome.DUPLICATE,
+    ]
+    assert await cluster_store.apply_labels([label]) == [LabelOutcome.DUPLICATE]
     await cluster_store.apply_transactions([TransactionUpdate("tx1", "c1", "t1", BASE_MS, 5.0)])
     assert await cluster_store.terminal_counts("t1", BASE_MS // F.MS_PER_HOUR) == (1, 1, 1, 1)
     ttl = await cluster_store.client.pttl(cluster_store.customer_key("c1"))
@@ -192,7 +202,7 @@ async def test_a_worker_dying_between_the_customer_and_terminal_steps_counts_onc
         outboxes = await crashed._customer_step(
             batch, encoded, everyone, counts, stored, new, flags
         )
-        assert not any(flags)
+        assert set(flags) == {ord("0")}  # every event new
         # A new worker gets batch 3 again: every event a duplicate with its first inputs,
         # and the increments still in the outboxes counted now.
         second = RedisStateStore(client, prefix=broken, sequence_length=4)
