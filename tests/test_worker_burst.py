@@ -106,7 +106,7 @@ def test_a_burst_keeps_its_key_bounded_and_scores_as_score_file(
     offline = features.offline_features(
         frame["CUSTOMER_ID"].to_numpy(),
         frame["TERMINAL_ID"].to_numpy(),
-        (frame["TX_DATETIME"].astype("int64") // 1_000_000).to_numpy(dtype=np.int64),
+        np.asarray(frame["TX_DATETIME"].astype("int64") // 1_000_000, dtype=np.int64),
         frame["TX_AMOUNT"].to_numpy(),
         frame["TX_FRAUD"].to_numpy(),
     )
