@@ -89,9 +89,14 @@ class ScoringService(Service):
         self._watch: asyncio.Task[None] | None = None
         self._watch_stop = asyncio.Event()
 
+    def labels_partitions(self) -> set[Any]:
+        """The labels partitions this process consumes (the Faust app's; none here)."""
+        return set()
+
     async def on_start(self) -> None:
         """Connect, subscribe, and start the loop and the model watcher."""
         self.scoring = ScoringLoop(self.runtime, self.store)
+        self.scoring.labels_partitions = self.labels_partitions
         await self.scoring.start()
         self._run = asyncio.create_task(self._guarded(self.scoring.run()), name="scoring")
         interval = self.runtime.settings.model_poll_interval_s
@@ -203,14 +208,6 @@ def build_app(runtime: WorkerRuntime) -> faust.App:
         ]
         await asyncio.gather(*futures)
 
-    def record_label_lag(next_offsets: dict[Any, int]) -> None:
-        for tp, offset in next_offsets.items():
-            with contextlib.suppress(Exception):  # not yet known right after an assignment
-                highwater = app.consumer.highwater(tp)
-                if highwater is not None:
-                    lag = max(highwater - offset, 0)
-                    metrics.consumer_lag.labels(tp.topic, str(tp.partition)).set(lag)
-
     @app.agent(labels_topic, name="labels")
     async def count_labels(stream: faust.StreamT[bytes]) -> None:
         """Count fraud labels into the terminals' per-day counters, a micro-batch at a time."""
@@ -251,7 +248,6 @@ def build_app(runtime: WorkerRuntime) -> faust.App:
                     metrics.dead_letters.labels(r.error.reason.value).inc()
             for event in events:
                 event.ack()
-            record_label_lag({e.message.tp: e.message.offset + 1 for e in events})
 
     sweep_every_s = min(5.0, max(0.5, s.label_wait_s / 2))
 
@@ -284,6 +280,14 @@ def build_app(runtime: WorkerRuntime) -> faust.App:
         # Faust instantiates services itself (with loop and beacon); bind ours to runtime.
         def __init__(self, **kwargs: Any) -> None:
             super().__init__(runtime, store, **kwargs)
+
+        def labels_partitions(self) -> set[Any]:
+            # Faust's consumer exists once the app runs; its lag is reported by the scoring
+            # loop's lag task, from the labels group's commits (a stuck agent keeps none).
+            try:
+                return set(app.consumer.assignment())
+            except Exception:  # not started yet, or stopping
+                return set()
 
     app.service(_Scoring)
     return app
