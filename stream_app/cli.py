@@ -8,9 +8,14 @@ command runs, so ``fraudstream worker --help`` works in a slim serving install.
 from __future__ import annotations
 
 import sys
-from typing import NoReturn
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
+
+if TYPE_CHECKING:
+    from stream_app.config import Settings
+    from stream_app.state_guard import Updates
 
 app = typer.Typer(
     name="fraudstream",
@@ -62,6 +67,156 @@ def worker_command() -> None:
             "FRAUDSTREAM_MODEL_DIR at a model directory"
         )
     raise typer.Exit(code=code)
+
+
+_REBUILD_HELP = (
+    "Rebuild the customer and terminal state in Redis after it was lost (the worker says so: "
+    "fraudstream_state_lost, an ERROR log, the FraudstreamStateLost alert).\n\n"
+    "Transactions and labels are pushed through the worker's own state store, in event-time "
+    "order, after the prefix's partial state is deleted; then a new state marker is written, "
+    "which running workers take as the end of the loss. Sources: --from-topics (the retained "
+    "transactions and labels topics, up to the consumer groups' committed offsets) or --data "
+    "(a transactions file as `fraudstream simulate` writes it; its TX_FRAUD column gives the "
+    "labels). Settings come from the FRAUDSTREAM_* variables, as for the worker. Stop the "
+    "workers first: events they score meanwhile would interleave with the rebuilt history."
+)
+
+
+@app.command("rebuild-state", help=_REBUILD_HELP)
+def rebuild_state_command(
+    from_topics: Annotated[
+        bool,
+        typer.Option(
+            "--from-topics",
+            help="Read the transactions and labels topics from their start up to the "
+            "consumer groups' committed offsets.",
+        ),
+    ] = False,
+    data: Annotated[
+        Path | None,
+        typer.Option(
+            help="Transactions file (.parquet or .csv) with a TX_FRAUD column.", dir_okay=False
+        ),
+    ] = None,
+    labels_delay: Annotated[
+        str,
+        typer.Option(
+            help="With --data: when each fraud's label counts, after its transaction (any "
+            "delay under the 7-day label delay gives the same state)."
+        ),
+    ] = "1h",
+    force: Annotated[
+        bool,
+        typer.Option(help="Rebuild even though the state marker says the state is intact."),
+    ] = False,
+) -> None:
+    """Rebuild the state (the help text is ``_REBUILD_HELP``)."""
+    import asyncio
+
+    from stream_app.config import load_settings
+    from stream_app.errors import ConfigError, ModelError
+
+    if from_topics == (data is not None):
+        fail("give exactly one source: --from-topics or --data FILE")
+    try:
+        settings = load_settings()
+        code = asyncio.run(_rebuild(settings, data, labels_delay, force))
+    except ConfigError as exc:
+        fail(str(exc))
+    except ModelError as exc:
+        fail(
+            f"{exc}\nthe state keeps as many transactions as the model reads: point "
+            "FRAUDSTREAM_MODEL_DIR at the workers' model or set FRAUDSTREAM_STATE_SEQUENCE_LENGTH"
+        )
+    raise typer.Exit(code=code)
+
+
+async def _rebuild(settings: Settings, data: Path | None, labels_delay: str, force: bool) -> int:
+    """``rebuild-state``: returns the exit code."""
+    from datetime import timedelta
+
+    from redis.exceptions import RedisError
+
+    from stream_app.model_card import load_card
+    from stream_app.model_registry import resolve_model_dir
+    from stream_app.records import ValidationLimits
+    from stream_app.runtime import check_redis_mode, state_store
+    from stream_app.state_guard import (
+        read_marker,
+        rebuild_state,
+        store_marker_key,
+        topic_updates,
+    )
+
+    length = settings.state_sequence_length
+    if length is None:
+        locations = [settings.model_dir, settings.challenger_model_dir]
+        length = max(load_card(resolve_model_dir(p)).sequence_length for p in locations if p)
+    limits = ValidationLimits(
+        max_payload_bytes=settings.max_payload_bytes,
+        max_future=timedelta(seconds=settings.max_clock_skew_s),
+    )
+    store = state_store(settings, length)
+    try:
+        try:
+            await check_redis_mode(store.client, settings)
+            marker = await read_marker(store.client, store_marker_key(store))
+        except RedisError as exc:
+            fail(f"cannot reach Redis at {settings.redis_display_url} ({type(exc).__name__})")
+        if marker is not None and not force:
+            fail(
+                f"the state marker {store_marker_key(store)} is there (epoch "
+                f"{marker.epoch[:8]}, {marker.origin}, {marker.created_at}): the state is not "
+                "lost; pass --force to rebuild it anyway"
+            )
+        if data is not None:
+            updates = _file_updates(data, labels_delay, settings.topic_labels)
+        else:
+            updates = await topic_updates(settings, limits)
+        report = await rebuild_state(store, updates)
+    finally:
+        await store.client.aclose()
+    sys.stdout.write(f"{report}\n")
+    return 0
+
+
+def _file_updates(path: Path, labels_delay: str, labels_topic: str) -> Updates:
+    """A transactions file's transactions, and its frauds' labels ``labels_delay`` later,
+    as the replay publishes them (ids as strings, epoch-ms times)."""
+    from stream_app.pipeline import Inbound, pack_source
+    from stream_app.state import LabelUpdate, TransactionUpdate
+    from stream_app.state_guard import Updates
+    from training.replay import label_payload, parse_duration
+    from training.transactions import read_transactions, to_arrays
+
+    arrays = to_arrays(read_transactions(path))
+    delay_ms = int(parse_duration(labels_delay).total_seconds() * 1000)
+    updates = Updates([], [], source=f"file {path}")
+    rows = zip(
+        arrays.transaction_ids.tolist(),
+        arrays.customer_ids.tolist(),
+        arrays.terminal_ids.tolist(),
+        arrays.times_ms.tolist(),
+        arrays.amounts.tolist(),
+        arrays.is_fraud.tolist(),
+        strict=True,
+    )
+    for n, (tx, customer, terminal, time_ms, amount, fraud) in enumerate(rows):
+        updates.transactions.append(
+            (time_ms, n, TransactionUpdate(str(tx), str(customer), str(terminal), time_ms, amount))
+        )
+        if fraud:
+            reported = time_ms + delay_ms
+            payload = label_payload(tx, customer, terminal, time_ms, True, reported)
+            # Its source, as if it had come from the labels topic (offset -1: it did not).
+            source = pack_source(
+                Inbound(labels_topic, 0, -1, str(customer).encode(), payload, reported)
+            )
+            label = LabelUpdate(
+                str(tx), str(customer), str(terminal), time_ms, True, reported, source
+            )
+            updates.labels.append((reported, n, label))
+    return updates
 
 
 @app.command("settings")

@@ -241,6 +241,14 @@ class Settings(BaseSettings):
         description="How long a label for a transaction the worker has not scored yet "
         "waits for it (s); then it is dead-lettered (label_unknown_transaction).",
     )
+    state_check_interval_s: float = Field(
+        5.0,
+        gt=0,
+        le=3600,
+        description="How often the worker checks the state marker in Redis (s): a marker "
+        "gone, of another epoch or gone back means Redis lost the state "
+        "(fraudstream_state_lost).",
+    )
     state_sequence_length: int | None = Field(
         None,
         ge=1,

@@ -77,6 +77,38 @@ def observe_many(histogram: Histogram, values: npt.NDArray[np.float64]) -> None:
     histogram._sum.inc(float(values.sum()))
 
 
+class Readiness:
+    """``fraudstream_ready``: what the worker's loops last set, unless a *hold* is on.
+
+    The loops set it (0 while retrying or rebalancing, 1 once going again); a condition no
+    retry clears, such as lost state, holds it at 0 until released, whatever they set
+    meanwhile.
+    """
+
+    def __init__(self, gauge: Gauge) -> None:
+        self.gauge = gauge
+        self._value = 0.0
+        self._holds: set[str] = set()
+
+    def set(self, value: float) -> None:
+        """What the loops say (1 ready, 0 not)."""
+        self._value = value
+        self._export()
+
+    def hold(self, reason: str) -> None:
+        """Keep the gauge at 0 until :meth:`release` of the same reason."""
+        self._holds.add(reason)
+        self._export()
+
+    def release(self, reason: str) -> None:
+        """End a hold (no-op if not held)."""
+        self._holds.discard(reason)
+        self._export()
+
+    def _export(self) -> None:
+        self.gauge.set(0.0 if self._holds else self._value)
+
+
 class WorkerMetrics:
     """The worker's metrics, registered on ``registry``.
 
@@ -224,10 +256,20 @@ class WorkerMetrics:
             ["operation"],
             registry=registry,
         )
-        self.ready = Gauge(
-            "fraudstream_ready",
-            "1 while the worker has partitions to score and its last Redis and Kafka calls "
-            "succeeded; 0 during start-up, rebalances and retries.",
+        self.ready = Readiness(
+            Gauge(
+                "fraudstream_ready",
+                "1 while the worker has partitions to score and its last Redis and Kafka "
+                "calls succeeded; 0 during start-up, rebalances and retries, and while its "
+                "state is lost (fraudstream_state_lost).",
+                registry=registry,
+            )
+        )
+        self.state_lost = Gauge(
+            "fraudstream_state_lost",
+            "1 while Redis has lost this deployment's state (its state marker is gone, of "
+            "another epoch, or went back): scores come from partial history until "
+            "`fraudstream rebuild-state` has run; 0 otherwise.",
             registry=registry,
         )
         # Pre-create the bounded label values, so every series exists from the start and
@@ -322,6 +364,8 @@ def metrics_table() -> str:
     metrics = WorkerMetrics(CollectorRegistry(), process_collectors=False)
     rows = ["| Metric | Type | Labels | Description |", "| --- | --- | --- | --- |"]
     for value in vars(metrics).values():
+        if isinstance(value, Readiness):
+            value = value.gauge
         if not isinstance(value, MetricWrapperBase):
             continue
         name = value._name  # the exported name, suffixes aside

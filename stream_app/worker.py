@@ -68,6 +68,7 @@ from stream_app.records import ValidationLimits, dead_letter_headers
 from stream_app.redis_state import RedisStateStore, StateClient
 from stream_app.runtime import WorkerRuntime, check_redis_mode, redis_client, state_store
 from stream_app.scoring_loop import ScoringLoop
+from stream_app.state_guard import start_guard
 
 log = logging.getLogger(__name__)
 
@@ -88,13 +89,22 @@ class ScoringService(Service):
         self._run: asyncio.Task[None] | None = None
         self._watch: asyncio.Task[None] | None = None
         self._watch_stop = asyncio.Event()
+        self._guard: asyncio.Task[None] | None = None
 
     def labels_partitions(self) -> set[Any]:
         """The labels partitions this process consumes (the Faust app's; none here)."""
         return set()
 
     async def on_start(self) -> None:
-        """Connect, subscribe, and start the loop and the model watcher."""
+        """Check the state marker (lost state is reported, and scoring goes on, flagged:
+        :mod:`stream_app.state_guard`), connect, subscribe, and start the loop, the model
+        watcher and the state marker's periodic check."""
+        s = self.runtime.settings
+        backoff = Backoff(self.runtime.metrics, s.retry_backoff_max_s)
+        guard = await start_guard(s, self.store, self.runtime.metrics, backoff)
+        self._guard = asyncio.create_task(
+            guard.watch(s.state_check_interval_s, self._watch_stop), name="state-guard"
+        )
         self.scoring = ScoringLoop(self.runtime, self.store)
         self.scoring.labels_partitions = self.labels_partitions
         await self.scoring.start()
@@ -135,10 +145,11 @@ class ScoringService(Service):
                 self._run.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await self._run
-        if self._watch is not None:
-            self._watch.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watch
+        for task in (self._watch, self._guard):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self.scoring is not None:
             await self.scoring.close()
         self.runtime.metrics.ready.set(0)

@@ -192,8 +192,11 @@ class WorkerProcess:
         """Where the worker serves its metrics."""
         return f"http://127.0.0.1:{self.metrics_port}/metrics"
 
-    def start(self, timeout_s: float = 90.0) -> WorkerProcess:
-        """Start the worker and wait until its scoring consumer has partitions."""
+    def start(
+        self, timeout_s: float = 90.0, until: tuple[str, float] = ("fraudstream_ready", 1.0)
+    ) -> WorkerProcess:
+        """Start the worker and wait until its scoring consumer has partitions (or, with
+        ``until``, until another metric has a value: a worker held not ready)."""
         env = {
             **{k: v for k, v in os.environ.items() if not k.startswith("FRAUDSTREAM_")},
             **settings_environment(self.settings),
@@ -210,12 +213,12 @@ class WorkerProcess:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise AssertionError(f"the worker exited early:\n{self.log()}")
-            if self.metric("fraudstream_ready") == 1.0:
+            if self.metric(until[0]) == until[1]:
                 return self
             time.sleep(0.2)
         self.process.kill()  # the caller's `with` has not begun: nothing else would stop it
         self.process.wait(timeout=30)
-        raise AssertionError(f"the worker was not ready in {timeout_s} s:\n{self.log()}")
+        raise AssertionError(f"the worker was not {until} in {timeout_s} s:\n{self.log()}")
 
     def log(self) -> str:
         """The worker's output so far (the end of it)."""
