@@ -140,3 +140,35 @@ async def test_the_lua_trim_is_the_python_trim_byte_for_byte(
         assert stored == memory_store.customers["card"].tobytes()
         largest = max(largest, len(stored or b""))
     assert (max_history(3) - 1) * ENTRY_SIZE < largest <= key_bound(3)
+
+
+@pytest.mark.parametrize(
+    "back",
+    [
+        0,
+        pytest.param(
+            TRIM_SLACK + 2,
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="known limitation: in a burst past K, the history a redelivered "
+                "event's windows read has lost its oldest entries to the count trim once "
+                "newer events came: its count features (so its score) can differ",
+            ),
+        ),
+    ],
+)
+async def test_a_redelivered_burst_event_gets_its_first_features(
+    back: int, redis_client: aioredis.Redis, redis_prefix: str
+) -> None:
+    """A burst of ``K + 40`` events a second apart, then the event ``back`` from the end again."""
+    store = RedisStateStore(redis_client, prefix=redis_prefix, sequence_length=5)
+    events = [
+        TransactionUpdate(f"t{i}", "card", "k1", BASE_MS + i * 1_000, 1.0 + i % 5)
+        for i in range(F.MAX_CUSTOMER_WINDOW_TX + 40)
+    ]
+    first = await store.apply_transactions(events)
+    again = await store.apply_transactions([events[-1 - back]])
+    assert again.duplicate.all()
+    _, first_sequences = F.online_features(first.history, 5)
+    _, again_sequences = F.online_features(again.history, 5)
+    np.testing.assert_array_equal(again_sequences[0], first_sequences[-1 - back])
