@@ -28,6 +28,7 @@ import numpy as np
 import orjson
 import pandas as pd
 import pytest
+import redis
 
 from stream_app.config import Settings, settings_environment
 from stream_app.scoring import OnnxScorer
@@ -38,11 +39,13 @@ from tests.resilience_helpers import (
     environment_without_settings,
     publish,
     read_records,
+    redis_state,
     score_records,
     wait_until,
 )
-from training.replay import parse_duration, replay_messages
+from training.replay import parse_duration, replay_messages, replay_order
 from training.score_file import score_table
+from training.transactions import write_transactions
 
 pytestmark = [pytest.mark.integration, pytest.mark.resilience, pytest.mark.slow]
 
@@ -104,6 +107,12 @@ def _labels_handled(worker: WorkerProcess) -> float:
     )
 
 
+def _histories(client: redis.Redis, prefix: str) -> dict[str, object]:
+    """The customer histories and terminal counters under ``prefix`` (no ledger, marker)."""
+    state = redis_state(client, prefix)
+    return {k: v for k, v in state.items() if k.startswith((":c:", ":t2:"))}
+
+
 def _rebuild(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**environment_without_settings(), **settings_environment(settings)}
     return subprocess.run(
@@ -131,6 +140,7 @@ def test_lost_state_is_reported_and_rebuilt(
             redis_url=redis_server.url,
             state_check_interval_s=0.5,
         )
+        prefix = settings.state_key_prefix
         frame = small_transactions.frame
         table = score_table(frame, OnnxScorer(served_model)).table
         reference = {
@@ -194,6 +204,16 @@ def test_lost_state_is_reported_and_rebuilt(
         assert f"from {len(first_ids):,} transactions and {len(labels):,} labels" in done.stdout
         refused = _rebuild(settings, "--from-topics")  # the state is there now
         assert refused.returncode == 2 and "--force" in refused.stderr, refused.stderr
+        # The same transactions from a file (its frauds labelled) rebuild the same customer
+        # histories and terminal counters, under a prefix of their own.
+        part = tmp_path / "first.parquet"
+        write_transactions(frame.iloc[replay_order(frame)[:cut]], part)
+        from_file = settings.model_copy(update={"state_key_prefix": f"{prefix}-file"})
+        done = _rebuild(from_file, "--data", str(part))
+        assert done.returncode == 0, done.stdout + done.stderr
+        with redis_server.client() as client:
+            assert _histories(client, prefix) == _histories(client, f"{prefix}-file")
+            assert len(_histories(client, prefix)) > 100
 
         log3 = tmp_path / "worker-3.log"
         with WorkerProcess(settings, log3).start() as worker:
