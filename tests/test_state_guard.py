@@ -1,0 +1,100 @@
+"""The state marker's checks against the real Redis: every way state can be lost is told
+apart from a healthy state, and a rebuild ends the loss.
+
+The end-to-end path (a real worker, FLUSHALL, ``fraudstream rebuild-state``) is
+``tests/test_state_loss.py``; here each detection the worker cannot be driven into cheaply:
+a failover to a replica that missed writes (the counter goes back), another state than the
+one the worker wrote (another epoch, not a rebuild), and an upgrade (state written before
+markers existed is adopted, not reported lost).
+"""
+
+from __future__ import annotations
+
+import pytest
+import redis.asyncio as aioredis
+from prometheus_client import CollectorRegistry
+
+from stream_app.metrics import WorkerMetrics
+from stream_app.redis_state import RedisStateStore
+from stream_app.state import TransactionUpdate
+from stream_app.state_guard import StateGuard, Updates, rebuild_state, write_marker
+
+pytestmark = pytest.mark.integration
+
+
+def _guard(client: aioredis.Redis, prefix: str) -> tuple[StateGuard, WorkerMetrics]:
+    metrics = WorkerMetrics(CollectorRegistry(), process_collectors=False)
+    metrics.ready.set(1)
+    return StateGuard(RedisStateStore(client, prefix=prefix), metrics), metrics
+
+
+def _lost(metrics: WorkerMetrics) -> tuple[float, float]:
+    return metrics.state_lost._value.get(), metrics.ready.gauge._value.get()
+
+
+async def test_a_fresh_deployment_creates_the_marker_and_stays_healthy(
+    redis_client: aioredis.Redis, redis_prefix: str
+) -> None:
+    guard, metrics = _guard(redis_client, redis_prefix)
+    await guard.start(state_expected=False)
+    for _ in range(3):
+        await guard.check()
+    assert guard.lost is None and _lost(metrics) == (0, 1)
+    assert await redis_client.ttl(guard.key) == -1  # no TTL: never expires nor evicted by TTL
+
+
+async def test_a_counter_gone_back_is_a_stale_replica(
+    redis_client: aioredis.Redis, redis_prefix: str
+) -> None:
+    guard, metrics = _guard(redis_client, redis_prefix)
+    await guard.start(state_expected=False)
+    await guard.check()
+    await guard.check()
+    # What a replica that missed the last writes holds: the same epoch, an older counter.
+    await redis_client.hset(guard.key, "writes", 1)
+    await guard.check()
+    assert guard.lost is not None and "went back" in guard.lost
+    assert _lost(metrics) == (1, 0)
+    metrics.ready.set(1)  # a loop going on after a retry does not hide the loss
+    assert _lost(metrics) == (1, 0)
+
+
+async def test_another_epoch_without_a_rebuild_is_another_state(
+    redis_client: aioredis.Redis, redis_prefix: str
+) -> None:
+    guard, metrics = _guard(redis_client, redis_prefix)
+    await guard.start(state_expected=False)
+    await write_marker(redis_client, guard.key, "worker")  # another deployment's fresh start
+    await guard.check()
+    assert guard.lost is not None and "changed epoch" in guard.lost
+    assert _lost(metrics) == (1, 0)
+
+
+async def test_a_rebuild_ends_the_loss(redis_client: aioredis.Redis, redis_prefix: str) -> None:
+    guard, metrics = _guard(redis_client, redis_prefix)
+    await guard.start(state_expected=False)
+    await redis_client.delete(guard.key)  # FLUSHALL, as far as this prefix goes
+    await guard.check()
+    assert _lost(metrics) == (1, 0)
+    store = RedisStateStore(redis_client, prefix=redis_prefix)
+    update = TransactionUpdate("t1", "c1", "k1", 1_522_540_800_000, 12.5)
+    report = await rebuild_state(store, Updates([(update.time_ms, 0, update)], [], source="x"))
+    assert report.transactions == 1
+    await guard.check()
+    assert guard.lost is None and _lost(metrics) == (0, 1)
+    assert await redis_client.exists(store.customer_key("c1"))
+
+
+async def test_state_without_a_marker_is_adopted_not_lost(
+    redis_client: aioredis.Redis, redis_prefix: str
+) -> None:
+    # A deployment upgraded to markers: committed offsets, state keys, no marker yet.
+    store = RedisStateStore(redis_client, prefix=redis_prefix)
+    await store.apply_transactions([TransactionUpdate("t1", "c1", "k1", 1_522_540_800_000, 1.0)])
+    guard, metrics = _guard(redis_client, redis_prefix)
+    await guard.start(state_expected=True)
+    assert guard.lost is None and await redis_client.exists(guard.key)
+    empty, metrics = _guard(redis_client, f"{redis_prefix}-empty")
+    await empty.start(state_expected=True)  # offsets committed, nothing in Redis: lost
+    assert empty.lost is not None and _lost(metrics) == (1, 0)
+    await redis_client.delete(empty.key)
