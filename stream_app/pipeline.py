@@ -289,8 +289,9 @@ class ScoringPipeline:
         started = time.perf_counter()
         state = await self.store.apply_transactions(updates)
         self.metrics.redis.observe(time.perf_counter() - started)
-        if state.labels_applied:
-            self.metrics.labels.labels("applied_on_arrival").inc(state.labels_applied)
+        # Labels that waited for these transactions, counted by what they did now.
+        for outcome in state.labels_applied:
+            self.metrics.labels.labels(outcome.value).inc()
         return state
 
     def score(self, events: Sequence[TransactionEvent], state: BatchState) -> ScoredBatch:

@@ -268,7 +268,7 @@ class RedisStateStore:
             conflict=outcome == ord("C"),
             reset=np.frombuffer(reply[1], dtype=np.uint8) == ord("1"),
             quarantined=self._quarantined(reply[2]),
-            labels_applied=int(reply[3]),
+            labels_applied=tuple(LABEL_CODES[chr(c)] for c in reply[3]),
         )
 
     def _quarantined(self, keys: Sequence[bytes]) -> tuple[str, ...]:

@@ -149,7 +149,7 @@ class BatchState:
     ``conflict`` events (an id already used for another transaction) changed nothing and
     must not be scored: their history is a placeholder. ``reset`` events were scored from
     empty state because their stored state was corrupt (see ``quarantined``, the keys set
-    aside). ``labels_applied``: pending labels the batch's transactions settled.
+    aside). ``labels_applied``: what the pending labels the batch's transactions settled did.
     """
 
     history: features.HistoryBatch
@@ -157,7 +157,7 @@ class BatchState:
     conflict: npt.NDArray[np.bool_] | None = None
     reset: npt.NDArray[np.bool_] | None = None
     quarantined: tuple[str, ...] = ()
-    labels_applied: int = 0
+    labels_applied: tuple[LabelOutcome, ...] = ()
 
     @property
     def conflicts(self) -> npt.NDArray[np.bool_]:
@@ -309,7 +309,7 @@ class MemoryStateStore:
         records: list[npt.NDArray[np.void]] = []
         duplicate = np.zeros(len(updates), dtype=bool)
         conflict = np.zeros(len(updates), dtype=bool)
-        applied = 0
+        applied: list[LabelOutcome] = []
         for i, update in enumerate(updates):
             entries = self.customers.get(update.customer_id, np.zeros(0, dtype=ENTRY_DTYPE))
             digest = transaction_hash(update.transaction_id)
@@ -351,8 +351,7 @@ class MemoryStateStore:
             waiting = self.pending.get(update.transaction_id, {})
             label = waiting.pop((update.time_ms, update.customer_id, update.terminal_id), None)
             if label is not None:
-                self._apply_verdict(label)
-                applied += 1
+                applied.append(self._apply_verdict(label))
                 if not waiting:
                     self.pending.pop(update.transaction_id)
                     self.deadlines.pop(update.transaction_id)
@@ -360,7 +359,7 @@ class MemoryStateStore:
             history=history_from_records(records),
             duplicate=duplicate,
             conflict=conflict,
-            labels_applied=applied,
+            labels_applied=tuple(applied),
         )
 
     def _apply_verdict(self, label: LabelUpdate) -> LabelOutcome:

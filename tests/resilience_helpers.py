@@ -377,10 +377,16 @@ def account(records: Iterable[ScoreRecord], expected_ids: Iterable[str]) -> Acco
 
 
 def redis_state(client: redis.Redis, prefix: str) -> dict[str, object]:
-    """Every key under a prefix, without the prefix, with its value (TTLs ignored)."""
+    """Every key under a prefix, without the prefix, with its value (TTLs ignored).
+
+    Left out: pending labels, which keep their message's provenance (topic, offset), and
+    the state marker, which names the run that created the state: both differ between two
+    runs of the same stream."""
     state: dict[str, object] = {}
     for key in client.scan_iter(match=f"{prefix}:*", count=1000):
         name = key.decode()[len(prefix) :]
+        if name.startswith((":lp:", ":lpq", ":marker")):
+            continue
         kind = client.type(key)
         if kind == b"hash":
             state[name] = client.hgetall(key)

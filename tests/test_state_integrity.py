@@ -106,7 +106,7 @@ async def test_a_label_for_an_unknown_transaction_waits_then_counts(store: State
     assert await store.apply_labels([FRAUD]) == [LabelOutcome.PENDING]
     assert await _fraud_count(store, "t1", BASE_MS) == (0, 0)
     state = await store.apply_transactions([TX])
-    assert state.labels_applied == 1
+    assert state.labels_applied == (LabelOutcome.FRAUD,)
     assert await _fraud_count(store, "t1", BASE_MS) == (1, 1)
     assert await store.apply_labels([FRAUD]) == [LabelOutcome.DUPLICATE]
     assert await store.expired_labels(10) == []
@@ -167,7 +167,7 @@ async def test_pending_labels_expire_with_their_source(store: StateStore) -> Non
     await store.drop_pending(["tx1"])
     assert await store.expired_labels(10) == []
     # Dropped: the transaction's arrival applies nothing.
-    assert (await store.apply_transactions([TX])).labels_applied == 0
+    assert (await store.apply_transactions([TX])).labels_applied == ()
 
 
 # A terminal never has more frauds than transactions ---------------------------------------

@@ -37,6 +37,7 @@ from tests.kafka_fixtures import (
     new_settings,
     read_topic,
 )
+from tests.resilience_helpers import redis_state
 from training.replay import label_payload, parse_duration, replay_messages
 from training.score_file import score_table
 
@@ -165,7 +166,9 @@ def probe_labels(settings: Settings, worker: WorkerProcess) -> None:
     asyncio.run(
         publish(settings, [Outgoing(settings.topic_labels, b"1", PROBE_LABEL, 0)], rate=1000)
     )
-    worker.wait_for('fraudstream_labels_total{outcome="genuine"}', 1, timeout_s=60)
+    # Its transaction was never scored: the label waits for it (and is refused after
+    # FRAUDSTREAM_LABEL_WAIT_S), changing no counter.
+    worker.wait_for('fraudstream_labels_total{outcome="pending"}', 1, timeout_s=60)
 
 
 def scores_by_id(records: list[ConsumerRecord[bytes, bytes]]) -> dict[str, list[ScoreRecord]]:
@@ -180,12 +183,7 @@ def state_of(prefix: str) -> dict[str, object]:
     """Every key under a prefix, the prefix removed, with its value (TTLs ignored)."""
     client = redis.Redis.from_url(REDIS_URL)
     try:
-        state: dict[str, object] = {}
-        for key in client.scan_iter(match=f"{prefix}:*", count=1000):
-            name = key.decode()[len(prefix) :]
-            kind = client.type(key)
-            state[name] = client.hgetall(key) if kind == b"hash" else client.get(key)
-        return state
+        return redis_state(client, prefix)
     finally:
         client.close()
 
@@ -357,7 +355,7 @@ def test_a_sigkilled_worker_loses_nothing_and_counts_nothing_twice(
     n = len(frame)
     # All keyed: re-keyed events reach the state a round trip later than the others, which
     # in a backlog is days of this small dataset's event time (see above).
-    messages = stream(frame, settings, labels_delay=None, detour=False)
+    messages = stream(frame, settings, labels_delay=LABELS_DELAY, detour=False)
     n_labels = int(frame["TX_FRAUD"].sum())
     try:
         first = WorkerProcess(settings, tmp_path / "first.log").start()
@@ -368,12 +366,13 @@ def test_a_sigkilled_worker_loses_nothing_and_counts_nothing_twice(
         )
         with first, second:
             probe_labels(settings, first)
-            # Labels before transactions: every label is counted before any transaction is
-            # scored, whichever consumer recovers first, so the expected scores stay exact.
+            # Labels before transactions: every label waits for its transaction and is
+            # counted the moment it is scored, whichever consumer recovers first, so the
+            # expected scores stay exact.
             labels = [m for m in messages if m.topic == settings.topic_labels]
             rest = [m for m in messages if m.topic != settings.topic_labels]
             asyncio.run(publish(settings, labels, rate=10_000))
-            first.wait_for('fraudstream_labels_total{outcome="fraud"}', n_labels)
+            first.wait_for('fraudstream_labels_total{outcome="pending"}', n_labels + 1)
 
             def kill_mid_stream(published: int) -> None:
                 scored = first.metric('fraudstream_events_total{outcome="scored"}') or 0

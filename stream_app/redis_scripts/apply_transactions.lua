@@ -11,7 +11,7 @@
 --       argument).
 -- Returns: { outcome per event ('0' new, '1' duplicate, 'C' conflicting duplicate),
 --            reset flags ('0'/'1' per event: scored from empty state, its state was corrupt),
---            the keys quarantined, the number of pending labels applied,
+--            the keys quarantined, the outcome codes of the pending labels applied,
 --            then per event two strings whose concatenation is its retained history: the
 --            stored part and the new record }.
 
@@ -20,8 +20,8 @@ local pending_queue = KEYS[1]
 local n_events = (#KEYS - 1) / 4
 local any_pending = redis.call('ZCARD', pending_queue) > 0
 local flags, resets = {}, {}
-local applied = 0
-local out = { '', '', {}, 0 }
+local applied = {}
+local out = { '', '', {}, '' }
 local zeros = struct.pack(counts_fmt, unpack((function()
   local z = {}
   for w = 1, 2 * n_windows do z[w] = 0 end
@@ -87,10 +87,9 @@ for e = 1, n_events do
       end
       if waiting then
         local reported = struct.unpack('<i8', waiting, 1)
-        apply_verdict(xkey, x, tkey, string.sub(waiting, 9, 9), reported)
+        applied[#applied + 1] = apply_verdict(xkey, x, tkey, string.sub(waiting, 9, 9), reported)
         redis.call('HDEL', pkey, ident)
         if redis.call('HLEN', pkey) == 0 then redis.call('ZREM', pending_queue, pkey) end
-        applied = applied + 1
       end
     end
   end
@@ -100,5 +99,5 @@ end
 out[1] = table.concat(flags)
 out[2] = table.concat(resets)
 out[3] = quarantined
-out[4] = applied
+out[4] = table.concat(applied)
 return out
