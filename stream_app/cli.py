@@ -77,7 +77,8 @@ _REBUILD_HELP = (
     "which running workers take as the end of the loss. Sources: --from-topics (the retained "
     "transactions and labels topics, up to the consumer groups' committed offsets) or --data "
     "(a transactions file as `fraudstream simulate` writes it; its TX_FRAUD column gives the "
-    "labels). Settings come from the FRAUDSTREAM_* variables, as for the worker. Stop the "
+    "labels); or --accept-as-is to keep the partial state and only end the alert. Settings "
+    "come from the FRAUDSTREAM_* variables, as for the worker. Stop the "
     "workers first: events they score meanwhile would interleave with the rebuilt history."
 )
 
@@ -109,6 +110,15 @@ def rebuild_state_command(
         bool,
         typer.Option(help="Rebuild even though the state marker says the state is intact."),
     ] = False,
+    accept_as_is: Annotated[
+        bool,
+        typer.Option(
+            "--accept-as-is",
+            help="Rebuild nothing: accept the state as it is (what the workers wrote since "
+            "the loss) and write a new marker, which clears the workers' state-lost flag. "
+            "For when the topics no longer hold what was lost.",
+        ),
+    ] = False,
 ) -> None:
     """Rebuild the state (the help text is ``_REBUILD_HELP``)."""
     import asyncio
@@ -116,11 +126,11 @@ def rebuild_state_command(
     from stream_app.config import load_settings
     from stream_app.errors import ConfigError, ModelError
 
-    if from_topics == (data is not None):
-        fail("give exactly one source: --from-topics or --data FILE")
+    if sum((from_topics, data is not None, accept_as_is)) != 1:
+        fail("give exactly one of --from-topics, --data FILE or --accept-as-is")
     try:
         settings = load_settings()
-        code = asyncio.run(_rebuild(settings, data, labels_delay, force))
+        code = asyncio.run(_rebuild(settings, data, labels_delay, force, accept_as_is))
     except ConfigError as exc:
         fail(str(exc))
     except ModelError as exc:
@@ -131,10 +141,13 @@ def rebuild_state_command(
     raise typer.Exit(code=code)
 
 
-async def _rebuild(settings: Settings, data: Path | None, labels_delay: str, force: bool) -> int:
+async def _rebuild(
+    settings: Settings, data: Path | None, labels_delay: str, force: bool, accept_as_is: bool
+) -> int:
     """``rebuild-state``: returns the exit code."""
     from datetime import timedelta
 
+    from aiokafka.errors import KafkaError
     from redis.exceptions import RedisError
 
     from stream_app.model_card import load_card
@@ -146,6 +159,7 @@ async def _rebuild(settings: Settings, data: Path | None, labels_delay: str, for
         rebuild_state,
         store_marker_key,
         topic_updates,
+        write_marker,
     )
 
     length = settings.state_sequence_length
@@ -169,10 +183,25 @@ async def _rebuild(settings: Settings, data: Path | None, labels_delay: str, for
                 f"{marker.epoch[:8]}, {marker.origin}, {marker.created_at}): the state is not "
                 "lost; pass --force to rebuild it anyway"
             )
+        if accept_as_is:
+            epoch = await write_marker(
+                store.client,
+                store_marker_key(store),
+                "rebuild-state",
+                "the state as it was, accepted without a rebuild (--accept-as-is)",
+            )
+            sys.stdout.write(f"accepted the state as it is; new state epoch {epoch[:8]}\n")
+            return 0
         if data is not None:
             updates = _file_updates(data, labels_delay, settings.topic_labels)
         else:
-            updates = await topic_updates(settings, limits)
+            try:
+                updates = await topic_updates(settings, limits)
+            except KafkaError as exc:
+                fail(
+                    f"cannot read the topics from Kafka at {settings.kafka_bootstrap_servers} "
+                    f"({type(exc).__name__}: {exc}): check FRAUDSTREAM_KAFKA_BOOTSTRAP_SERVERS"
+                )
         report = await rebuild_state(store, updates)
     finally:
         await store.client.aclose()

@@ -9,7 +9,9 @@ Cluster ``{prefix}:{marker}``, hash-tagged):
 * ``epoch``: a random id, new each time the state is created (by a worker of a fresh
   deployment) or rebuilt (by ``fraudstream rebuild-state``); ``origin`` says which;
   ``created_at`` when (ISO-8601 UTC); ``summary`` what a rebuild read;
-* ``writes``: a counter each worker increments at every check, so it only ever grows.
+* ``writes``: a counter each worker increments at every check, so it only ever grows (by
+  more than one increment going back, a replica that missed writes is told from a healthy
+  failover that lost the last, unreplicated increment).
 
 :class:`StateGuard` checks it at start-up (the consumer groups have committed offsets but
 Redis has no marker: the state was there and is gone) and every
@@ -302,7 +304,11 @@ class StateGuard:
                     "the one this worker wrote"
                 )
             return
-        if writes <= self.writes and self.lost is None:
+        # Our increment on top of what we saw last must exceed it: one increment lost is
+        # tolerated (asynchronous replication may lose the last one, a check interval ago,
+        # in a failover that kept every state write: those are WAITed on a cluster), two
+        # are a replica that missed writes.
+        if writes < self.writes and self.lost is None:
             self._lose(
                 f"the state marker's write counter went back ({self.writes} -> {writes}): "
                 "Redis failed over to a replica that missed writes"
