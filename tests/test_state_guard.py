@@ -4,26 +4,31 @@ apart from a healthy state, and a rebuild ends the loss.
 The end-to-end path (a real worker, FLUSHALL, ``fraudstream rebuild-state``) is
 ``tests/test_state_loss.py``; here each detection the worker cannot be driven into cheaply:
 a failover to a replica that missed writes (the counter goes back), another state than the
-one the worker wrote (another epoch, not a rebuild), and an upgrade (state written before
-markers existed is adopted, not reported lost).
+one the worker wrote (another epoch, not a rebuild), an upgrade (state written before
+markers existed is adopted, not reported lost), ``rebuild-state --accept-as-is``, and the
+same on a Redis Cluster (the session's, 3 primaries and 3 replicas).
 """
 
 from __future__ import annotations
 
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
+from redis.asyncio.cluster import RedisCluster
 
 from stream_app.metrics import WorkerMetrics
 from stream_app.redis_state import RedisStateStore
 from stream_app.state import TransactionUpdate
 from stream_app.state_guard import StateGuard, Updates, rebuild_state, write_marker
 from tests.conftest import REDIS_URL
+from tests.redis_cluster import redis_cluster_fixture  # noqa: F401
 from tests.resilience_helpers import environment_without_settings
+from training.services.redis_cluster import LocalRedisCluster
 
 pytestmark = pytest.mark.integration
 
@@ -139,3 +144,29 @@ async def test_accepting_the_state_as_is_ends_the_loss(
     assert guard.lost is None and _lost(metrics) == (0, 1)
     again = _cli(redis_prefix, served_model, "--accept-as-is")
     assert again.returncode == 2 and "not lost" in again.stderr  # a marker is there now
+
+
+async def test_on_a_redis_cluster_the_marker_is_one_hash_tagged_key(
+    redis_cluster: LocalRedisCluster,
+) -> None:
+    client = RedisCluster.from_url(redis_cluster.url, decode_responses=False)
+    prefix = f"test-{uuid.uuid4().hex[:12]}"
+    try:
+        store = RedisStateStore(client, prefix=prefix)
+        metrics = WorkerMetrics(CollectorRegistry(), process_collectors=False)
+        guard = StateGuard(store, metrics)
+        assert guard.key == f"{prefix}:{{marker}}"
+        await guard.start(state_expected=False)
+        await guard.check()
+        assert guard.lost is None
+        await client.delete(guard.key)  # a failover to an empty replica, for this prefix
+        await guard.check()
+        assert guard.lost is not None and metrics.state_lost._value.get() == 1
+        update = TransactionUpdate("t1", "c1", "k1", 1_522_540_800_000, 12.5)
+        await rebuild_state(store, Updates([(update.time_ms, 0, update)], [], source="x"))
+        await guard.check()
+        assert guard.lost is None and metrics.state_lost._value.get() == 0
+        assert await client.exists(store.customer_key("c1"))
+    finally:
+        await client.aclose()
+        redis_cluster.flush(prefix)
