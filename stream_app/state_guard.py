@@ -332,6 +332,7 @@ class StateGuard:
     async def watch(self, interval_s: float, stop: asyncio.Event) -> None:
         """Check every ``interval_s`` until ``stop`` is set; an unreachable Redis is the
         scoring loop's to report (it retries), here it only postpones the check."""
+        failing = False
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=interval_s)
@@ -342,7 +343,18 @@ class StateGuard:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                log.warning("state marker check failed (%s: %s)", type(exc).__name__, exc)
+                if not failing:  # once per outage: the scoring loop logs its own retries
+                    log.warning(
+                        "checking the state marker failed (%s: %s); retrying every %.0f s",
+                        type(exc).__name__,
+                        exc,
+                        interval_s,
+                    )
+                failing = True
+            else:
+                if failing:
+                    log.info("checking the state marker works again")
+                failing = False
 
 
 def _bytes(value: Any) -> bytes:

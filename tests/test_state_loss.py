@@ -12,7 +12,8 @@ their scores equal the offline reference (an uninterrupted run). Then Redis is f
   a worker started afterwards is ready, not lost, and scores the rest of the replay exactly
   as the uninterrupted run does.
 
-Without the rebuild (``no-rebuild``), the rest of the replay is scored from empty state:
+In the ``no-rebuild`` case Redis is killed and restarted empty instead (no persistence),
+and nothing is rebuilt: the rest of the replay is scored from empty state:
 every event is scored, flagged, and many scores differ from the uninterrupted run's, which
 is what the test would catch if the rebuild were wrong.
 """
@@ -168,7 +169,11 @@ def test_lost_state_is_reported_and_rebuilt(
             found, scores, decisions = _differing(settings, first_ids, reference)
             assert (found, scores, decisions) == (len(first_ids), 0, 0)  # uninterrupted so far
 
-            redis_server.client().flushall()
+            if rebuild:
+                redis_server.client().flushall()
+            else:  # a crash and a restart without persistence: the same loss, another way
+                redis_server.kill()
+                redis_server.start()
             wait_until(lambda: worker.metric(LOST) == 1, 15, "the worker to report the loss")
             assert worker.metric("fraudstream_ready") == 0
             text = log1.read_text(errors="replace")
