@@ -45,7 +45,10 @@ def test_a_model_swap_during_a_replay_loses_nothing_and_names_its_version(
     with WorkerProcess(settings, tmp_path / "worker.log").start() as worker:
         probe_labels(settings, worker)
         asyncio.run(publish(settings, labels, rate=10_000))
-        worker.wait_for('fraudstream_labels_total{outcome="fraud"}', int(frame["TX_FRAUD"].sum()))
+        # Before their transactions, labels wait for them (the probe's too).
+        worker.wait_for(
+            'fraudstream_labels_total{outcome="pending"}', int(frame["TX_FRAUD"].sum()) + 1
+        )
         steps: list[str] = []
 
         def deploy(_published: int) -> None:

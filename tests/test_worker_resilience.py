@@ -73,7 +73,10 @@ def test_a_redis_stall_is_retried_and_nothing_is_lost(
     with WorkerProcess(settings, tmp_path / "worker.log").start() as worker:
         probe_labels(settings, worker)
         asyncio.run(publish(settings, labels, rate=10_000))
-        worker.wait_for('fraudstream_labels_total{outcome="fraud"}', int(frame["TX_FRAUD"].sum()))
+        # Before their transactions, labels wait for them (the probe's too).
+        worker.wait_for(
+            'fraudstream_labels_total{outcome="pending"}', int(frame["TX_FRAUD"].sum()) + 1
+        )
 
         def stall_mid_stream(_published: int) -> None:
             scored = worker.metric('fraudstream_events_total{outcome="scored"}') or 0
