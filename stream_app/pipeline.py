@@ -449,6 +449,26 @@ def unpack_source(source: bytes) -> Inbound:
     return Inbound(topic, partition, offset, key, source[at:], timestamp_ms)
 
 
+def label_update(message: Inbound, limits: ValidationLimits) -> LabelUpdate:
+    """The state update of one labels-topic message (with its source: a label whose
+    transaction has not come yet waits for it, and is dead-lettered as it came if it never
+    does). The worker and ``fraudstream rebuild-state`` both make them here.
+
+    Raises:
+        RejectedEvent: the label is invalid; it is to be dead-lettered.
+    """
+    label = parse_label(message.value or b"", limits)
+    return LabelUpdate(
+        label.transaction_id,
+        label.customer_id,
+        label.terminal_id,
+        epoch_ms(label.event_time),
+        label.is_fraud,
+        epoch_ms(label.reported_at),
+        pack_source(message),
+    )
+
+
 async def apply_labels(
     messages: Sequence[Inbound],
     store: StateStore,
@@ -467,22 +487,11 @@ async def apply_labels(
     rejected: list[Rejected] = []
     for message in messages:
         try:
-            label = parse_label(message.value or b"", limits)
+            updates.append(label_update(message, limits))
         except RejectedEvent as exc:
             rejected.append(Rejected(message, exc))
             continue
         parsed.append(message)
-        updates.append(
-            LabelUpdate(
-                label.transaction_id,
-                label.customer_id,
-                label.terminal_id,
-                epoch_ms(label.event_time),
-                label.is_fraud,
-                epoch_ms(label.reported_at),
-                pack_source(message),
-            )
-        )
     started = time.perf_counter()
     outcomes = await store.apply_labels(updates)
     metrics.redis.observe(time.perf_counter() - started)

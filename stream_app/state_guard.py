@@ -59,8 +59,8 @@ from stream_app.backoff import Backoff
 from stream_app.config import Settings
 from stream_app.errors import RejectedEvent
 from stream_app.metrics import WorkerMetrics
-from stream_app.pipeline import Inbound, epoch_ms, pack_source
-from stream_app.records import ValidationLimits, parse_label, parse_transaction
+from stream_app.pipeline import Inbound, epoch_ms, label_update
+from stream_app.records import ValidationLimits, parse_transaction
 from stream_app.redis_state import RedisStateStore, StateClient
 from stream_app.state import LabelUpdate, TransactionUpdate
 
@@ -397,26 +397,6 @@ def transaction_update(raw: bytes, limits: ValidationLimits) -> TransactionUpdat
     e = parse_transaction(raw, limits)
     return TransactionUpdate(
         e.transaction_id, e.customer_id, e.terminal_id, epoch_ms(e.timestamp), e.amount
-    )
-
-
-def label_update(message: Inbound, limits: ValidationLimits) -> LabelUpdate:
-    """The state update of one labels-topic message, as the worker makes it (with its
-    source: a label whose transaction has not come yet waits for it, and is dead-lettered
-    as it came if it never does).
-
-    Raises:
-        RejectedEvent: the worker would dead-letter it.
-    """
-    label = parse_label(message.value or b"", limits)
-    return LabelUpdate(
-        label.transaction_id,
-        label.customer_id,
-        label.terminal_id,
-        epoch_ms(label.event_time),
-        label.is_fraud,
-        epoch_ms(label.reported_at),
-        pack_source(message),
     )
 
 
