@@ -52,6 +52,7 @@ from stream_app.records import (
 from stream_app.scoring import valid_scores
 from stream_app.state import (
     BatchState,
+    ExpiredLabel,
     LabelOutcome,
     LabelUpdate,
     StateStore,
@@ -520,8 +521,8 @@ async def apply_labels(
 
 async def expired_labels(
     store: StateStore, wait_s: float, metrics: WorkerMetrics, limit: int = 1000
-) -> tuple[list[Rejected], list[str]]:
-    """Pending labels whose transaction never came: their dead letters, and their ids (to
+) -> tuple[list[Rejected], list[ExpiredLabel]]:
+    """Pending labels whose transaction never came: their dead letters, and the labels (to
     :meth:`~stream_app.state.StateStore.drop_pending` once the dead letters are out)."""
     expired = await store.expired_labels(limit)
     rejected = [
@@ -536,4 +537,4 @@ async def expired_labels(
         for e in expired
     ]
     metrics.labels.labels("expired").inc(len(rejected))
-    return rejected, [e.transaction_id for e in expired]
+    return rejected, expired

@@ -45,11 +45,15 @@ it; every step is idempotent). ``appendfsync always`` on the nodes makes each no
 durable too; ``WAIT`` is about the replica's memory (Redis 7.2's ``WAITAOF`` would wait for
 its AOF as well).
 
-Labels are one call per terminal shard (the label's marker lives in its terminal's shard),
-each atomic and idempotent. Unlike one Redis, a cluster keeps no transaction ledger: a
-reused transaction id is a duplicate only within its customer's history, and labels are
-counted once per transaction id without being checked against the transaction (a
-ledger entry lives with the customer, its label's counter with the terminal: two slots).
+The transaction ledger and pending labels live in the customer's shard, next to its
+history, so step 2 checks and enters each transaction atomically (an id reused under a
+customer of another shard is not seen there: it is scored, as a new transaction of that
+customer). A micro-batch of labels is one call per customer shard: each label is checked
+against its transaction's ledger entry and its verdict recorded there, and the change to
+the terminal's fraud counter goes to the shard's outbox as a transaction's increment does,
+then step 3 counts it at the terminal shard (a label waiting for its transaction adds its
+change after that transaction's increment). The outbox makes labels as safe as
+transactions against a worker dying between the two calls.
 Shards hash the ids, not the Kafka partition, so
 adding partitions or workers moves no state.
 
@@ -62,9 +66,11 @@ slot the call was routed to.
 Keys (``{tag}`` a shard's hash tag, e.g. ``{c3.7}``):
 
 * ``{prefix}:{c…}:c:{customer_id}``: the customer's history (as on one Redis);
+* ``{prefix}:{c…}:x:{transaction_id}``: a transaction's ledger entry;
+  ``{prefix}:{c…}:lp:{transaction_id}`` and ``{prefix}:{c…}:lpq``: labels waiting for their
+  transaction, and their deadlines;
 * ``{prefix}:{c…}:q``: the customer shard's outbox; ``{prefix}:{c…}:b``: its last batch number;
 * ``{prefix}:{t…}:t2:{terminal_id}``: the terminal's ring of day and hour counters;
-* ``{prefix}:{t…}:l:{transaction_id}``: marks a label as counted;
 * ``{prefix}:{t…}:w``: per customer shard, the last batch counted in this terminal shard;
 * ``{prefix}:{…}:f``: the write a ``WAIT`` follows.
 
@@ -76,10 +82,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import struct
+import time
 import zlib
 from collections import defaultdict
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 import numpy as np
@@ -91,11 +98,12 @@ from stream_app import features
 from stream_app.state import (
     ENTRY_DTYPE,
     LABEL_CODES,
-    TERMINAL_RING_DAYS,
     BatchState,
+    ExpiredLabel,
     LabelOutcome,
     LabelUpdate,
     TransactionUpdate,
+    id_hash,
     transaction_hash,
 )
 
@@ -103,14 +111,26 @@ MAX_SHARDS: Final = 1024
 # Each shard a batch touches costs a call in each step: 2-3 shards per primary of a
 # 3-primary cluster (measured: 4 shards cost 20 % less Redis CPU an event than 16).
 DEFAULT_SHARDS: Final = 8
-# Step 3's increments: customer shard, batch number, hour, terminal id length (then the
-# id). Step 1's reads: time_ms, terminal id length. An outbox entry: batch number, hour,
-# terminal id length (then the id). Step 2's events: time_ms, amount.
-_INCREMENT: Final = struct.Struct("<iqii")
+# Step 3's increments: customer shard, batch number, hour, kind (0 a transaction, -1 or 1
+# a fraud verdict's change), terminal id length (then the id). Step 1's reads: time_ms,
+# terminal id length. An outbox entry: batch number, hour, kind, terminal id length (then
+# the id). Step 2's events: time_ms, amount. A label: its head as on one Redis.
+_INCREMENT: Final = struct.Struct("<iqiii")
 _READ: Final = struct.Struct("<qi")
-_OUTBOX_ENTRY: Final = struct.Struct("<qii")
+_OUTBOX_ENTRY: Final = struct.Struct("<qiii")
 _EVENT: Final = struct.Struct("<qd")
+_LABEL: Final = struct.Struct("<q8s8sqc")
 _LENGTH: Final = struct.Struct("<i")
+
+
+def expired_from_reply(reply: Sequence[bytes]) -> list[ExpiredLabel]:
+    """The labels ``expired_labels.lua`` handed out: (pending key, source) pairs."""
+    labels = []
+    for i in range(0, len(reply), 2):
+        key = reply[i].decode(errors="replace")
+        tx_id = key[key.index(":lp:") + len(":lp:") :]
+        labels.append(ExpiredLabel(tx_id, reply[i + 1], key))
+    return labels
 
 
 class StateReplicationError(RedisError):
@@ -152,6 +172,14 @@ class _Call:
 
 
 @dataclass
+class _Found:
+    """What the customer steps of a micro-batch found besides histories."""
+
+    quarantined: list[str] = field(default_factory=list)
+    labels_applied: list[LabelOutcome] = field(default_factory=list)
+
+
+@dataclass
 class _Batch:
     """A micro-batch's ids encoded once, with their shards."""
 
@@ -169,12 +197,14 @@ class ClusterState:
         prefix: key prefix of this deployment.
         header: the state header of the scripts (``RedisStateStore`` builds it).
         scripts: the script texts by name: ``cluster_customers``, ``cluster_terminals``,
-            ``apply_labels``.
+            ``cluster_labels``, ``expired_labels``.
         shards: customer shards and terminal shards (each).
         ttl_ms: lifetime of a key after its last write.
         label_delay_days: the label delay the terminal windows are shifted by.
         wait_replicas: replicas ``WAIT`` asks for after each write; 0 to not wait.
         wait_timeout_ms: how long ``WAIT`` waits for them.
+        label_wait_ms: how long a label for a transaction not seen yet waits for it.
+        on_quarantine: given the corrupt keys a call set aside; returns their names.
     """
 
     def __init__(
@@ -189,8 +219,12 @@ class ClusterState:
         label_delay_days: int,
         wait_replicas: int,
         wait_timeout_ms: int,
+        label_wait_ms: int,
+        on_quarantine: Callable[[Sequence[bytes]], tuple[str, ...]],
     ) -> None:
         self.client = client
+        self.label_wait_ms = label_wait_ms
+        self.on_quarantine = on_quarantine
         self.prefix = prefix
         self.shards = shards
         self.ttl_ms = ttl_ms
@@ -227,10 +261,13 @@ class ClusterState:
         """Key of a terminal's day and hour counters."""
         return self._terminal_prefix(shard_of(terminal_id.encode(), self.shards)) + terminal_id
 
-    def label_key(self, terminal_id: str, transaction_id: str) -> str:
-        """Key marking a label as counted (in its terminal's shard)."""
-        tag = self._terminal_tags[shard_of(terminal_id.encode(), self.shards)]
-        return f"{self.prefix}:{{{tag}}}:l:{transaction_id}"
+    def ledger_key(self, customer_id: str, transaction_id: str) -> str:
+        """Key of a transaction's ledger entry (in its customer's shard)."""
+        tag = self._customer_tags[shard_of(customer_id.encode(), self.shards)]
+        return f"{self.prefix}:{{{tag}}}:x:{transaction_id}"
+
+    def _shard_prefix(self, tag: str) -> str:
+        return f"{self.prefix}:{{{tag}}}:"
 
     def _shard_key(self, tag: str, name: str) -> str:
         return f"{self.prefix}:{{{tag}}}:{name}"
@@ -271,10 +308,14 @@ class ClusterState:
         stored: list[bytes] = [b""] * len(updates)
         new: list[bytes] = [b""] * len(updates)
         flags = bytearray(b"0" * len(updates))
+        resets = bytearray(b"0" * len(updates))
+        found = _Found()
         parts = self.parts(updates)
         counts = await self._terminal_step(updates, batch, {}, parts[0])
         for j, part in enumerate(parts):
-            outboxes = await self._customer_step(updates, batch, part, counts, stored, new, flags)
+            outboxes = await self._customer_step(
+                updates, batch, part, counts, stored, new, flags, resets, found
+            )
             increments, newest = self._increments(outboxes)
             following = parts[j + 1] if j + 1 < len(parts) else []
             counts = await self._terminal_step(updates, batch, increments, following)
@@ -296,7 +337,12 @@ class ClusterState:
         )
         outcome = np.frombuffer(flags, np.uint8)
         return BatchState(
-            history=history, duplicate=outcome == ord("1"), conflict=outcome == ord("C")
+            history=history,
+            duplicate=outcome == ord("1"),
+            conflict=outcome == ord("C"),
+            reset=np.frombuffer(resets, np.uint8) == ord("1"),
+            quarantined=tuple(found.quarantined),
+            labels_applied=tuple(found.labels_applied),
         )
 
     async def _terminal_step(
@@ -352,9 +398,11 @@ class ClusterState:
         stored: list[bytes],
         new: list[bytes],
         flags: bytearray,
+        resets: bytearray,
+        found: _Found,
     ) -> dict[int, bytes]:
-        """Step 2, one call per customer shard; fills each event's history parts and
-        duplicate flag; returns each shard's outbox."""
+        """Step 2, one call per customer shard; fills each event's history parts, outcome
+        and reset flags, and ``found``; returns each shard's outbox."""
         members: dict[int, list[int]] = defaultdict(list)
         packed: dict[int, bytearray] = defaultdict(bytearray)
         for i in part:
@@ -362,15 +410,20 @@ class ClusterState:
             cshard = batch.customer_shards[i]
             members[cshard].append(i)
             cid, tid = batch.customers[i], batch.terminals[i]
+            txid = u.transaction_id.encode()
             packed[cshard] += b"".join(
                 (
                     transaction_hash(u.transaction_id),
                     _EVENT.pack(u.time_ms, u.amount),
+                    id_hash(u.customer_id),
+                    id_hash(u.terminal_id),
                     counts[i],
                     _LENGTH.pack(len(cid)),
                     cid,
                     _LENGTH.pack(len(tid)),
                     tid,
+                    _LENGTH.pack(len(txid)),
+                    txid,
                 )
             )
         order = list(members)
@@ -380,10 +433,14 @@ class ClusterState:
             calls.append(
                 _Call(
                     self._sha["cluster_customers"],
-                    [self._shard_key(tag, "q"), self._shard_key(tag, "b")],
+                    [
+                        self._shard_key(tag, "q"),
+                        self._shard_key(tag, "b"),
+                        self._shard_key(tag, "lpq"),
+                    ],
                     [
                         *self._header,
-                        self._customer_prefix(cshard),
+                        self._shard_prefix(tag),
                         bytes(packed[cshard]),
                         self._counted.get(cshard, 0),
                     ],
@@ -396,8 +453,11 @@ class ClusterState:
             marks: bytes = reply[0]
             for k, i in enumerate(members[cshard]):
                 flags[i] = marks[k]
-                stored[i] = reply[1 + 2 * k]
-                new[i] = reply[2 + 2 * k]
+                resets[i] = reply[1][k]
+                stored[i] = reply[4 + 2 * k]
+                new[i] = reply[5 + 2 * k]
+            found.quarantined += self.on_quarantine(reply[2])
+            found.labels_applied += [LABEL_CODES[chr(c)] for c in reply[3]]
             outboxes[cshard] = reply[-1]
         return outboxes
 
@@ -411,12 +471,12 @@ class ClusterState:
         for cshard, outbox in outboxes.items():
             at = 0
             while at < len(outbox):
-                number, hour, length = _OUTBOX_ENTRY.unpack_from(outbox, at)
+                number, hour, kind, length = _OUTBOX_ENTRY.unpack_from(outbox, at)
                 at += _OUTBOX_ENTRY.size
                 tid = outbox[at : at + length]
                 at += length
                 packed = increments[zlib.crc32(tid) % self.shards]
-                packed += _INCREMENT.pack(cshard, number, hour, length)
+                packed += _INCREMENT.pack(cshard, number, hour, kind, length)
                 packed += tid
                 newest[cshard] = number
         return increments, newest
@@ -424,41 +484,98 @@ class ClusterState:
     # Labels ----------------------------------------------------------------------------
 
     async def apply_labels(self, labels: Sequence[LabelUpdate]) -> list[LabelOutcome]:
-        """Count fraud labels into their terminal's hour, one call per terminal shard; a
-        label seen before counts once (its marker lives in the terminal's shard).
+        """Reconcile labels with the ledger, one call per customer shard (the ledger lives
+        with the transaction's customer), then count the verdicts' changes at their
+        terminal shards through the outbox, as step 3 counts transactions: a worker dying
+        in between leaves them in the outbox, and the next call on the shard sends them."""
+        outcomes, outboxes = await self.label_step(labels)
+        await self.count_outboxes(outboxes)
+        return outcomes
 
-        Labels are not reconciled with a transaction ledger here: the ledger of one Redis
-        lives with the transaction's customer, and checking a label against it and counting
-        it at its terminal would span two slots.
-        """
-        keys: dict[int, list[str]] = defaultdict(list)
-        args: dict[int, list[Any]] = defaultdict(list)
-        positions: dict[int, list[int]] = defaultdict(list)
+    async def label_step(
+        self, labels: Sequence[LabelUpdate]
+    ) -> tuple[list[LabelOutcome], dict[int, bytes]]:
+        """The customer-shard half of :meth:`apply_labels`: outcomes, and the outboxes."""
+        members: dict[int, list[int]] = defaultdict(list)
+        packed: dict[int, bytearray] = defaultdict(bytearray)
         for i, label in enumerate(labels):
-            tshard = shard_of(label.terminal_id.encode(), self.shards)
-            keys[tshard] += [
-                self.terminal_key(label.terminal_id),
-                self.label_key(label.terminal_id, label.transaction_id),
-            ]
-            args[tshard] += [label.time_ms // features.MS_PER_HOUR, "1" if label.is_fraud else "0"]
-            positions[tshard].append(i)
-        shards = list(keys)
+            cshard = shard_of(label.customer_id.encode(), self.shards)
+            members[cshard].append(i)
+            txid, tid = label.transaction_id.encode(), label.terminal_id.encode()
+            packed[cshard] += b"".join(
+                (
+                    _LABEL.pack(
+                        label.time_ms,
+                        id_hash(label.customer_id),
+                        id_hash(label.terminal_id),
+                        label.reported_ms,
+                        b"1" if label.is_fraud else b"0",
+                    ),
+                    _LENGTH.pack(len(txid)),
+                    txid,
+                    _LENGTH.pack(len(tid)),
+                    tid,
+                    _LENGTH.pack(len(label.source)),
+                    label.source,
+                )
+            )
+        order = list(members)
+        now_ms = int(time.time() * 1000)
+        calls = []
+        for cshard in order:
+            tag = self._customer_tags[cshard]
+            calls.append(
+                _Call(
+                    self._sha["cluster_labels"],
+                    [
+                        self._shard_key(tag, "q"),
+                        self._shard_key(tag, "b"),
+                        self._shard_key(tag, "lpq"),
+                    ],
+                    [
+                        self.ttl_ms,
+                        now_ms,
+                        self.label_wait_ms,
+                        self._shard_prefix(tag),
+                        self._counted.get(cshard, 0),
+                        bytes(packed[cshard]),
+                    ],
+                    writes=True,
+                )
+            )
+        replies = await self._run(calls)
+        outcomes = [LabelOutcome.DUPLICATE] * len(labels)
+        outboxes: dict[int, bytes] = {}
+        for cshard, reply in zip(order, replies, strict=True):
+            for i, code in zip(members[cshard], reply[0], strict=True):
+                outcomes[i] = LABEL_CODES[chr(code)]
+            self.on_quarantine(reply[1])
+            outboxes[cshard] = reply[2]
+        return outcomes, outboxes
+
+    async def count_outboxes(self, outboxes: dict[int, bytes]) -> None:
+        """Step 3 alone: count the outboxes' entries at their terminal shards."""
+        increments, newest = self._increments(outboxes)
+        if increments:
+            await self._terminal_step([], _Batch([], [], [], []), increments, [])
+        for shard, number in newest.items():
+            self._counted[shard] = max(self._counted.get(shard, 0), number)
+
+    async def expired_labels(self, now_ms: int, lease_ms: int, limit: int) -> list[ExpiredLabel]:
+        """Pending labels past their deadline on every customer shard, claimed for
+        ``lease_ms``."""
         replies = await self._run(
             [
                 _Call(
-                    self._sha["cluster_labels"],
-                    keys[t],
-                    [self.ttl_ms, TERMINAL_RING_DAYS, *args[t]],
+                    self._sha["expired_labels"],
+                    [self._shard_key(tag, "lpq")],
+                    [now_ms, lease_ms, limit],
                     writes=True,
                 )
-                for t in shards
+                for tag in self._customer_tags
             ]
         )
-        outcomes = [LabelOutcome.DUPLICATE] * len(labels)
-        for t, codes in zip(shards, replies, strict=True):
-            for i, code in zip(positions[t], codes, strict=True):
-                outcomes[i] = LABEL_CODES[chr(code)]
-        return outcomes
+        return [label for reply in replies for label in expired_from_reply(reply)][:limit]
 
     # Calls -----------------------------------------------------------------------------
 

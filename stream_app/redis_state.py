@@ -38,7 +38,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 
 from stream_app import features
-from stream_app.redis_cluster_state import DEFAULT_SHARDS, ClusterState
+from stream_app.redis_cluster_state import DEFAULT_SHARDS, ClusterState, expired_from_reply
 from stream_app.state import (
     DEFAULT_LABEL_WAIT_S,
     ENTRY_DTYPE,
@@ -81,8 +81,10 @@ _PARTS: Final = {
     ),
     "apply_labels": ("terminal_ring", "ledger"),
     "expired_labels": ("terminal_ring", "ledger"),
-    "cluster_labels": ("terminal_ring",),
-    "cluster_customers": ("terminal_ring", "state_header", "customer_history"),
+    "cluster_labels": ("terminal_ring", "ledger", "cluster_outbox"),
+    "cluster_customers": (
+        "terminal_ring", "state_header", "customer_history", "ledger", "cluster_outbox",
+    ),
     "cluster_terminals": ("terminal_ring", "state_header", "terminal_windows"),
 }  # fmt: skip
 log = logging.getLogger(__name__)
@@ -169,17 +171,35 @@ class RedisStateStore:
                 header=self._header,
                 scripts={
                     name: _script(name)
-                    for name in ("cluster_customers", "cluster_terminals", "cluster_labels")
+                    for name in (
+                        "cluster_customers",
+                        "cluster_terminals",
+                        "cluster_labels",
+                        "expired_labels",
+                    )
                 },
                 shards=cluster_shards,
                 ttl_ms=self.ttl_ms,
                 label_delay_days=label_delay_days,
                 wait_replicas=wait_replicas,
                 wait_timeout_ms=int(wait_timeout_s * 1000),
+                label_wait_ms=self.label_wait_ms,
+                on_quarantine=self._quarantined,
             )
         self._apply_transactions = client.register_script(_script("apply_transactions"))
         self._apply_labels = client.register_script(_script("apply_labels"))
         self._expired_labels = client.register_script(_script("expired_labels"))
+
+    @property
+    def clustered(self) -> bool:
+        """Whether the state is on a Redis Cluster."""
+        return self._cluster is not None
+
+    def set_label_wait(self, seconds: float) -> None:
+        """Change how long a label waits for its transaction (tests, tools)."""
+        self.label_wait_ms = int(seconds * 1000)
+        if self._cluster is not None:
+            self._cluster.label_wait_ms = self.label_wait_ms
 
     def customer_key(self, customer_id: str) -> str:
         """Key of a customer's history."""
@@ -278,11 +298,8 @@ class RedisStateStore:
         return names
 
     async def apply_labels(self, labels: Sequence[LabelUpdate]) -> list[LabelOutcome]:
-        """Reconcile labels with the ledger and apply their verdicts, one Redis call.
-
-        On a Redis Cluster labels are counted once per transaction id, unreconciled (see
-        :mod:`stream_app.redis_cluster_state`).
-        """
+        """Reconcile labels with the ledger and apply their verdicts, one Redis call (on a
+        Redis Cluster, see :meth:`ClusterState.apply_labels`)."""
         if not labels:
             return []
         if self._cluster is not None:
@@ -318,24 +335,18 @@ class RedisStateStore:
 
     async def expired_labels(self, limit: int = 1000) -> list[ExpiredLabel]:
         """Pending labels past their deadline, claimed for a minute (see ``drop_pending``)."""
-        if self._cluster is not None:
-            return []
         now_ms = int(time.time() * 1000)
+        if self._cluster is not None:
+            return await self._cluster.expired_labels(now_ms, _PENDING_LEASE_MS, limit)
         reply = await self._expired_labels(
             keys=[self.pending_queue], args=[now_ms, _PENDING_LEASE_MS, limit]
         )
-        cut = len(f"{self.prefix}:lp:")
-        return [
-            ExpiredLabel(reply[i][cut:].decode(errors="replace"), reply[i + 1])
-            for i in range(0, len(reply), 2)
-        ]
+        return expired_from_reply(reply)
 
-    async def drop_pending(self, transaction_ids: Sequence[str]) -> None:
+    async def drop_pending(self, expired: Sequence[ExpiredLabel]) -> None:
         """Forget pending labels once dead-lettered."""
-        if not transaction_ids or self._cluster is not None:
-            return
-        keys = [self.pending_key(t) for t in transaction_ids]
-        async with self.client.pipeline(transaction=True) as pipe:
-            pipe.delete(*keys)
-            pipe.zrem(self.pending_queue, *keys)
-            await pipe.execute()
+        for key in {e.key for e in expired}:
+            # The pending queue is next to the key (on a cluster, in its slot).
+            queue = key[: key.index(":lp:")] + ":lpq"
+            await self.client.delete(key)
+            await self.client.zrem(queue, key)

@@ -136,10 +136,12 @@ class LabelUpdate(NamedTuple):
 
 
 class ExpiredLabel(NamedTuple):
-    """A pending label whose transaction never came: its ``source``, to dead-letter."""
+    """A pending label whose transaction never came: its ``source``, to dead-letter, and
+    where the store keeps it (``key``, for :meth:`StateStore.drop_pending`)."""
 
     transaction_id: str
     source: bytes
+    key: str = ""
 
 
 @dataclass(frozen=True)
@@ -190,8 +192,9 @@ class StateStore(Protocol):
         :meth:`drop_pending` hands them out again)."""
         ...
 
-    async def drop_pending(self, transaction_ids: Sequence[str]) -> None:
-        """Forget pending labels (once dead-lettered)."""
+    async def drop_pending(self, expired: Sequence[ExpiredLabel]) -> None:
+        """Forget pending labels (once dead-lettered), with every label waiting for the
+        same transaction."""
         ...
 
 
@@ -408,8 +411,8 @@ class MemoryStateStore:
             self.deadlines[tx_id] = now_ms + int(self.label_wait_s * 1000)
         return [ExpiredLabel(t, label.source) for t in due for label in self.pending[t].values()]
 
-    async def drop_pending(self, transaction_ids: Sequence[str]) -> None:
+    async def drop_pending(self, expired: Sequence[ExpiredLabel]) -> None:
         """Forget pending labels (once dead-lettered)."""
-        for tx_id in transaction_ids:
-            self.pending.pop(tx_id, None)
-            self.deadlines.pop(tx_id, None)
+        for label in expired:
+            self.pending.pop(label.transaction_id, None)
+            self.deadlines.pop(label.transaction_id, None)

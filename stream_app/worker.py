@@ -270,11 +270,11 @@ def build_app(runtime: WorkerRuntime) -> faust.App:
         that dies in between leaves it to be handed out again (its dead letter may repeat,
         an identical copy). A failure here is logged and retried at the next tick."""
         try:
-            rejected, ids = await expired_labels(store, s.label_wait_s, metrics)
+            rejected, expired = await expired_labels(store, s.label_wait_s, metrics)
             if not rejected:
                 return
             await publish_label_dead_letters(rejected)
-            await store.drop_pending(ids)
+            await store.drop_pending(expired)
         except (RedisError, KafkaError) as exc:
             log.warning("dead-lettering expired labels failed (%s); retrying shortly", exc)
             return

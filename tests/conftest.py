@@ -19,6 +19,7 @@ from tests.kafka_fixtures import (  # noqa: F401  (fixtures, re-exported for eve
     served_model,
     small_transactions,
 )
+from tests.redis_cluster import redis_cluster_fixture  # noqa: F401  (one cluster a session)
 
 REDIS_URL = os.environ.get("FRAUDSTREAM_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 

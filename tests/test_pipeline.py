@@ -376,7 +376,7 @@ async def test_a_label_whose_transaction_never_comes_is_dead_lettered_as_it_came
     assert [(r.message, r.error.reason) for r in rejected] == [
         (message, RejectReason.LABEL_UNKNOWN_TRANSACTION)
     ]
-    assert ids == ["6"]
+    assert [e.transaction_id for e in ids] == ["6"]
     await store.drop_pending(ids)
     assert await expired_labels(store, 0.0, metrics) == ([], [])
 

@@ -29,6 +29,7 @@ from stream_app import features as F
 from stream_app.config import Settings, load_settings
 from stream_app.errors import ConfigError
 from stream_app.records import parse_label
+from stream_app.redis_cluster_state import _Found
 from stream_app.redis_state import RedisStateStore
 from stream_app.runtime import check_redis_mode, redis_client
 from stream_app.scoring import OnnxScorer
@@ -49,7 +50,6 @@ from tests.kafka_fixtures import (
     new_settings,
     read_topic,
 )
-from tests.redis_cluster import redis_cluster_fixture  # noqa: F401
 from tests.resilience_helpers import OwnedRedis, run_worker_to_exit, simulated
 from tests.test_redis_state import _random_updates
 from tests.test_worker_replay import (
@@ -158,17 +158,46 @@ async def test_cluster_store_matches_the_reference_store_batch_for_batch(
 
 
 async def test_terminal_counts_and_labels_on_the_cluster(cluster_store: RedisStateStore) -> None:
-    label = LabelUpdate("tx1", "c1", "t1", BASE_MS, True)
-    # No ledger on a cluster: a label counts once per transaction id, unreconciled.
+    label = LabelUpdate("tx1", "c1", "t1", BASE_MS, True, reported_ms=BASE_MS + 1)
+    # Before its transaction, a label waits for it (in the customer's shard).
     assert await cluster_store.apply_labels([label, label]) == [
-        LabelOutcome.FRAUD,
-        LabelOutcome.DUPLICATE,
+        LabelOutcome.PENDING,
+        LabelOutcome.PENDING,
     ]
+    state = await cluster_store.apply_transactions(
+        [TransactionUpdate("tx1", "c1", "t1", BASE_MS, 5.0)]
+    )
+    assert state.labels_applied == (LabelOutcome.FRAUD,)
+    hour = BASE_MS // F.MS_PER_HOUR
+    assert await cluster_store.terminal_counts("t1", hour) == (1, 1, 1, 1)
     assert await cluster_store.apply_labels([label]) == [LabelOutcome.DUPLICATE]
-    await cluster_store.apply_transactions([TransactionUpdate("tx1", "c1", "t1", BASE_MS, 5.0)])
-    assert await cluster_store.terminal_counts("t1", BASE_MS // F.MS_PER_HOUR) == (1, 1, 1, 1)
+    genuine = label._replace(is_fraud=False, reported_ms=BASE_MS + 2)
+    assert await cluster_store.apply_labels([genuine]) == [LabelOutcome.CORRECTED]
+    assert await cluster_store.terminal_counts("t1", hour) == (1, 0, 1, 0)
     ttl = await cluster_store.client.pttl(cluster_store.customer_key("c1"))
     assert 0 < ttl <= cluster_store.ttl_ms
+
+
+async def test_a_worker_dying_between_a_label_and_its_terminal_counts_it_once(
+    cluster_store: RedisStateStore,
+) -> None:
+    """A verdict recorded in the customer's shard whose terminal step never ran: it stays
+    in the shard's outbox, and the next call on that shard counts it, once."""
+    cluster = cluster_store._cluster
+    assert cluster is not None
+    tx = TransactionUpdate("tx1", "c1", "t1", BASE_MS, 5.0)
+    await cluster_store.apply_transactions([tx])
+    label = LabelUpdate("tx1", "c1", "t1", BASE_MS, True, reported_ms=BASE_MS + 1)
+    outcomes, outboxes = await cluster.label_step([label])  # then the worker dies
+    assert outcomes == [LabelOutcome.FRAUD]
+    hour = BASE_MS // F.MS_PER_HOUR
+    assert await cluster_store.terminal_counts("t1", hour) == (1, 0, 1, 0)
+    # A redelivered label is a duplicate, and its call sends the outbox still holding it.
+    assert await cluster_store.apply_labels([label]) == [LabelOutcome.DUPLICATE]
+    assert await cluster_store.terminal_counts("t1", hour) == (1, 1, 1, 1)
+    # The dead worker's step 3, arriving late, counts nothing twice.
+    await cluster.count_outboxes(outboxes)
+    assert await cluster_store.terminal_counts("t1", hour) == (1, 1, 1, 1)
 
 
 def _state(cluster: LocalRedisCluster, prefix: str) -> dict[str, object]:
@@ -200,7 +229,7 @@ async def test_a_worker_dying_between_the_customer_and_terminal_steps_counts_onc
         counts = await crashed._terminal_step(batch, encoded, {}, everyone)
         stored, new, flags = [b""] * len(batch), [b""] * len(batch), bytearray(len(batch))
         outboxes = await crashed._customer_step(
-            batch, encoded, everyone, counts, stored, new, flags
+            batch, encoded, everyone, counts, stored, new, flags, bytearray(len(batch)), _Found()
         )
         assert set(flags) == {ord("0")}  # every event new
         # A new worker gets batch 3 again: every event a duplicate with its first inputs,
@@ -497,7 +526,8 @@ def test_a_primary_killed_mid_replay_loses_nothing_and_counts_nothing_twice(
         with WorkerProcess(settings, tmp_path / "worker.log") as worker:
             worker.start()
             asyncio.run(publish(settings, labels, rate=10_000))
-            worker.wait_for('fraudstream_labels_total{outcome="fraud"}', n_frauds)
+            # Before their transactions, labels wait for them.
+            worker.wait_for('fraudstream_labels_total{outcome="pending"}', n_frauds)
 
             def kill_mid_stream(published: int) -> None:
                 scored = worker.metric('fraudstream_events_total{outcome="scored"}') or 0

@@ -31,7 +31,6 @@ from stream_app.state import (
 )
 from tests.conftest import REDIS_URL
 from tests.feature_cases import BASE_MS, Tx, bursts, replay_online, run_offline
-from tests.redis_cluster import redis_cluster_fixture  # noqa: F401
 from tests.test_redis_cluster import _replay_on_cluster
 from training.services.redis_cluster import LocalRedisCluster
 

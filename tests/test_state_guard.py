@@ -26,7 +26,6 @@ from stream_app.redis_state import RedisStateStore
 from stream_app.state import TransactionUpdate
 from stream_app.state_guard import StateGuard, Updates, rebuild_state, write_marker
 from tests.conftest import REDIS_URL
-from tests.redis_cluster import redis_cluster_fixture  # noqa: F401
 from tests.resilience_helpers import environment_without_settings
 from training.services.redis_cluster import LocalRedisCluster
 

@@ -1,32 +1,69 @@
--- Redis Cluster: count fraud labels into their terminal's hour, on one terminal shard (one
--- hash slot); a label seen before counts once. Put after terminal_ring.lua.
--- KEYS: per label, its terminal key then its label-dedupe key (both on the shard's slot).
--- ARGV: ttl_ms, ring_days, then per label: hour (hours since the epoch), is_fraud ('1'/'0').
--- Returns the outcome codes (state.LABEL_CODES): 'F' a fraud counted, 'G' a genuine label,
--- 'D' a label seen before (or more than a ring late).
+-- Redis Cluster: reconcile labels with the ledger of one customer shard (one hash slot) and
+-- record their verdicts, in order, atomically; a verdict's change to its terminal's fraud
+-- counter goes to the shard's outbox, which step 3 counts at the terminal shard (see
+-- stream_app/redis_cluster_state.py). Put after terminal_ring.lua, ledger.lua and
+-- cluster_outbox.lua.
 --
--- Unlike one Redis, a cluster does not reconcile labels with a transaction ledger: see
--- stream_app/redis_cluster_state.py.
+-- KEYS: the shard's outbox key, batch-number key and pending-label queue.
+-- ARGV: ttl_ms, now_ms, wait_ms, the shard's key prefix ('{prefix}:{tag}:'), trim_upto (see
+--       cluster_customers.lua), then one string packing every label as <33-byte label head
+--       (ledger.lua), i4 length, transaction id, i4 length, terminal id, i4 length, source>.
+-- Returns: { outcome codes (one letter per label), the keys quarantined, the outbox }.
 
 ttl = tonumber(ARGV[1])
-ring = tonumber(ARGV[2])
+local now, wait = tonumber(ARGV[2]), tonumber(ARGV[3])
+local key_prefix = ARGV[4]
+local trim_upto = tonumber(ARGV[5])
+local packed = ARGV[6]
+local qkey, bkey, pending_queue = KEYS[1], KEYS[2], KEYS[3]
+
+local outbox, outbox_changed = read_outbox(qkey, trim_upto)
+local batch = nil
+local entries = {}
 local codes = {}
-for e = 1, #KEYS / 2 do
-  local tkey = KEYS[2 * e - 1]
-  local lkey = KEYS[2 * e]
-  local hour = tonumber(ARGV[2 * e + 1])
-  local is_fraud = ARGV[2 * e + 2]
-  codes[e] = 'D'
-  if redis.call('SET', lkey, is_fraud, 'NX', 'PX', ttl) then
-    codes[e] = 'G'
-    if is_fraud == '1' then
-      local day = math.floor(hour / 24)
-      if sound_terminal(tkey) and count_in_ring(tkey, read_day_slots(tkey), day, hour - day * 24, 0, 1) then
-        codes[e] = 'F'
-      else
-        codes[e] = 'D'
-      end
+local pos = 1
+local function field(at)
+  local len = struct.unpack('<i4', packed, at)
+  return string.sub(packed, at + 4, at + 3 + len), at + 4 + len
+end
+while pos <= #packed do
+  local head = string.sub(packed, pos, pos + LABEL_HEAD - 1)
+  local txid, tid, source
+  txid, pos = field(pos + LABEL_HEAD)
+  tid, pos = field(pos)
+  source, pos = field(pos)
+  local xkey, pkey = key_prefix .. 'x:' .. txid, key_prefix .. 'lp:' .. txid
+  local reported = struct.unpack('<i8', head, 25)
+  local ident = string.sub(head, 1, IDENTITY)
+  local x = sound_get(xkey, LEDGER, nil)
+  local code
+  if not x then
+    local ok, waiting = pcall(redis.call, 'HGET', pkey, ident)
+    if not ok then
+      quarantine(pkey)
+      waiting = nil
+    end
+    if not waiting or #waiting < 9 or struct.unpack('<i8', waiting, 1) <= reported then
+      redis.call('HSET', pkey, ident, string.sub(head, 25, LABEL_HEAD) .. source)
+      redis.call('PEXPIRE', pkey, ttl)
+    end
+    redis.call('ZADD', pending_queue, now + wait, pkey)
+    code = 'P'
+  elseif identity_of(x) ~= ident then
+    code = 'M'
+  else
+    local delta
+    code, delta = change_verdict(xkey, x, string.sub(head, 33, 33), reported)
+    if delta ~= 0 then
+      batch = batch or next_batch(bkey)
+      entries[#entries + 1] = outbox_entry(batch, ledger_hour(x), delta, tid)
     end
   end
+  codes[#codes + 1] = code
 end
-return table.concat(codes)
+if #entries > 0 then
+  outbox = outbox .. table.concat(entries)
+  outbox_changed = true
+end
+if outbox_changed then save_outbox(qkey, outbox) end
+return { table.concat(codes), quarantined, outbox }

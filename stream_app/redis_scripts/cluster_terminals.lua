@@ -8,8 +8,9 @@
 --       cluster_customers.lua for why).
 -- ARGV: the state header, then
 --   * the shard's terminal key prefix ('{prefix}:{tag}:t2:');
---   * increments: one string of <i4 customer shard, i8 batch, i4 hour, i4 length,
---     terminal id>, batches in increasing order per customer shard;
+--   * increments: one string of <i4 customer shard, i8 batch, i4 hour, i4 kind (0 a
+--     transaction, -1 or 1 a fraud verdict's change), i4 length, terminal id>, batches in
+--     increasing order per customer shard;
 --   * reads: one string of <i8 time_ms, i4 length, terminal id>.
 -- Returns: one string, per read its i4 x 2n window counts.
 --
@@ -26,15 +27,21 @@ local counted = {}  -- customer shard -> last batch counted here, before this ca
 local newest = {}
 local pos = 1
 while pos <= #increments do
-  local shard, batch, hour, len = struct.unpack('<i4i8i4i4', increments, pos)
-  local tkey = key_prefix .. string.sub(increments, pos + 20, pos + 19 + len)
-  pos = pos + 20 + len
+  local shard, batch, hour, kind, len = struct.unpack('<i4i8i4i4i4', increments, pos)
+  local tkey = key_prefix .. string.sub(increments, pos + 24, pos + 23 + len)
+  pos = pos + 24 + len
   if counted[shard] == nil then
     counted[shard] = tonumber(redis.call('HGET', wkey, shard) or '0')
   end
   if batch > counted[shard] then
     local day = math.floor(hour / 24)
-    count_in_ring(tkey, read_day_slots(tkey, false), day, hour - day * 24, 1, 0)
+    if sound_terminal(tkey) then
+      if kind == 0 then
+        count_in_ring(tkey, read_day_slots(tkey, false), day, hour - day * 24, 1, 0)
+      else
+        adjust_fraud(tkey, day, hour - day * 24, kind)
+      end
+    end
     if batch > (newest[shard] or 0) then newest[shard] = batch end
   end
 end

@@ -15,24 +15,37 @@ local CONTENT = 32
 local LABEL_HEAD = 33  -- a label as packed: its identity, reported_at ms, verdict
 local IDENTITY = 24
 
--- Apply a verdict to a ledger entry x (at xkey) and its terminal's fraud counter, atomically
--- with the verdict itself. Returns the outcome code (see state.LABEL_CODES).
-local function apply_verdict(xkey, x, tkey, verdict, reported)
+-- Record a verdict in a ledger entry x (at xkey). Returns the outcome code (see
+-- state.LABEL_CODES) and the change it makes to the fraud counter of the transaction's hour
+-- at its terminal (-1, 0 or 1), which the caller applies in the same atomic call (one
+-- Redis) or through the outbox (a cluster).
+local function change_verdict(xkey, x, verdict, reported)
   local old = string.sub(x, LEDGER, LEDGER)
   local old_reported = struct.unpack('<i8', x, CONTENT + 1)
-  if old ~= '-' and old_reported > reported then return 'S' end
-  if old == verdict then return 'D' end
+  if old ~= '-' and old_reported > reported then return 'S', 0 end
+  if old == verdict then return 'D', 0 end
   local delta = (verdict == '1' and 1 or 0) - (old == '1' and 1 or 0)
+  redis.call('SET', xkey, string.sub(x, 1, CONTENT) .. struct.pack('<i8', reported) .. verdict,
+    'KEEPTTL')
+  if old ~= '-' then return 'R', delta end
+  if verdict == '1' then return 'F', delta end
+  return 'G', delta
+end
+
+-- The hour (since the epoch) of the transaction whose ledger entry is x.
+local function ledger_hour(x)
+  return math.floor(struct.unpack('<i8', x, 1) / 3600000)
+end
+
+-- change_verdict, and the fraud counter of the terminal at tkey moved with it (one Redis).
+local function apply_verdict(xkey, x, tkey, verdict, reported)
+  local code, delta = change_verdict(xkey, x, verdict, reported)
   if delta ~= 0 and sound_terminal(tkey) then
-    local hour = math.floor(struct.unpack('<i8', x, 1) / 3600000)
+    local hour = ledger_hour(x)
     local day = math.floor(hour / 24)
     adjust_fraud(tkey, day, hour - day * 24, delta)
   end
-  redis.call('SET', xkey, string.sub(x, 1, CONTENT) .. struct.pack('<i8', reported) .. verdict,
-    'KEEPTTL')
-  if old ~= '-' then return 'R' end
-  if verdict == '1' then return 'F' end
-  return 'G'
+  return code
 end
 
 -- The 24-byte identity <time, customer hash, terminal hash> of the transaction whose ledger
