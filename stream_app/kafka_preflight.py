@@ -15,6 +15,8 @@ answers::
     SASL authentication refused               ConfigError  FRAUDSTREAM_KAFKA_SASL_USERNAME/PASSWORD
     SASL mechanism not enabled                ConfigError  FRAUDSTREAM_KAFKA_SASL_MECHANISM
     topic may not be created (missing)        ConfigError  the topics, FRAUDSTREAM_CREATE_TOPICS
+    topic missing, FRAUDSTREAM_CREATE_TOPICS  ConfigError  each topic and the setting naming it
+      false
     topic not described / no Read or Write    ConfigError  the topic, the operation, its setting
     consumer group not authorised             ConfigError  the group (FRAUDSTREAM_GROUP_ID)
     session timeout outside the brokers'      ConfigError  FRAUDSTREAM_CONSUMER_SESSION_TIMEOUT_S
@@ -56,6 +58,7 @@ from aiokafka.errors import (
     SaslAuthenticationFailed,
     TopicAuthorizationFailedError,
     TransactionalIdAuthorizationFailed,
+    UnknownTopicOrPartitionError,
     UnsupportedSaslMechanismError,
     for_code,
 )
@@ -310,6 +313,46 @@ async def check_topics(admin: AIOKafkaAdminClient, settings: Settings) -> None:
         )
 
 
+async def missing_topics(admin: AIOKafkaAdminClient, topics: Sequence[str]) -> list[str]:
+    """Which of ``topics`` the brokers do not know, asked without creating any.
+
+    A plain metadata request naming a missing topic makes a broker with auto-creation on
+    create it (with its own partition count), and the bundled broker acknowledges writes
+    to a deleted topic and stores nothing: so the worker asks this before it starts, and
+    before it commits a batch (:mod:`stream_app.scoring_loop`).
+    """
+    try:
+        response: Any = await admin._send_request(_TopicOperationsRequest(topics))
+    except (NotImplementedError, IncompatibleBrokerVersion):  # no Metadata v8: list them
+        known = set(await admin.list_topics())
+        return [t for t in topics if t not in known]
+    return [
+        t["topic"]
+        for t in response.to_object()["topics"]
+        if for_code(t["error_code"]) is UnknownTopicOrPartitionError
+    ]
+
+
+async def check_topics_exist(admin: AIOKafkaAdminClient, settings: Settings) -> None:
+    """With topic creation off, every topic must exist before the worker starts.
+
+    Raises:
+        ConfigError: naming each missing topic and the setting that names it.
+    """
+    if settings.create_topics:
+        return
+    needs = topic_needs(settings)
+    missing = set(await missing_topics(admin, [n.topic for n in needs]))
+    if missing:
+        named = [f"{n.topic} ({n.setting})" for n in needs if n.topic in missing]
+        raise ConfigError(
+            "missing topics "
+            + ", ".join(named)
+            + f": create them, or set {_setting('create_topics')}=true to let the worker "
+            "create them"
+        )
+
+
 # --- consumer groups -------------------------------------------------------------------
 
 
@@ -444,6 +487,12 @@ async def check(settings: Settings) -> dict[str, int]:
         KafkaError, OSError: Kafka is not reachable yet: the caller retries.
     """
     await check_connection(settings)
+    admin = AIOKafkaAdminClient(**kafka_config.client_kwargs(settings))
+    await admin.start()
+    try:
+        await check_topics_exist(admin, settings)
+    finally:
+        await admin.close()
     partitions = await kafka_config.ensure_topics(settings)
     admin = AIOKafkaAdminClient(**kafka_config.client_kwargs(settings))
     await admin.start()

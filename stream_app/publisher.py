@@ -76,6 +76,11 @@ class Publisher:
 
         Raises:
             KafkaError: some output was not acknowledged (others may have been: the caller
-                re-sends all, which is safe as consumers dedupe by transaction id).
+                re-sends all, which is safe as consumers dedupe by transaction id). Raised
+                once every send has settled: none is still in flight (and retrying) when a
+                transaction is aborted, where it could land after the abort marker.
         """
-        await asyncio.gather(*await self.send(outputs))
+        results = await asyncio.gather(*await self.send(outputs), return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result

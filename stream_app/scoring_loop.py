@@ -25,12 +25,13 @@ from aiokafka.errors import (
     NoOffsetForPartitionError,
     OffsetOutOfRangeError,
     ProducerFenced,
+    UnknownTopicOrPartitionError,
 )
 from redis.exceptions import (
     RedisError,
 )
 
-from stream_app import kafka_config
+from stream_app import kafka_config, kafka_preflight
 from stream_app.backoff import BACKOFF_START_S, Backoff
 from stream_app.errors import FraudStreamError, RejectedEvent, RejectReason
 from stream_app.kafka_fencing import GroupFencedError, fence_by_generation, group_metadata
@@ -72,6 +73,7 @@ _LABELS_POLL_S: Final = 0.2
 # The stall watchdog's tick; a gap between ticks longer than half the consumer session
 # means heartbeats stopped long enough for the group to evict this member.
 _WATCHDOG_TICK_S: Final = 0.1
+_METADATA_MAX_AGE_MS: Final = 5_000
 # What each FRAUDSTREAM_OFFSET_RESET_POLICY does with a partition whose position is out of range.
 _RESET_ACTIONS: Final = {
     "earliest": "reading it again from its first offset",
@@ -152,6 +154,13 @@ class _Batch:
     unscorable: list[Rejected] = field(default_factory=list)  # dead-lettered after scoring
     outputs: list[Output] = field(default_factory=list)
     acks: list[asyncio.Future[Any]] = field(default_factory=list)
+    # ScoringLoop._losses when the outputs were sent (_SENT_WHILE_MISSING: an output topic
+    # was known to be missing): a loss seen since means they must be sent again.
+    sent_after_loss: int = 0
+
+
+# A batch sent while an output topic was known to be missing.
+_SENT_WHILE_MISSING: Final = -1
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -229,7 +238,11 @@ class ScoringLoop:
         self.labels_pending = False  # set on assignment: see _wait_for_labels
         # Rebalance callbacks run so far: a batch polled before one must not be processed.
         self.rebalances = 0
-        self._admin: AIOKafkaAdminClient | None = None
+        self._admin: AIOKafkaAdminClient | None = None  # see _admin_client
+        self._admin_lock = asyncio.Lock()
+        # Output topics found missing (see _check_outputs_exist): how many times, and now.
+        self._losses = 0
+        self._outputs_missing = False
         # Stalls seen by the watchdog, in all and as of the last committed transaction.
         self._stalls = 0
         self._stalls_settled = 0
@@ -241,6 +254,9 @@ class ScoringLoop:
                 # its beginning, and one whose position is out of range (its topic deleted
                 # and re-created) goes through _reset_offsets, logged and counted.
                 "auto_offset_reset": "none",
+                # A topic deleted and re-created is seen (and re-assigned) within seconds,
+                # not at aiokafka's default five-minute metadata refresh.
+                "metadata_max_age_ms": _METADATA_MAX_AGE_MS,
             },
             partition_assignment_strategy=(RangePartitionAssignor,),
         )
@@ -360,12 +376,10 @@ class ScoringLoop:
         partitions = [TopicPartition(topic, p) for p in range(self.runtime.partitions[topic])]
         started = time.monotonic()
         try:
-            if self._admin is None:
-                self._admin = AIOKafkaAdminClient(**kafka_config.client_kwargs(s))
-                await self._admin.start()
+            admin = await self._admin_client()
             ends: dict[TopicPartition, int] = await self.consumer.end_offsets(partitions)
             while True:
-                committed = await self._admin.list_consumer_group_offsets(
+                committed = await admin.list_consumer_group_offsets(
                     s.group_id, partitions=partitions
                 )
                 behind = {
@@ -391,6 +405,15 @@ class ScoringLoop:
         waited = time.monotonic() - started
         if waited > 1.0:
             log.info("waited %.1f s for the labels path to catch up before scoring", waited)
+
+    async def _admin_client(self) -> AIOKafkaAdminClient:
+        """The admin client the loop's tasks share, started on first use."""
+        async with self._admin_lock:
+            if self._admin is None:
+                admin = AIOKafkaAdminClient(**kafka_config.client_kwargs(self.settings))
+                await admin.start()
+                self._admin = admin
+            return self._admin
 
     async def _poll(self, timeout_ms: int) -> list[_Polled]:
         """Up to a batch of validated messages, the earliest events first across partitions.
@@ -701,12 +724,18 @@ class ScoringLoop:
             (KafkaError,),
             self._kafka_error("produce"),
         )
+        batch.sent_after_loss = self._sent_mark()
         await self._unsettled.put(batch)
 
     async def _transaction(self, batch: _Batch) -> None:
         try:
             async with self.producer.transaction():
+                # Before and after: records sent to a missing topic wait in the producer,
+                # and land in the topic re-created meanwhile without this transaction's
+                # commit marker, invisible to read_committed readers for good.
+                await self._check_outputs_exist(batch)
                 await self.publisher.publish(batch.outputs)
+                await self._check_outputs_exist(batch)
                 await self.producer.send_offsets_to_transaction(
                     dict(batch.offsets), self.settings.scoring_group_id
                 )
@@ -831,13 +860,68 @@ class ScoringLoop:
                 raise
 
         async def attempt() -> None:
-            if not batch.acks:
-                batch.acks = await self.publisher.send(batch.outputs)
-            await wait_or_resend()
+            while True:
+                if not batch.acks:
+                    batch.acks = await self.publisher.send(batch.outputs)
+                    batch.sent_after_loss = self._sent_mark()
+                await wait_or_resend()
+                try:
+                    await self._check_outputs_exist(batch)
+                except KafkaError:
+                    batch.acks = []  # acknowledged by a broker that did not store them
+                    raise
+                if batch.sent_after_loss == self._losses:
+                    return
+                # Sent before a topic loss was seen (or during one), acknowledged perhaps
+                # into nothing: the topics are back, send it again (duplicates are identical).
+                batch.acks = []
 
         await self.backoff.run(
             attempt, "publishing outputs", (KafkaError,), self._kafka_error("produce")
         )
+
+    async def _check_outputs_exist(self, batch: _Batch) -> None:
+        """Refuse to count a batch as published if a topic it wrote to is gone.
+
+        A broker may acknowledge writes to a topic deleted meanwhile and store nothing (the
+        bundled broker does); Apache Kafka refuses them, but a topic deleted and re-created
+        by auto-creation takes them with other partitions. Asking the brokers (without
+        creating anything) after the acknowledgements and before the commit costs one
+        metadata round trip per batch, and a batch whose topic is missing is an error:
+        logged, retried with backoff (``fraudstream_ready`` 0), re-sent once it is back,
+        and its offsets are not committed meanwhile. Batches acknowledged before the loss
+        was seen, or while it lasted, are sent again too (``_Batch.sent_after_loss``).
+
+        Raises:
+            UnknownTopicOrPartitionError: an output topic does not exist.
+        """
+        topics = sorted({output.topic for output in batch.outputs})
+        if not topics:
+            return
+        missing = await kafka_preflight.missing_topics(await self._admin_client(), topics)
+        if missing:
+            if not self._outputs_missing:  # cleared by _watch_outputs once they are back
+                self._losses += 1
+                self._outputs_missing = True
+            named = ", ".join(f"{t} ({self._topic_setting(t)})" for t in missing)
+            log.error(
+                "output topics %s do not exist: the batch's %d records were not stored; its "
+                "offsets stay uncommitted and it is sent again once the topics are back",
+                named,
+                len(batch.outputs),
+            )
+            raise UnknownTopicOrPartitionError(f"output topics {named} do not exist")
+
+    def _sent_mark(self) -> int:
+        """What a batch sent now records in ``sent_after_loss``."""
+        return _SENT_WHILE_MISSING if self._outputs_missing else self._losses
+
+    def _topic_setting(self, topic: str) -> str:
+        """The setting that names one of the worker's topics."""
+        for need in kafka_preflight.topic_needs(self.settings):
+            if need.topic == topic:
+                return need.setting
+        return "unknown setting"
 
     def _settled(self, batch: _Batch) -> None:
         """Metrics of a batch whose outputs were just acknowledged."""
@@ -908,6 +992,7 @@ class ScoringLoop:
         while True:
             await asyncio.sleep(_LAG_REFRESH_S)
             try:
+                await self._watch_outputs()
                 await self._report_lag()
                 if self.labels_partitions is not None:
                     await self._report_labels_lag(self.labels_partitions())
@@ -918,6 +1003,39 @@ class ScoringLoop:
                 self._lag_failing = True
             else:
                 self._lag_failing = False
+
+    async def _watch_outputs(self) -> None:
+        """Say at once, loudly, when an output topic disappears (and when it is back).
+
+        Apache Kafka holds writes to a missing topic for the producer's request timeout
+        before it fails them, silently meanwhile; this check, every second, logs the
+        missing topics at ERROR with the settings that name them and drops
+        ``fraudstream_ready`` to 0. Batches sent before it are sent again
+        (:meth:`_acknowledged`), and none is committed while a topic it writes is missing
+        (:meth:`_check_outputs_exist`).
+        """
+        s = self.settings
+        topics = [
+            s.topic_scores,
+            s.topic_alerts,
+            s.topic_shadow_scores,
+            s.topic_dead_letters,
+            s.topic_label_dead_letters,
+            s.topic_repartition,
+        ]
+        missing = await kafka_preflight.missing_topics(await self._admin_client(), topics)
+        if missing and not self._outputs_missing:
+            self._losses += 1
+            self.metrics.ready.set(0)
+            log.error(
+                "output topics %s do not exist: nothing is committed until they are back "
+                "(create them, or fix the settings)",
+                ", ".join(f"{t} ({self._topic_setting(t)})" for t in missing),
+            )
+        elif not missing and self._outputs_missing:
+            log.info("the output topics exist again")
+            self.metrics.ready.set(1)  # a failing loop sets it to 0 again at its next retry
+        self._outputs_missing = bool(missing)
 
     async def _report_lag(self) -> None:
         """Lag of each assigned partition: its end offset minus the committed position."""
@@ -938,7 +1056,7 @@ class ScoringLoop:
                 starts.append(tp)
         if starts:
             positions.update(await self.consumer.beginning_offsets(starts))
-        ends: dict[TopicPartition, int] = await self.consumer.end_offsets(assignment)
+        ends = await self._end_offsets(assignment)
         owned = self.consumer.assignment()
         for tp, end in ends.items():
             position = positions.get(tp)
@@ -949,6 +1067,19 @@ class ScoringLoop:
             self.metrics.consumer_lag.labels(tp.topic, str(tp.partition)).set(
                 max(end - position, 0)
             )
+
+    async def _end_offsets(
+        self, partitions: Sequence[TopicPartition], *, fetched: bool = True
+    ) -> dict[TopicPartition, int]:
+        """The end offset of each partition: ListOffsets, or (with ``fetched``) the last
+        fetch's high watermark when that is further: the bundled broker answers ListOffsets
+        with the start of the last record batch, a few records short."""
+        ends: dict[TopicPartition, int] = await self.consumer.end_offsets(partitions)
+        for tp in ends if fetched else ():
+            highwater = self.consumer.highwater(tp) if tp in self.consumer.assignment() else None
+            if highwater is not None and highwater > ends[tp]:
+                ends[tp] = highwater
+        return ends
 
     async def _report_labels_lag(self, partitions: Iterable[TopicPartition]) -> None:
         """Lag of the labels partitions this worker owns, from the labels group's commits
@@ -967,10 +1098,8 @@ class ScoringLoop:
         self._labels_reported = set(owned)
         if not owned:
             return
-        if self._admin is None:
-            self._admin = AIOKafkaAdminClient(**kafka_config.client_kwargs(s))
-            await self._admin.start()
-        committed = await self._admin.list_consumer_group_offsets(s.group_id, partitions=owned)
+        admin = await self._admin_client()
+        committed = await admin.list_consumer_group_offsets(s.group_id, partitions=owned)
         positions = {tp: c.offset for tp, c in committed.items() if c.offset >= 0}
         missing = [tp for tp in owned if tp not in positions]
         if missing:
@@ -981,12 +1110,22 @@ class ScoringLoop:
             self.metrics.consumer_lag.labels(tp.topic, str(tp.partition)).set(lag)
 
     async def _start_uncommitted(self, error: NoOffsetForPartitionError) -> None:
-        """A partition without a committed offset starts at its beginning (a new group)."""
+        """A partition without a committed offset starts at its beginning (a new group).
+
+        Unless this worker committed there before: then the group's offsets were deleted
+        with the topic (Apache Kafka drops them when a topic is deleted), and a re-created
+        topic is what ``FRAUDSTREAM_OFFSET_RESET_POLICY`` is about (:meth:`_reset_offsets`).
+        """
         tp = error.args[0] if error.args else None
         partitions = [tp] if isinstance(tp, TopicPartition) else list(self.consumer.assignment())
         for partition in partitions:
             with contextlib.suppress(IllegalStateError):  # revoked meanwhile
-                if await self.consumer.committed(partition) is None:
+                if await self.consumer.committed(partition) is not None:
+                    continue
+                before = self._processed.get(partition, 0)
+                if before > 0:
+                    await self._reset_offsets({partition: before}, confirmed=True)
+                else:
                     await self.consumer.seek_to_beginning(partition)
 
     async def _reset_offsets(self, found: Mapping[TopicPartition, int], *, confirmed: bool) -> None:
@@ -1014,7 +1153,8 @@ class ScoringLoop:
                 await self._advance(self._prepare(leftover))
         await self.finish_in_flight()
         starts: dict[TopicPartition, int] = await self.consumer.beginning_offsets(owned)
-        ends: dict[TopicPartition, int] = await self.consumer.end_offsets(owned)
+        # A fetch that failed out of range saw the new topic: the old high watermark is moot.
+        ends = await self._end_offsets(owned, fetched=not confirmed)
         policy = self.settings.offset_reset_policy
         for tp in owned:
             position = found[tp]
