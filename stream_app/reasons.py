@@ -6,7 +6,10 @@ i.e. by an unremarkable transaction, and the variants of all alerts are rescored
 extra model call. A group's contribution is the drop in log-odds its occlusion causes (in
 log-odds rather than probability so that a score saturated near 1 by two signals, each
 enough alone, still shows both); the largest positive ones are phrased with the event's
-actual values, e.g. "amount 512.30 is 5.1x the customer's 30-day average (100.45)".
+actual values, e.g. "amount 512.30 is 5.1x the customer's 30-day average (100)".
+Phrases follow how an analyst writes: singular for one ("1 known fraud"), only facts
+that point towards fraud (never "0 known frauds"), the amount said once with all its
+comparisons, averages and ratios rounded ("100", "18x").
 
 Occlusion is model-agnostic and cheap (alerts are rare, one call per batch), and its
 answer is exactly the question an analyst asks: what would the score be had this looked
@@ -96,67 +99,135 @@ def _f(context: AlertContext, name: str) -> float:
     return float(context.features[F.FEATURE_INDEX[name]])
 
 
-def _amount(context: AlertContext, mean: npt.NDArray[np.float64]) -> str:
+def plural(n: int, noun: str, nouns: str | None = None) -> str:
+    """``n`` and the noun, singular for exactly one.
+
+    >>> plural(1, "known fraud"), plural(3, "day"), plural(0, "transaction")
+    ('1 known fraud', '3 days', '0 transactions')
+    """
+    return f"{n:,} {noun if n == 1 else (nouns or noun + 's')}"
+
+
+def money(value: float) -> str:
+    """An amount as an analyst writes it: cents below 100, whole units from 100 up.
+
+    >>> money(9.5), money(100.45), money(1234.5)
+    ('9.50', '100', '1,234')
+    """
+    return f"{value:,.2f}" if abs(value) < 100 else f"{value:,.0f}"
+
+
+def times(ratio: float) -> str:
+    """A ratio as "2.5x" below ten and "18x" from ten up; no trailing ".0".
+
+    >>> times(5.1), times(3.0), times(18.04)
+    ('5.1x', '3x', '18x')
+    """
+    text = f"{ratio:.1f}" if ratio < 10 else f"{ratio:.0f}"
+    return text.removesuffix(".0") + "x"
+
+
+def _duration(seconds: float) -> str:
+    """ "45 s", "3 min" (whole minutes from one minute up)."""
+    if seconds < 60:
+        return f"{max(seconds, 0):.0f} s"
+    return f"{seconds / 60:.0f} min"
+
+
+# A fact is worth saying only when it points towards fraud: the amount well above the
+# usual, a terminal that did see frauds, more transactions than usual, a night or weekend.
+_UNUSUAL_RATIO: Final = 1.5
+
+
+def _amount(context: AlertContext, mean: npt.NDArray[np.float64]) -> str | None:
     typical = float(mean[F.FEATURE_INDEX["TX_AMOUNT"]])
-    if typical > 0 and context.amount >= 1.5 * typical:
-        ratio = context.amount / typical
-        return (
-            f"amount {context.amount:,.2f} is {ratio:.1f}x the average transaction ({typical:,.2f})"
-        )
-    return f"amount {context.amount:,.2f} (average transaction {typical:,.2f})"
+    if typical <= 0 or context.amount < _UNUSUAL_RATIO * typical:
+        return None
+    return f"{times(context.amount / typical)} the average transaction ({money(typical)})"
 
 
-def _amount_vs_usual(context: AlertContext, _mean: npt.NDArray[np.float64]) -> str:
+def _amount_vs_usual(context: AlertContext, _mean: npt.NDArray[np.float64]) -> str | None:
     n30 = _f(context, "CUSTOMER_ID_NB_TX_30DAY_WINDOW")
     ratio = _f(context, "AMOUNT_TO_CUSTOMER_PRIOR_AVG_30DAY")
     if n30 <= 1 or ratio <= 0:
-        return f"amount {context.amount:,.2f} is the customer's first in 30 days"
+        return "the customer's first in 30 days"
+    if ratio < _UNUSUAL_RATIO:
+        return None
     prior = context.amount / ratio
+    return f"{times(ratio)} the customer's 30-day average ({money(prior)})"
+
+
+def _terminal_risk(context: AlertContext, _mean: npt.NDArray[np.float64]) -> str | None:
+    windows = F.TERMINAL_WINDOWS_DAYS
+    risks = [_f(context, f"TERMINAL_ID_RISK_{w}DAY_WINDOW") for w in windows]
+    if max(risks) <= 0:
+        return None  # a terminal without known frauds is no reason for an alert
+    w = windows[int(np.argmax(risks))]
+    n = round(_f(context, f"TERMINAL_ID_NB_TX_{w}DAY_WINDOW"))
+    frauds = round(risks[windows.index(w)] * n)
+    if n == 0 or frauds == 0:
+        return None
     return (
-        f"amount {context.amount:,.2f} is {ratio:.1f}x the customer's 30-day average ({prior:,.2f})"
+        f"terminal had {plural(frauds, 'known fraud')} in {plural(n, 'transaction')} "
+        f"over {plural(w, 'day')}"
     )
 
 
-def _terminal_risk(context: AlertContext, _mean: npt.NDArray[np.float64]) -> str:
-    windows = F.TERMINAL_WINDOWS_DAYS
-    risks = [_f(context, f"TERMINAL_ID_RISK_{w}DAY_WINDOW") for w in windows]
-    w = windows[int(np.argmax(risks))] if max(risks) > 0 else max(windows)
-    n = round(_f(context, f"TERMINAL_ID_NB_TX_{w}DAY_WINDOW"))
-    frauds = round(_f(context, f"TERMINAL_ID_RISK_{w}DAY_WINDOW") * n)
-    if n == 0:
-        return f"terminal has no transactions in its last {w} days of known outcomes"
-    return f"terminal had {frauds} known frauds in {n} transactions over {w} days"
-
-
-def _velocity(context: AlertContext, _mean: npt.NDArray[np.float64]) -> str:
+def _velocity(context: AlertContext, _mean: npt.NDArray[np.float64]) -> str | None:
     gap_s = math.expm1(_f(context, "LOG_SECONDS_SINCE_PREV_TX"))
     n1 = round(_f(context, "CUSTOMER_ID_NB_TX_1DAY_WINDOW"))
     daily = _f(context, "CUSTOMER_ID_NB_TX_30DAY_WINDOW") / 30
+    usual = f"{daily:.1f}".removesuffix(".0")
     if n1 > 1 and gap_s < _SHORT_GAP_S:
         return (
-            f"{gap_s:.0f} s after the customer's previous transaction, "
-            f"{n1} in 24 hours ({daily:.1f} a day over 30 days)"
+            f"{_duration(gap_s)} after the customer's previous transaction, "
+            f"{n1} in 24 hours (usually {usual} a day)"
         )
-    return f"{n1} transactions by the customer in 24 hours ({daily:.1f} a day over 30 days)"
+    if n1 < 2 or n1 < _UNUSUAL_RATIO * daily:
+        return None
+    return f"{plural(n1, 'transaction')} by the customer in 24 hours (usually {usual} a day)"
 
 
-def _time_of_day(context: AlertContext, _mean: npt.NDArray[np.float64]) -> str:
+def _time_of_day(context: AlertContext, _mean: npt.NDArray[np.float64]) -> str | None:
+    night = _f(context, "TX_DURING_NIGHT") > 0
+    weekend = _f(context, "TX_DURING_WEEKEND") > 0
+    if not (night or weekend):
+        return None
     moment = datetime.fromtimestamp(context.time_ms / 1000, UTC)
-    when = f"made at {moment:%H:%M} UTC"
-    if _f(context, "TX_DURING_NIGHT") > 0:
-        when += ", at night"
-    if _f(context, "TX_DURING_WEEKEND") > 0:
-        when += ", on a weekend"
-    return when
+    when = " ".join(
+        part for part in ("at night" if night else "", "on a weekend" if weekend else "") if part
+    )
+    return f"made {when} ({moment:%a %H:%M} UTC)"
 
 
-_PHRASES: Final[dict[str, Callable[[AlertContext, npt.NDArray[np.float64]], str]]] = {
+_PHRASES: Final[dict[str, Callable[[AlertContext, npt.NDArray[np.float64]], str | None]]] = {
     "amount": _amount,
     "amount_vs_usual": _amount_vs_usual,
     "terminal_risk": _terminal_risk,
     "velocity": _velocity,
     "time_of_day": _time_of_day,
 }
+# Both amount groups speak of the same fact, the amount: said once, their comparisons joined.
+_AMOUNT_GROUPS: Final = ("amount", "amount_vs_usual")
+
+
+def _phrase_all(
+    context: AlertContext, mean: npt.NDArray[np.float64], groups: list[str]
+) -> list[str]:
+    """The chosen groups' phrases; the amount stated once, with every comparison that holds."""
+    texts: list[str] = []
+    comparisons = [c for g in groups if g in _AMOUNT_GROUPS if (c := _PHRASES[g](context, mean))]
+    amount_said = False
+    for group in groups:
+        if group in _AMOUNT_GROUPS:
+            if not amount_said:
+                texts.append(f"amount {context.amount:,.2f} is " + " and ".join(comparisons))
+                amount_said = True
+            continue
+        text = _PHRASES[group](context, mean)
+        if text:
+            texts.append(text)
+    return texts
 
 
 def _clip(text: str) -> str:
@@ -223,7 +294,18 @@ def explain(
     for a, context in enumerate(contexts):
         # Stable sort: ties keep the FEATURE_GROUPS order, so reasons never flicker.
         order = np.argsort(-contributions[a], kind="stable")
-        chosen = [g for g in order[:max_reasons] if contributions[a, g] >= MIN_CONTRIBUTION]
-        texts = tuple(_clip(_PHRASES[FEATURE_GROUPS[g].name](context, mean)) for g in chosen)
+        groups: list[str] = []
+        for g in order:
+            name = FEATURE_GROUPS[g].name
+            if contributions[a, g] < MIN_CONTRIBUTION:
+                break
+            facts = len({"amount" if n in _AMOUNT_GROUPS else n for n in [*groups, name]})
+            if facts > max_reasons:
+                break
+            # Only facts that point towards fraud: a group whose occlusion lowered the score
+            # but whose value looks ordinary (a terminal with no known fraud) is passed over.
+            if _PHRASES[name](context, mean) is not None:
+                groups.append(name)
+        texts = tuple(_clip(text) for text in _phrase_all(context, mean, groups))
         reasons.append(texts or (fallback_reason(context.score),))
     return reasons
