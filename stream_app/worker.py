@@ -156,13 +156,25 @@ class ScoringService(Service):
         log.info("scoring stopped")
 
 
+class _TablelessApp(faust.App):
+    """A Faust app without tables, so without a data directory.
+
+    Faust creates ``<datadir>/v1/tables`` when it first starts; this app keeps nothing
+    there, and every worker run (and every demo and test run) used to leave one such
+    folder in ``/tmp``, SIGKILLed workers included. Not creating it leaves nothing.
+    """
+
+    def _create_directories(self) -> None:
+        return None
+
+
 def build_app(runtime: WorkerRuntime) -> faust.App:
     """The Faust application: the labels agent and the scoring service.
 
     Topics must exist (:func:`prepare`) before the application starts.
     """
     s = runtime.settings
-    app = faust.App(
+    app = _TablelessApp(
         s.group_id,
         broker=[f"kafka://{server}" for server in s.bootstrap_servers],
         broker_credentials=kafka_config.faust_credentials(s),
@@ -178,8 +190,8 @@ def build_app(runtime: WorkerRuntime) -> faust.App:
         value_serializer="raw",
         web_enabled=False,
         autodiscover=False,
-        # No tables: nothing is written there, but Faust would otherwise create
-        # ./<id>-data in the working directory.
+        # No tables: nothing is written there, and _TablelessApp does not create it
+        # (Faust's default is ./<id>-data in the working directory).
         datadir=Path(tempfile.gettempdir()) / f"fraudstream-{s.group_id}",
         topic_partitions=s.topic_partitions,
         topic_replication_factor=s.topic_replication_factor,

@@ -40,6 +40,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from stream_app import kafka_config
 from stream_app.config import Settings, load_settings, settings_environment
 from stream_app.model_card import Thresholds
+from tests.cleanup import register_prefix
 from training.services.apache_kafka import ApacheKafka
 from training.services.brokers import BROKER_KINDS, BrokerKind, deployed_settings
 from training.services.bundled_broker import BundledBroker
@@ -141,6 +142,7 @@ def new_settings(broker: Broker | str, **overrides: Any) -> Settings:
         "consumer_session_timeout_s": 6.0,
     }
     values.update(overrides)
+    register_prefix(values["state_key_prefix"])  # deleted when the test ends, then checked
     return load_settings(**values)
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -40,6 +39,7 @@ from stream_app.state import (
     MemoryStateStore,
     TransactionUpdate,
 )
+from tests.cleanup import issue_prefix
 from tests.feature_cases import BASE_MS, Tx, replay_online, run_offline, transactions
 from tests.kafka_fixtures import (
     REDIS_URL,
@@ -81,7 +81,7 @@ async def cluster_store(
     redis_cluster: LocalRedisCluster,
 ) -> AsyncIterator[RedisStateStore]:
     """A store on the cluster under a prefix of its own (keys deleted afterwards)."""
-    prefix = f"test-{uuid.uuid4().hex[:12]}"
+    prefix = issue_prefix()
     client = _client(redis_cluster)
     try:
         yield RedisStateStore(client, prefix=prefix, sequence_length=4)
@@ -110,7 +110,7 @@ async def _replay_on_cluster(
 def test_cluster_store_equals_offline(
     redis_cluster: LocalRedisCluster, txs: list[Tx], batch_sizes: list[int], sequence_length: int
 ) -> None:
-    prefix = f"test-{uuid.uuid4().hex[:12]}"
+    prefix = issue_prefix()
     try:
         online_f, online_s = asyncio.run(
             _replay_on_cluster(redis_cluster.url, prefix, txs, batch_sizes, sequence_length)
@@ -210,7 +210,7 @@ async def test_a_worker_dying_between_the_customer_and_terminal_steps_counts_onc
     """The split's failure points, driven step by step: the steps are the store's own."""
     updates = _random_updates(400, seed=11)
     batches = [updates[s : s + 40] for s in range(0, len(updates), 40)]
-    reference, broken = f"test-{uuid.uuid4().hex[:12]}", f"test-{uuid.uuid4().hex[:12]}"
+    reference, broken = issue_prefix(), issue_prefix()
     client = _client(redis_cluster)
     try:
         store = RedisStateStore(client, prefix=reference, sequence_length=4)
@@ -337,7 +337,7 @@ def _node_counters(ports: list[int]) -> dict[int, tuple[float, int, int]]:
 async def _replay_state(
     client: aioredis.Redis | RedisCluster, updates: list[TransactionUpdate]
 ) -> None:
-    store = RedisStateStore(client, prefix=f"test-{uuid.uuid4().hex[:12]}", sequence_length=5)
+    store = RedisStateStore(client, prefix=issue_prefix(), sequence_length=5)
     try:
         for start in range(0, len(updates), 500):
             await store.apply_transactions(updates[start : start + 500])
@@ -521,7 +521,7 @@ def test_a_primary_killed_mid_replay_loses_nothing_and_counts_nothing_twice(
     store = RedisStateStore(_client(redis_cluster), prefix=settings.state_key_prefix)
     victim = redis_cluster.primary_of(store.customer_key("0"))
     killed: dict[str, float] = {}
-    expected_prefix = f"test-{uuid.uuid4().hex[:12]}"
+    expected_prefix = issue_prefix()
     try:
         with WorkerProcess(settings, tmp_path / "worker.log") as worker:
             worker.start()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import uuid
 
 import numpy as np
 import pytest
@@ -14,6 +13,7 @@ from hypothesis import strategies as st
 from stream_app import features as F
 from stream_app.redis_state import RedisStateStore
 from stream_app.state import LabelOutcome, LabelUpdate, MemoryStateStore, TransactionUpdate
+from tests.cleanup import issue_prefix
 from tests.conftest import REDIS_URL
 from tests.feature_cases import BASE_MS, Tx, replay_online, run_offline, transactions
 
@@ -23,7 +23,7 @@ pytestmark = pytest.mark.integration
 async def _replay_in_redis(
     txs: list[Tx], batch_sizes: list[int], sequence_length: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    prefix = f"test-{uuid.uuid4().hex[:12]}"
+    prefix = issue_prefix()
     client = aioredis.Redis.from_url(REDIS_URL)
     try:
         store = RedisStateStore(client, prefix=prefix, sequence_length=sequence_length)

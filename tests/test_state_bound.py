@@ -12,7 +12,6 @@ byte for byte the history of :func:`stream_app.state.retained`, out-of-order tim
 from __future__ import annotations
 
 import asyncio
-import uuid
 
 import numpy as np
 import pytest
@@ -29,6 +28,7 @@ from stream_app.state import (
     TransactionUpdate,
     max_history,
 )
+from tests.cleanup import issue_prefix
 from tests.conftest import REDIS_URL
 from tests.feature_cases import BASE_MS, Tx, bursts, replay_online, run_offline
 from tests.test_redis_cluster import _replay_on_cluster
@@ -46,7 +46,7 @@ async def _replay_in_redis(
     txs: list[Tx], batch_sizes: list[int], sequence_length: int
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """Online features of a replay on the real Redis, and the largest customer key left."""
-    prefix = f"test-{uuid.uuid4().hex[:12]}"
+    prefix = issue_prefix()
     client = aioredis.Redis.from_url(REDIS_URL)
     try:
         store = RedisStateStore(client, prefix=prefix, sequence_length=sequence_length)
@@ -88,7 +88,7 @@ def test_redis_store_equals_offline_past_the_window_bound(
 def test_cluster_store_equals_offline_past_the_window_bound(
     redis_cluster: LocalRedisCluster, txs: list[Tx], batch_sizes: list[int], sequence_length: int
 ) -> None:
-    prefix = f"test-{uuid.uuid4().hex[:12]}"
+    prefix = issue_prefix()
     try:
         online_f, online_s = asyncio.run(
             _replay_on_cluster(redis_cluster.url, prefix, txs, batch_sizes, sequence_length)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 
 import pytest
@@ -25,6 +24,7 @@ from stream_app.metrics import WorkerMetrics
 from stream_app.redis_state import RedisStateStore
 from stream_app.state import TransactionUpdate
 from stream_app.state_guard import StateGuard, Updates, rebuild_state, write_marker
+from tests.cleanup import issue_prefix
 from tests.conftest import REDIS_URL
 from tests.resilience_helpers import environment_without_settings
 from training.services.redis_cluster import LocalRedisCluster
@@ -149,7 +149,7 @@ async def test_on_a_redis_cluster_the_marker_is_one_hash_tagged_key(
     redis_cluster: LocalRedisCluster,
 ) -> None:
     client = RedisCluster.from_url(redis_cluster.url, decode_responses=False)
-    prefix = f"test-{uuid.uuid4().hex[:12]}"
+    prefix = issue_prefix()
     try:
         store = RedisStateStore(client, prefix=prefix)
         metrics = WorkerMetrics(CollectorRegistry(), process_collectors=False)

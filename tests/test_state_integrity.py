@@ -5,7 +5,6 @@ real Redis and on a real Redis Cluster (one store per test, its own key prefix).
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -25,6 +24,7 @@ from stream_app.state import (
     StateStore,
     TransactionUpdate,
 )
+from tests.cleanup import issue_prefix
 from tests.conftest import REDIS_URL
 from tests.feature_cases import BASE_MS
 from training.services.redis_cluster import LocalRedisCluster
@@ -47,7 +47,7 @@ async def store(request: pytest.FixtureRequest) -> AsyncIterator[StateStore]:
     if request.param == "memory":
         yield MemoryStateStore(sequence_length=3)
         return
-    prefix = f"test-{uuid.uuid4().hex[:12]}"
+    prefix = issue_prefix()
     if request.param == "cluster":
         cluster: LocalRedisCluster = request.getfixturevalue("redis_cluster")
         cluster_client = RedisCluster.from_url(cluster.url, decode_responses=False)
@@ -262,7 +262,7 @@ def test_terminal_frauds_never_exceed_transactions(
 
     async def both() -> None:
         memory = await run(MemoryStateStore(sequence_length=3))
-        prefix = f"test-{uuid.uuid4().hex[:12]}"
+        prefix = issue_prefix()
         client = aioredis.Redis.from_url(REDIS_URL)
         try:
             in_redis = await run(RedisStateStore(client, prefix=prefix, sequence_length=3))
