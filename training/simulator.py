@@ -237,6 +237,27 @@ def simulate(
     return frame.astype(dict(TRANSACTION_DTYPES))
 
 
+def customers_in_region(config: SimulatorConfig, share: float) -> IntArray:
+    """The customers living in the corner square of the map that holds ``share`` of it.
+
+    A part of the full population at the Handbook's density: its customers keep their
+    terminals, and the fraud scenarios (drawn over the whole map, so about ``share`` of
+    them fall in the region) keep their rates. A small population simulated on its own
+    would not: the scenarios draw a fixed number of terminals and customers a day, so 300
+    customers get ~10x the Handbook's fraud rate. Same ``config``, same customers: these
+    are the first draws :func:`simulate` makes.
+
+    >>> config = SimulatorConfig(n_customers=1000, n_terminals=10, n_days=1)
+    >>> 40 < len(customers_in_region(config, 0.06)) < 80
+    True
+    """
+    if not 0 < share <= 1:
+        raise ConfigError(f"share must be in (0, 1], got {share}")
+    customers = _customer_profiles(config.n_customers, np.random.default_rng(config.seed))
+    side = _SIDE * math.sqrt(share)
+    return np.flatnonzero((customers.x < side) & (customers.y < side)).astype(np.int64)
+
+
 def summarise(df: pd.DataFrame) -> SimulationSummary:
     """Count rows, frauds and frauds per scenario of a transactions table.
 

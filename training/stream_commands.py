@@ -143,9 +143,19 @@ def demo_command(
         Path | None,
         typer.Option(help="Model directory (default FRAUDSTREAM_MODEL_DIR, onnx_models/default)."),
     ] = None,
-    customers: Annotated[int, typer.Option(help="Simulated customers.", min=10)] = 300,
-    days: Annotated[int, typer.Option(help="Simulated days.", min=10)] = 30,
+    n_customers: Annotated[
+        int,
+        typer.Option(
+            help="About this many customers: a region of the Handbook's population, its "
+            "density and fraud rate.",
+            min=10,
+        ),
+    ] = 300,
+    n_days: Annotated[int, typer.Option(help="Simulated days.", min=10)] = 30,
     seed: Annotated[int, typer.Option(help="Simulation seed.")] = 42,
+    # The names before `simulate`'s were adopted; kept, hidden, for old scripts.
+    customers: Annotated[int | None, typer.Option(hidden=True, min=10)] = None,
+    days: Annotated[int | None, typer.Option(hidden=True, min=10)] = None,
     keep_running: Annotated[
         bool, typer.Option(help="Keep the worker (and its metrics) up after the summary.")
     ] = False,
@@ -171,8 +181,8 @@ def demo_command(
         rate=rate,
         model_dir=model_dir,
         seed=seed,
-        n_customers=customers,
-        n_days=days,
+        n_customers=customers if customers is not None else n_customers,
+        n_days=days if days is not None else n_days,
         keep_running=keep_running,
         broker=broker.value,
     )
@@ -180,6 +190,10 @@ def demo_command(
         run_demo(options)
     except FraudStreamError as exc:
         raise _fail(str(exc)) from exc
+    except KeyboardInterrupt:
+        # Everything was stopped on the way out (run_demo's context managers); the shell
+        # convention for "ended by Ctrl-C" is 128 + SIGINT.
+        raise typer.Exit(code=130) from None
 
 
 def register_stream_commands(app: typer.Typer) -> None:

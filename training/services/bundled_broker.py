@@ -100,7 +100,14 @@ class BundledBroker:
             self._log = self.log_path.open("ab")
         out: IO[bytes] | int = self._log if self._log is not None else subprocess.DEVNULL
         self._process = subprocess.Popen(
-            command, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            # Its own session: a Ctrl-C on the terminal reaches its owner (the demo, a
+            # test run), which stops it after the worker, rather than the broker dying
+            # under a worker that is still running.
+            start_new_session=True,
         )
         if not wait_for_port(LOOPBACK, self.port, timeout_s) or not self.running:
             code = self._process.poll()
