@@ -249,11 +249,39 @@ def _file_updates(path: Path, labels_delay: str, labels_topic: str) -> Updates:
 
 
 @app.command("settings")
-def settings_command() -> None:
-    """Print every setting as a Markdown table: variable, default, description."""
-    from stream_app.config import settings_table
+def settings_command(
+    reference: Annotated[
+        bool,
+        typer.Option(
+            "--reference",
+            help="Print the reference instead: every setting's default and description as "
+            "the README's Markdown table.",
+        ),
+    ] = False,
+) -> None:
+    """Show the settings the worker would use: value and source (default or environment).
 
-    sys.stdout.write(settings_table())
+    Secrets are masked. An invalid value exits with code 2 and says which variable to fix.
+    """
+    from stream_app.config import effective_settings, settings_table
+    from stream_app.errors import ConfigError
+
+    if reference:
+        sys.stdout.write(settings_table())
+        return
+    try:
+        rows = effective_settings()
+    except ConfigError as exc:
+        fail(str(exc))
+    width = max(len(variable) for variable, _, _ in rows)
+    for variable, value, source in rows:
+        origin = {"default": "", variable: "  (environment)"}.get(source, f"  ({source})")
+        line = f"{variable:<{width}}  {value}{origin}"
+        if len(line) > 80:  # a long value: drop the padding, not the words
+            line = f"{variable}  {value}{origin}"
+        sys.stdout.write(line + "\n")
+    changed = sum(1 for _, _, source in rows if source != "default")
+    sys.stdout.write(f"\n{changed} of {len(rows)} set by the environment, the rest defaults\n")
 
 
 _registered = False

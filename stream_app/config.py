@@ -571,3 +571,44 @@ def settings_table() -> str:
         description = (info.description or "").replace("|", "\\|")
         rows.append(f"| {variable} | `{_default_text(name)}` | {description} |")
     return "\n".join(rows) + "\n"
+
+
+SECRET_MASK: Final = "**********"
+
+
+def effective_settings() -> list[tuple[str, str, str]]:
+    """What the worker would run with: ``(variable, value, source)`` for every setting.
+
+    ``source`` is ``default`` or the environment variable that set it (``REDIS_URL`` or
+    ``FRAUDSTREAM_REDIS_URL``, say). Secrets show as :data:`SECRET_MASK` and the Redis URL
+    with its password replaced. :func:`settings_table` is the reference (defaults and
+    descriptions) the README embeds; this is the view of one environment.
+
+    Raises:
+        ConfigError: a value is invalid; the message names each variable to fix.
+    """
+    settings = load_settings()  # reads os.environ, as the worker does
+    upper = {key.upper(): key for key, value in os.environ.items() if value != ""}
+    rows = []
+    for name, info in Settings.model_fields.items():
+        alias = info.validation_alias
+        names = [env_name(name)]
+        if isinstance(alias, AliasChoices):
+            names += [str(c).upper() for c in alias.choices if str(c).upper() not in names]
+        set_by = next((upper[n] for n in names if n in upper), None)
+        value = getattr(settings, name)
+        if name == "redis_url":
+            text = settings.redis_display_url
+        elif value is None:
+            text = "unset"
+        elif isinstance(value, SecretStr):
+            text = SECRET_MASK
+        elif isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, list | tuple):
+            text = ",".join(str(v) for v in value)
+        else:
+            text = str(value)
+        source = set_by if set_by is not None and name in settings.model_fields_set else "default"
+        rows.append((env_name(name), text, source))
+    return rows
