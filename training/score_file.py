@@ -38,6 +38,9 @@ class ScoredFile:
 
     table: pd.DataFrame
     model_version: str
+    # AUC ROC, average precision and card precision@100 against the file's labels, when
+    # it has both frauds and genuine transactions (see :func:`label_quality`).
+    quality: dict[str, float] | None = None
 
 
 def score_table(
@@ -73,10 +76,30 @@ def score_file(data: Path, model_dir: Path, out: Path) -> ScoredFile:
     """Score a transactions file and write the scores (Parquet or CSV, by extension)."""
     file_format = output_format(out)
     scorer = OnnxScorer(model_dir)
-    scored = score_table(read_transactions(data), scorer)
+    frame = read_transactions(data)
+    scored = score_table(frame, scorer)
     out.parent.mkdir(parents=True, exist_ok=True)
     if file_format == "parquet":
         scored.table.to_parquet(out, index=False)
     else:
         scored.table.to_csv(out, index=False)
-    return scored
+    return ScoredFile(scored.table, scored.model_version, label_quality(frame, scored.table))
+
+
+def label_quality(frame: pd.DataFrame, scores: pd.DataFrame) -> dict[str, float] | None:
+    """The evaluation's metrics (:func:`training.evaluation.assess`: AUC ROC, average
+    precision, card precision@100 per day) of ``scores`` against the file's ``TX_FRAUD``.
+
+    None when the labels cannot rank anything (no fraud, or nothing but frauds), or where
+    the evaluation's dependency (scikit-learn, the ``train`` extra) is not installed.
+    """
+    labels = frame["TX_FRAUD"].to_numpy(dtype=np.int64)
+    if labels.min() == labels.max():
+        return None
+    try:
+        from training.evaluation import assess
+    except ImportError:
+        return None
+    days = frame["TX_DATETIME"].to_numpy(dtype="datetime64[D]").astype(np.int64)
+    cards = frame["CUSTOMER_ID"].to_numpy(dtype=np.int64)
+    return assess(days, cards, labels, scores["score"].to_numpy(dtype=np.float64))

@@ -45,5 +45,13 @@ def score_file_command(
     for decision, count in counts.items():
         table.add_row(str(decision), f"{count:,}", f"{count / max(len(scored.table), 1):.2%}")
     console.print(table)
+    if scored.quality is not None:
+        # The file has labels (TX_FRAUD): how well the scores rank them, as `evaluate` says.
+        quality = scored.quality
+        console.print(
+            f"against the file's labels: AUC ROC {quality['auc_roc']:.3f}, average "
+            f"precision {quality['average_precision']:.3f}, card precision@100 "
+            f"{quality['card_precision_at_100']:.3f}"
+        )
     rate = len(scored.table) / seconds if seconds > 0 else float("inf")
     console.print(f"{seconds:.1f} s ({rate:,.0f} transactions/s); written to {escape(str(out))}")
