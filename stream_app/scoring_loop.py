@@ -8,6 +8,7 @@ import concurrent.futures
 import contextlib
 import heapq
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -74,6 +75,9 @@ _LABELS_POLL_S: Final = 0.2
 # means heartbeats stopped long enough for the group to evict this member.
 _WATCHDOG_TICK_S: Final = 0.1
 _METADATA_MAX_AGE_MS: Final = 5_000
+# How long to wait for a position being resolved (a seek, a committed offset fetched): a few
+# ms on a healthy cluster; a partition waiting for our own seek has none until it is done.
+_POSITION_WAIT_S: Final = 1.0
 # What each FRAUDSTREAM_OFFSET_RESET_POLICY does with a partition whose position is out of range.
 _RESET_ACTIONS: Final = {
     "earliest": "reading it again from its first offset",
@@ -110,6 +114,11 @@ def merge_key(before: float | None, current: float | None, after: float | None) 
     partition behind every other one (with it, every transaction of the partition was
     scored after the others' backlog, and their terminal windows missed them).
 
+    Taking a record early never changes another customer's features (terminal windows
+    end days before the transaction that reads them); taking it late does. So a record
+    whose place cannot be told yet (the last one buffered) is held at its predecessor's
+    key, or taken at once when there is none, never keyed by its own, unconfirmed time.
+
     Sorted event times keep their own time as key:
 
     >>> merge_key(10.0, 11.0, 12.0)
@@ -120,22 +129,20 @@ def merge_key(before: float | None, current: float | None, after: float | None) 
     >>> merge_key(10.0, 90_000.0, 12.0), merge_key(10.0, 1.0, 12.0)
     (12.0, 10.0)
 
-    At the head of a backlog, and at the end of what is buffered, the known neighbour
-    holds the key back; a rejected message goes with its predecessor:
+    At the head of a backlog the record behind decides; at the end of what is buffered
+    the predecessor holds the key back; alone, or rejected, a record goes at once:
 
     >>> merge_key(None, 90_000.0, 12.0), merge_key(10.0, 90_000.0, None)
     (12.0, 10.0)
-    >>> merge_key(10.0, None, 12.0), merge_key(None, 5.0, None)
-    (10.0, 5.0)
+    >>> merge_key(None, 90_000.0, None), merge_key(10.0, None, 12.0)
+    (-inf, 10.0)
     """
     if current is None:
-        return before if before is not None else 0.0  # nothing to wait for: take it now
-    if before is None and after is None:
-        return current
-    if before is None or after is None:
-        other = before if after is None else after
-        assert other is not None
-        return min(current, other)
+        return before if before is not None else -math.inf
+    if after is None:
+        return min(current, before) if before is not None else -math.inf
+    if before is None:
+        return min(current, after)
     return max(min(before, current), min(max(before, current), after))
 
 
@@ -315,6 +322,10 @@ class ScoringLoop:
                     self._settler.result()
                 if self.labels_pending:
                     await self._wait_for_labels()
+                    # Every partition without a commit starts now, all together: waiting
+                    # for each one's NoOffsetForPartitionError would start them one by
+                    # one, and the event-time merge would run ahead on the first ones.
+                    await self._start_uncommitted(None)
                 if self._out_of_range:
                     await self._reset_offsets(dict(self._out_of_range), confirmed=False)
                 # With a batch in flight, take only what is already fetched: never wait.
@@ -516,16 +527,29 @@ class ScoringLoop:
         if tp not in self.consumer.assignment():  # revoked while _align awaited
             return False
         highwater = self.consumer.highwater(tp)
-        if highwater is None:  # no fetch answered yet: cannot tell, do not wait
-            return False
+        if highwater is None:
+            # No fetch answered yet (its position was just sought): it may hold days of
+            # events, and the others must not run ahead of it; waited for, at most
+            # _CATCH_UP_WAIT_MS per batch.
+            return True
         fetched_at = self.consumer.last_poll_timestamp(tp) or 0
         if fetched_at <= self._drained_at.get(tp, -1.0):
             return True
+        position = await self._position_now(tp)
+        return position is not None and position < highwater
+
+    async def _position_now(self, tp: TopicPartition) -> int | None:
+        """The consumer's position in ``tp``, or None when it has none right now.
+
+        ``consumer.position`` waits for a position; with no automatic reset, a partition
+        without a commit has none until :meth:`_start_uncommitted` seeks it, so waiting
+        here would hold the loop that does the seeking.
+        """
         try:
-            position: int = await self.consumer.position(tp)
-        except IllegalStateError:  # revoked meanwhile
-            return False
-        return bool(position < highwater)
+            position: int = await asyncio.wait_for(self.consumer.position(tp), _POSITION_WAIT_S)
+        except (IllegalStateError, TimeoutError):  # revoked meanwhile, or no position yet
+            return None
+        return position
 
     def forget_buffered(self) -> None:
         """Drop records polled but not yet taken (on a rebalance: they will be re-read)."""
@@ -730,12 +754,12 @@ class ScoringLoop:
     async def _transaction(self, batch: _Batch) -> None:
         try:
             async with self.producer.transaction():
-                # Before and after: records sent to a missing topic wait in the producer,
-                # and land in the topic re-created meanwhile without this transaction's
-                # commit marker, invisible to read_committed readers for good.
-                await self._check_outputs_exist(batch)
+                # No transaction while an output topic is known to be missing: Apache
+                # Kafka refuses its records only after the producer's request timeout,
+                # and what a re-created topic takes meanwhile must not outlive an abort
+                # (Publisher.publish lets no send retry past it).
+                self._refuse_while_outputs_missing(batch)
                 await self.publisher.publish(batch.outputs)
-                await self._check_outputs_exist(batch)
                 await self.producer.send_offsets_to_transaction(
                     dict(batch.offsets), self.settings.scoring_group_id
                 )
@@ -912,6 +936,19 @@ class ScoringLoop:
             )
             raise UnknownTopicOrPartitionError(f"output topics {named} do not exist")
 
+    def _refuse_while_outputs_missing(self, batch: _Batch) -> None:
+        """Fail fast, without a round trip, while :meth:`_watch_outputs` or an earlier
+        batch found an output topic missing.
+
+        Raises:
+            UnknownTopicOrPartitionError: an output topic was missing at the last check.
+        """
+        if self._outputs_missing:
+            raise UnknownTopicOrPartitionError(
+                f"an output topic is missing (see the errors above): the batch's "
+                f"{len(batch.outputs)} records are not sent until it is back"
+            )
+
     def _sent_mark(self) -> int:
         """What a batch sent now records in ``sent_after_loss``."""
         return _SENT_WHILE_MISSING if self._outputs_missing else self._losses
@@ -973,9 +1010,8 @@ class ScoringLoop:
         for tp in list(self.consumer.assignment()):
             if self._buffered.get(tp) or tp not in self._processed:
                 continue
-            try:
-                position: int = await self.consumer.position(tp)
-            except IllegalStateError:  # a rebalance revoked it during an earlier await
+            position = await self._position_now(tp)
+            if position is None:
                 continue
             if position > self._processed.get(tp, position):
                 self._processed[tp] = position
@@ -1109,14 +1145,14 @@ class ScoringLoop:
             lag = max(end - positions[tp], 0)
             self.metrics.consumer_lag.labels(tp.topic, str(tp.partition)).set(lag)
 
-    async def _start_uncommitted(self, error: NoOffsetForPartitionError) -> None:
+    async def _start_uncommitted(self, error: NoOffsetForPartitionError | None) -> None:
         """A partition without a committed offset starts at its beginning (a new group).
 
         Unless this worker committed there before: then the group's offsets were deleted
         with the topic (Apache Kafka drops them when a topic is deleted), and a re-created
         topic is what ``FRAUDSTREAM_OFFSET_RESET_POLICY`` is about (:meth:`_reset_offsets`).
         """
-        tp = error.args[0] if error.args else None
+        tp = error.args[0] if error is not None and error.args else None
         partitions = [tp] if isinstance(tp, TopicPartition) else list(self.consumer.assignment())
         for partition in partitions:
             with contextlib.suppress(IllegalStateError):  # revoked meanwhile
