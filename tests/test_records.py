@@ -220,10 +220,13 @@ def test_limits_come_from_the_caller() -> None:
         parse_transaction(raw, late_start)
     assert caught.value.reason is RejectReason.TIMESTAMP_OUT_OF_RANGE
 
-    soon = tx_bytes(timestamp=in_days(0.5))
-    assert parse_transaction(soon).event_time_s > time.time()  # within the default day
+    soon = tx_bytes(timestamp=in_days(2 / 1440))  # two minutes ahead: clock skew
+    assert parse_transaction(soon).event_time_s > time.time()  # within the default 5 min
+    hours_ahead = tx_bytes(timestamp=in_days(0.5))
     with pytest.raises(RejectedEvent):
-        parse_transaction(soon, ValidationLimits(max_future=timedelta(minutes=5)))
+        parse_transaction(hours_ahead)
+    day = ValidationLimits(max_future=timedelta(days=1))
+    assert parse_transaction(hours_ahead, day).event_time_s > time.time()
 
 
 @pytest.mark.parametrize(
