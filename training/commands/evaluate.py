@@ -26,6 +26,7 @@ from training.commands.options import (
     ThreadsOption,
     command_line,
     fail,
+    given,
     training_settings,
 )
 from training.commands.progress import EpochBars
@@ -118,6 +119,7 @@ def evaluate_command(
 
     from stream_app.errors import ConfigError, FraudStreamError
     from training import dataset, evaluation, report
+    from training.periods import evaluate_periods, file_days
     from training.transactions import read_transactions
 
     console = Console()
@@ -127,8 +129,6 @@ def evaluate_command(
             sequence_length, epochs, patience, batch_size, learning_rate, fraud_weight,
             hidden_size, seed, threads, device, augment, augment_ratio, gan_steps,
         )  # fmt: skip
-        splits = evaluation.prequential_splits(start, folds, delta_train, delta_delay, delta_test)
-        single = evaluation.Split.starting(single_split_start, delta_train, delta_delay, delta_test)
         try:
             seed_list = [int(part) for part in seeds.split(",") if part.strip()]
         except ValueError:
@@ -136,8 +136,29 @@ def evaluate_command(
                 f"--seeds must be integers separated by commas, got {seeds!r}"
             ) from None
         chosen = evaluation.check_models([m.strip() for m in models.split(",") if m.strip()])
+        frame = read_transactions(data)
+        fitted = evaluate_periods(
+            file_days(frame), start, folds, single_split_start,
+            delta_train, delta_delay, delta_test,
+            given={n for n in ("start", "folds", "single_split_start") if given(ctx, n)},
+        )  # fmt: skip
+        if (fitted.start, fitted.folds, fitted.single_split_start) != (
+            start,
+            folds,
+            single_split_start,
+        ):
+            console.print(
+                f"periods fitted to the file: --start {fitted.start} --folds {fitted.folds} "
+                f"--single-split-start {fitted.single_split_start}"
+            )
+        splits = evaluation.prequential_splits(
+            fitted.start, fitted.folds, delta_train, delta_delay, delta_test
+        )
+        single = evaluation.Split.starting(
+            fitted.single_split_start, delta_train, delta_delay, delta_test
+        )
         console.print(f"computing the features of {escape(str(data))}")
-        features = dataset.file_features(read_transactions(data))
+        features = dataset.file_features(frame)
         info = report.data_summary(data, features)
         if augment_study:
             payload = _augment_study(

@@ -147,3 +147,10 @@ def command_line(ctx: typer.Context) -> str:
             for item in value if isinstance(value, list | tuple) else [value]:
                 parts += [flag, str(item)]
     return " ".join(parts)
+
+
+def given(ctx: typer.Context, name: str) -> bool:
+    """Whether option ``name`` was on the command line (or in the environment), rather
+    than left to its default: a default may be fitted to the data, a given value not."""
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")

@@ -27,6 +27,7 @@ from training.commands.options import (
     ThreadsOption,
     command_line,
     fail,
+    given,
     training_settings,
 )
 from training.commands.progress import EpochBars
@@ -46,13 +47,18 @@ def train_command(
         str, typer.Option(help="Model version; default lstm-<augment>-<last training day>.")
     ] = "",
     train_end: Annotated[
-        str, typer.Option(help="Last training day (ISO date).", rich_help_panel=PROTOCOL_PANEL)
+        str,
+        typer.Option(
+            help="Last training day (ISO date). Left out on a file that does not cover it: "
+            "the file's last day less the delay and --test-days.",
+            rich_help_panel=PROTOCOL_PANEL,
+        ),
     ] = "2018-08-21",
     train_days: Annotated[
         int,
         typer.Option(
             help="Days of training data ending on --train-end (56: the best history measured, "
-            "see training/reports/benchmark.md).",
+            "see training/reports/benchmark.md). Left out: fewer if the file is shorter.",
             rich_help_panel=PROTOCOL_PANEL,
         ),
     ] = 56,
@@ -110,6 +116,7 @@ def train_command(
                 out=out,
                 version=version,
                 periods=(train_end, train_days, valid_days, test_days),
+                given_periods=(given(ctx, "train_end"), given(ctx, "train_days")),
                 budget=(review_cards_per_day, decline_precision),
                 train=train,
                 augmentation=augmentation,
@@ -128,6 +135,7 @@ def _train_and_export(
     out: Path,
     version: str,
     periods: tuple[str, int, int, int],
+    given_periods: tuple[bool, bool],
     budget: tuple[float, float],
     train: TrainConfig,
     augmentation: AugmentConfig,
@@ -146,6 +154,7 @@ def _train_and_export(
     from stream_app.scoring import file_sha256
     from training import dataset, evaluation, thresholds
     from training.export import export_model, parity_rows, score_histogram
+    from training.periods import file_days, train_periods
     from training.sequence_model import predict
     from training.transactions import read_transactions
 
@@ -155,6 +164,12 @@ def _train_and_export(
         raise ConfigError("--train-days, --valid-days and --test-days must be at least 1")
     if out.exists() and not overwrite:  # before minutes of training, not after
         raise ConfigError(f"{out} exists: choose another --out or pass --overwrite")
+    frame = read_transactions(data)
+    fitted = train_periods(
+        file_days(frame), train_end, train_days, valid_days, test_days,
+        given_end=given_periods[0], given_days=given_periods[1],
+    )  # fmt: skip
+    train_end, train_days = fitted.train_end, fitted.train_days
     try:
         last = dt.date.fromisoformat(train_end)
     except ValueError:
@@ -166,7 +181,7 @@ def _train_and_export(
     settings = evaluation.ProtocolSettings(
         train=train, augment=augmentation, models=(name,), valid_days=valid_days
     )
-    features = dataset.file_features(read_transactions(data))
+    features = dataset.file_features(frame)
     fold = evaluation.run_fold(features, split, settings, on_epoch)
     run = fold.runs[name]
     assert run.fit is not None and run.valid is not None  # an LSTM run carries both
