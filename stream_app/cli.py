@@ -23,6 +23,9 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_show_locals=False,
+    # Plain help, wrapped to the terminal: rich's tables cut long option names and words
+    # with an ellipsis at 80 columns (--compromised-terminals-per-…).
+    rich_markup_mode=None,
 )
 
 

@@ -19,7 +19,15 @@ DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "onnx_models" / "default"
 
 
 def _score_file(data: Path, out: Path) -> subprocess.CompletedProcess[str]:
-    command = ["score-file", "--data", str(data), "--model", str(DEFAULT_MODEL), "--out", str(out)]
+    command = [
+        "score-file",
+        "--data",
+        str(data),
+        "--model-dir",
+        str(DEFAULT_MODEL),
+        "--out",
+        str(out),
+    ]
     return subprocess.run(
         [sys.executable, "-m", "stream_app.cli", *command],
         capture_output=True,

@@ -24,14 +24,6 @@ _TOLERANCE = 1e-5
 
 
 def export_command(
-    model: Annotated[
-        Path,
-        typer.Option(
-            help="Trained model directory: model.pt and model_card.json, as `fraudstream "
-            "train` writes them.",
-            file_okay=False,
-        ),
-    ],
     out: Annotated[
         Path,
         typer.Option(
@@ -39,6 +31,14 @@ def export_command(
             file_okay=False,
         ),
     ],
+    model_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="Trained model directory: model.pt and model_card.json, as `fraudstream "
+            "train` writes them. Required.",
+            file_okay=False,
+        ),
+    ] = None,
     data: Annotated[
         Path | None,
         typer.Option(
@@ -55,8 +55,13 @@ def export_command(
         ),
     ] = _TOLERANCE,
     overwrite: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
+    # The name before the commands agreed on --model-dir; kept, hidden, for old scripts.
+    model: Annotated[Path | None, typer.Option(hidden=True, file_okay=False)] = None,
 ) -> None:
     """Export a trained model to ONNX with its model card; refuse it if ONNX != PyTorch."""
+    model = model_dir or model
+    if model is None:
+        raise fail(ValueError("--model-dir is required: the directory `fraudstream train` wrote"))
     from rich.console import Console
 
     from stream_app.errors import FraudStreamError

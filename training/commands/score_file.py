@@ -12,15 +12,25 @@ from training.commands.options import fail
 
 def score_file_command(
     data: Annotated[Path, typer.Option(help="Transactions file to score.", dir_okay=False)],
-    model: Annotated[
-        Path,
-        typer.Option(help="Model directory (model.onnx and model_card.json).", file_okay=False),
-    ],
     out: Annotated[
         Path, typer.Option(help="Scores file to write; .parquet or .csv.", dir_okay=False)
     ],
+    model_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="Model directory (model.onnx and model_card.json). Required.", file_okay=False
+        ),
+    ] = None,
+    # The name before the commands agreed on --model-dir; kept, hidden, for old scripts.
+    model: Annotated[Path | None, typer.Option(hidden=True, file_okay=False)] = None,
 ) -> None:
-    """Score every transaction of a file offline, as the worker would, and write the scores."""
+    """Score every transaction of a file offline, as the worker would, and write the scores.
+
+    On a file with labels it also prints AUC ROC, average precision and card precision@100.
+    """
+    model = model_dir or model
+    if model is None:
+        raise fail(ValueError("--model-dir is required, e.g. --model-dir onnx_models/default"))
     import time
 
     from rich.console import Console
