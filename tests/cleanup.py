@@ -48,6 +48,14 @@ def register_prefix(prefix: str) -> None:
     _test_prefixes.append(prefix)
 
 
+def keep_for_fixture(prefix: str) -> None:
+    """A prefix a module- or session-scoped fixture made: its keys outlive the test that
+    first asked for the fixture (the fixture deletes them at its teardown); the end of the
+    session still checks them."""
+    with contextlib.suppress(ValueError):
+        _test_prefixes.remove(prefix)
+
+
 def _keys(client: redis.Redis, prefix: str) -> list[bytes]:
     # "prefix*", not "prefix:*": derived prefixes ("<prefix>-file") are the test's too.
     return list(client.scan_iter(match=f"{prefix}*", count=1000))

@@ -26,7 +26,8 @@ from aiokafka import AIOKafkaProducer
 
 from stream_app import kafka_config
 from stream_app.config import Settings
-from tests.kafka_fixtures import Dataset, WorkerProcess, new_settings
+from tests.cleanup import keep_for_fixture
+from tests.kafka_fixtures import Dataset, WorkerProcess, delete_state, new_settings
 from tests.test_monitoring import MONITORING, dashboard_queries
 from training.replay import replay, replay_messages
 from training.services.net import free_port, wait_for_port
@@ -116,6 +117,7 @@ def scraped_worker(
 ) -> Iterator[PrometheusServer]:
     workdir = tmp_path_factory.mktemp("prometheus")
     settings = new_settings(kafka_broker, model_dir=served_model)
+    keep_for_fixture(settings.state_key_prefix)  # the worker runs through the module
     with WorkerProcess(settings, workdir / "worker.log") as worker:
         worker.start()
         prometheus = PrometheusServer(workdir, f"127.0.0.1:{worker.metrics_port}")
@@ -130,6 +132,8 @@ def scraped_worker(
             yield prometheus
         finally:
             prometheus.stop()
+            worker.terminate()
+            delete_state(settings.state_key_prefix)
 
 
 @pytest.mark.parametrize(("title", "expr"), dashboard_queries(), ids=lambda v: str(v)[:40])

@@ -29,6 +29,7 @@ from stream_app.errors import VALIDATION_REASONS, RejectReason
 from stream_app.publisher import key_partition
 from stream_app.records import DeadLetterHeaders, Decision, ScoreRecord
 from stream_app.scoring import OnnxScorer
+from tests.cleanup import keep_for_fixture
 from tests.kafka_fixtures import (
     REDIS_URL,
     Dataset,
@@ -210,6 +211,7 @@ def uninterrupted(
 ) -> Iterator[Run]:
     """A whole replay through one worker, labels interleaved a day after their frauds."""
     settings = new_settings(kafka_broker, model_dir=served_model, challenger_model_dir=second_model)
+    keep_for_fixture(settings.state_key_prefix)  # the tests compare against it
     frame = small_transactions.frame
     log_path = tmp_path_factory.mktemp("uninterrupted") / "worker.log"
     try:
