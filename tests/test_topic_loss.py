@@ -152,11 +152,12 @@ def test_a_recreated_transactions_topic_follows_the_reset_policy(
             wait_until(
                 lambda: (worker.metric(resets) or 0) >= 1, 60, "the reset counted", interval_s=0.5
             )
+            # Read while the worker runs: it re-reads the re-created topic after the reset.
+            records = read_records(settings, settings.topic_scores, ids=ids[FIRST:])
         log = worker.log_path.read_text()
     assert "is out of range: the partition now holds offsets 0 to" in log
     assert f"FRAUDSTREAM_OFFSET_RESET_POLICY={policy}" in log
     assert " ERROR " in log or "[ERROR]" in log
     if policy == "earliest":
         # Every event of the re-created topic is scored: none skipped.
-        records = read_records(settings, settings.topic_scores, ids=ids[FIRST:])
         account(score_records(records), ids).assert_complete()
