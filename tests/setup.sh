@@ -20,8 +20,8 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   pkill -x prometheus 2>/dev/null || true
 fi
 
-echo "== pip install -e .[demo,train,dev]"
-python3 -m pip install -q -e ".[demo,train,dev]"
+echo "== pip install -e .[demo,train,dev,console]"
+python3 -m pip install -q -e ".[demo,train,dev,console]"
 
 # Apache Kafka for the tests' second broker lane, the bench and `demo --broker kafka`: its
 # jars from Maven Central into ~/.cache/fraudstream (nothing is fetched when they are there).
