@@ -95,6 +95,11 @@ class Readiness:
         self._value = value
         self._export()
 
+    @property
+    def value(self) -> float:
+        """What the loops last set, holds aside."""
+        return self._value
+
     def hold(self, reason: str) -> None:
         """Keep the gauge at 0 until :meth:`release` of the same reason."""
         self._holds.add(reason)
