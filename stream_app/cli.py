@@ -305,8 +305,17 @@ def _register_training_commands() -> None:
     _registered = True
 
 
+def _register_console_commands() -> None:
+    """Add ``fraudstream console`` (the review console; its web stack loads when it runs)."""
+    from stream_app.console.commands import console_app
+
+    if not any(group.name == "console" for group in app.registered_groups):
+        app.add_typer(console_app, name="console")
+
+
 def main() -> None:
     """Entry point of the ``fraudstream`` console script."""
+    _register_console_commands()
     _register_training_commands()
     app()
 

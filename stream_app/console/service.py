@@ -1,0 +1,115 @@
+"""Runs the console: the alerts consumer, the label publisher and the web server together.
+
+One process, one event loop: uvicorn serves the pages while the consumer and the publisher
+run as tasks of the application's lifespan. If either task fails, the server stops and the
+process exits non-zero (an orchestrator restarts it), rather than serving a queue that no
+longer fills.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Final
+
+from prometheus_client import CollectorRegistry, start_http_server
+from starlette.applications import Starlette
+
+from stream_app.config import Settings
+from stream_app.console.app import create_app
+from stream_app.console.ingest import AlertIngest
+from stream_app.console.labels import LabelPublisher
+from stream_app.console.metrics import ConsoleMetrics
+from stream_app.console.settings import ConsoleSettings
+from stream_app.console.store import CaseStore
+
+log = logging.getLogger(__name__)
+
+_STATS_INTERVAL_S: Final = 5.0
+
+
+async def _refresh_stats(store: CaseStore, metrics: ConsoleMetrics) -> None:
+    while True:
+        try:
+            stats = await asyncio.to_thread(store.stats)
+            metrics.refresh(stats, time.time())
+        except Exception as exc:  # the store is down: the consumer reports it too
+            log.warning("cannot read the queue's size (%s)", type(exc).__name__)
+        await asyncio.sleep(_STATS_INTERVAL_S)
+
+
+def build(
+    settings: Settings, console: ConsoleSettings, registry: CollectorRegistry | None = None
+) -> tuple[Starlette, CaseStore]:
+    """The application with its background tasks wired into its lifespan, and its store."""
+    store = CaseStore(console.database_url.get_secret_value())
+    store.create_schema()
+    metrics = ConsoleMetrics(registry if registry is not None else CollectorRegistry())
+    ingest = AlertIngest(settings, store, metrics)
+    publisher = LabelPublisher(settings, store, metrics)
+    failed: list[BaseException] = []
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        tasks = [
+            asyncio.create_task(ingest.run(), name="console-ingest"),
+            asyncio.create_task(publisher.run(), name="console-labels"),
+            asyncio.create_task(_refresh_stats(store, metrics), name="console-stats"),
+        ]
+
+        def done(task: asyncio.Task[None]) -> None:
+            if not task.cancelled() and task.exception() is not None:
+                failed.append(task.exception())  # type: ignore[arg-type]
+                log.error("%s stopped: %r; stopping the console", task.get_name(), task.exception())
+                server = getattr(app.state, "server", None)
+                if server is not None:
+                    server.should_exit = True
+
+        for task in tasks[:2]:
+            task.add_done_callback(done)
+        try:
+            yield
+        finally:
+            ingest.stop()
+            publisher.stop()
+            tasks[2].cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    app = create_app(store, console, metrics, on_label=publisher.wake, lifespan=lifespan)
+    app.state.failed = failed
+    app.state.ingest = ingest
+    return app, store
+
+
+def run_console(settings: Settings, console: ConsoleSettings) -> int:
+    """Serve until SIGINT or SIGTERM; returns the process's exit code."""
+    import uvicorn
+
+    registry = CollectorRegistry()
+    app, store = build(settings, console, registry)
+    if console.metrics_port:
+        start_http_server(console.metrics_port, addr=console.host, registry=registry)
+    if console.secret_key is None:
+        log.warning(
+            "FRAUDSTREAM_CONSOLE_SECRET_KEY is not set: a random key signs the sessions, so "
+            "every login ends when the console restarts"
+        )
+    log.info(
+        "console on http://%s:%d, case store %s",
+        console.host,
+        console.port,
+        console.database_display_url,
+    )
+    config = uvicorn.Config(
+        app, host=console.host, port=console.port, log_level="warning", access_log=False
+    )
+    server = uvicorn.Server(config)
+    app.state.server = server
+    try:
+        server.run()
+    finally:
+        store.close()
+    return 1 if app.state.failed else 0
