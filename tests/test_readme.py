@@ -24,7 +24,7 @@ def test_metrics_table_is_current() -> None:
 
 
 def test_the_two_setup_commands_are_the_ones_ci_runs() -> None:
-    assert 'pip install -e ".[train,dev]" && fraudstream demo' in README
+    assert 'pip install -e ".[demo]" && fraudstream demo' in README
     assert "bash tests/check.sh" in README
     ci = (ROOT / ".ci" / "run").read_text()
     assert ci.strip().splitlines()[-1] == "bash tests/check.sh"
