@@ -31,8 +31,9 @@ from stream_app.redis_cluster_state import DEFAULT_SHARDS
 from stream_app.state import DEFAULT_LABEL_WAIT_S
 
 ENV_PREFIX: Final = "FRAUDSTREAM_"
-# Environment names that belong to other tools (the test suite's Redis), not to the worker.
-_FOREIGN_PREFIXES: Final = ("FRAUDSTREAM_TEST_",)
+# Environment names that belong to other tools (the test suite's Redis, the review console's
+# own settings in stream_app/console/settings.py), not to the worker.
+_FOREIGN_PREFIXES: Final = ("FRAUDSTREAM_TEST_", "FRAUDSTREAM_CONSOLE_")
 _DAY_S: Final = 86_400
 # A terminal's widest window reaches back this many days; state must outlive it, or a
 # terminal quiet for a while would lose counters the model's features still read.
