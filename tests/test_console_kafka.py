@@ -213,3 +213,69 @@ async def test_an_alert_reaches_the_queue_and_its_verdict_the_labels_topic(
     with capsys.disabled():
         print(f"\nconsole figures (bundled broker): {figures}")
     assert figures["alert_to_queue_s"] < 30
+
+
+def test_fraudstream_console_serves_pages_and_metrics_and_stops_on_sigterm(
+    bundled_broker: Broker, tmp_path: Path
+) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import urllib.error
+    import urllib.request
+
+    from stream_app.config import settings_environment
+    from training.services.net import LOOPBACK, free_port, wait_for_port
+
+    settings = new_settings(bundled_broker)
+    port, metrics_port = free_port(), free_port()
+    env = {
+        **os.environ,
+        **settings_environment(settings),
+        "FRAUDSTREAM_CONSOLE_DATABASE_URL": f"sqlite:///{tmp_path / 'console.db'}",
+        "FRAUDSTREAM_CONSOLE_PORT": str(port),
+        "FRAUDSTREAM_CONSOLE_METRICS_PORT": str(metrics_port),
+    }
+    bad = subprocess.run(
+        [sys.executable, "-m", "stream_app.cli", "console"],
+        env={**env, "FRAUDSTREAM_CONSOLE_SLA_S": "soon"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert bad.returncode == 2 and "FRAUDSTREAM_CONSOLE_SLA_S" in bad.stderr
+    log_path = tmp_path / "console.log"
+    with log_path.open("w") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "stream_app.cli", "console"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        assert wait_for_port(LOOPBACK, port, 60), log_path.read_text()
+        base = f"http://{LOOPBACK}:{port}"
+        with urllib.request.urlopen(f"{base}/healthz", timeout=10) as response:
+            assert response.read() == b"ok"
+        with urllib.request.urlopen(f"{base}/login", timeout=10) as response:
+            assert 'name="csrf"' in response.read().decode()
+
+        class NoRedirect(urllib.request.HTTPRedirectHandler):
+            def redirect_request(self, *args: object, **kwargs: object) -> None:
+                return None
+
+        with pytest.raises(urllib.error.HTTPError) as raised:
+            urllib.request.build_opener(NoRedirect).open(f"{base}/queue", timeout=10)
+        assert raised.value.code == 303
+        assert wait_for_port(LOOPBACK, metrics_port, 30)
+        with urllib.request.urlopen(f"http://{LOOPBACK}:{metrics_port}/", timeout=10) as response:
+            exposition = response.read().decode()
+        assert "fraudstream_console_verdicts_total" in exposition
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0, log_path.read_text()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=30)
+    assert "random key signs the sessions" in log_path.read_text()

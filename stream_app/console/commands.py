@@ -42,6 +42,7 @@ def serve(ctx: typer.Context) -> None:
     try:
         from stream_app.console.service import run_console
         from stream_app.console.settings import load_console_settings
+        from stream_app.console.store import StoreError
 
         settings = load_settings()
         console = load_console_settings()
@@ -52,7 +53,7 @@ def serve(ctx: typer.Context) -> None:
     except ImportError as exc:
         _fail(f"the console needs its extra: pip install 'fraudstream[console]' ({exc.name})")
         return
-    except ConfigError as exc:
+    except (ConfigError, StoreError) as exc:
         _fail(str(exc))
         return
     raise typer.Exit(code=code)

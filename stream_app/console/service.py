@@ -11,10 +11,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Final
 
+import uvicorn
 from prometheus_client import CollectorRegistry, start_http_server
 from starlette.applications import Starlette
 
@@ -86,8 +88,6 @@ def build(
 
 def run_console(settings: Settings, console: ConsoleSettings) -> int:
     """Serve until SIGINT or SIGTERM; returns the process's exit code."""
-    import uvicorn
-
     registry = CollectorRegistry()
     app, store = build(settings, console, registry)
     if console.metrics_port:
@@ -106,10 +106,27 @@ def run_console(settings: Settings, console: ConsoleSettings) -> int:
     config = uvicorn.Config(
         app, host=console.host, port=console.port, log_level="warning", access_log=False
     )
-    server = uvicorn.Server(config)
+    server = _Server(config)
     app.state.server = server
     try:
-        server.run()
+        asyncio.run(_serve(server))
     finally:
         store.close()
     return 1 if app.state.failed else 0
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, leaving SIGINT and SIGTERM to :func:`_serve`: uvicorn re-raises the
+    signal after its graceful shutdown, so the process would end killed by the signal
+    instead of with the console's exit code."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+async def _serve(server: uvicorn.Server) -> None:
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, setattr, server, "should_exit", True)
+    await server.serve()
