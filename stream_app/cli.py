@@ -7,11 +7,13 @@ command runs, so ``fraudstream worker --help`` works in a slim serving install.
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, Final, NoReturn
 
 import typer
+from typer.core import TyperGroup
 
 if TYPE_CHECKING:
     from stream_app.config import Settings
@@ -29,7 +31,46 @@ app = typer.Typer(
 )
 
 
-@app.callback()
+# What each command imports from an extra when it runs (module names): a command run
+# without its extra says which install brings it, instead of a traceback.
+COMMAND_EXTRAS: Final[dict[str, tuple[str, tuple[str, ...]]]] = {
+    "simulate": ("demo", ("pandas", "pyarrow")),
+    "replay": ("demo", ("pandas", "pyarrow")),
+    "score-file": ("demo", ("pandas", "pyarrow")),
+    "demo": ("demo", ("pandas", "pyarrow")),
+    "bench": ("demo", ("pandas", "pyarrow")),
+    "train": ("train", ("torch", "onnx", "onnxscript", "sklearn")),
+    "evaluate": ("train", ("torch", "sklearn", "xgboost", "matplotlib")),
+    "export": ("train", ("torch", "onnx", "onnxscript")),
+    "console": ("console", ("starlette", "jinja2", "uvicorn", "argon2")),
+}
+
+
+def missing_extra(command: str) -> str | None:
+    """Why ``command`` cannot run in this install (the extra to add), or None."""
+    extra, modules = COMMAND_EXTRAS.get(command, ("", ()))
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if not missing:
+        return None
+    return (
+        f"`fraudstream {command}` needs {', '.join(missing)}, from the {extra!r} extra: "
+        f'pip install "fraudstream[{extra}]" (in a checkout: pip install -e ".[{extra}]")'
+    )
+
+
+class _Commands(TyperGroup):
+    """The root command group: refuses a command whose extra is not installed (not its help)."""
+
+    def resolve_command(self, ctx: Any, args: list[str]) -> Any:  # typer's own click types
+        name, command, rest = super().resolve_command(ctx, args)
+        if name is not None and "--help" not in rest:
+            problem = missing_extra(name)
+            if problem is not None:
+                fail(problem)
+        return name, command, rest
+
+
+@app.callback(cls=_Commands)
 def _root() -> None:
     """Real-time fraud detection over Kafka, Redis and ONNX Runtime."""
 

@@ -5,8 +5,10 @@ The project's tracked files are copied to a scratch folder with a new virtual en
 into a real terminal (tmux) with no Kafka, Redis or ``FRAUDSTREAM_*`` setting given. The
 test reads the screen: the install ends, the demo's live view appears (its panel and the
 latest alerts with their reasons), then its closing summary, its explanation and the next
-steps, and the command exits 0. pip's cache is used when it has the wheels (CI installed
-them a moment before); ``python -m training.install_report`` measures a cold install.
+steps, and the command exits 0. Then ``fraudstream train``, which needs the training
+extra, names the install that brings it and exits 2. pip's cache is used when it has the
+wheels (CI installed them a moment before); ``python -m training.install_report`` measures
+a cold install.
 """
 
 from __future__ import annotations
@@ -127,3 +129,11 @@ def test_the_readme_quick_start_in_a_terminal_on_a_fresh_environment(
     scored = re.search(r"transactions scored\s*│\s*([\d,]+)", screen)
     assert scored is not None and int(scored.group(1).replace(",", "")) > 1000, screen[-6000:]
     assert "Traceback" not in screen, screen[-6000:]
+
+    # The next thing a new user tries, in the demo's install: a command of another extra.
+    term.type("fraudstream train; echo TRAIN-EXIT''=$?")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and "TRAIN-EXIT=" not in (screen := term.screen()):
+        time.sleep(0.5)
+    assert "TRAIN-EXIT=2" in screen, screen[-3000:]
+    assert 'pip install -e ".[train]"' in screen.split("TRAIN-EXIT''")[-1], screen[-3000:]

@@ -14,6 +14,7 @@ that measured it.
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 from collections.abc import Callable, Sequence
@@ -151,9 +152,44 @@ def scaling(reports: Path = REPORTS) -> str:
     return "\n".join(lines)
 
 
+# What each install flavour is for, in the quick start's table.
+_FLAVOUR_USES: Final = {
+    "serving": "the worker alone (production)",
+    "demo": "`fraudstream demo`, simulate, replay, score-file",
+    "train": "train, evaluate, export",
+}
+
+
+def install(reports: Path = REPORTS) -> str:
+    """Each install flavour's time and disk on a fresh environment, and the demo's run."""
+    report = json.loads((reports / "install.json").read_text())
+    lines = [
+        "| Install | For | Time | Disk | PyTorch |",
+        "| --- | --- | ---: | ---: | --- |",
+    ]
+    for f in report["flavours"]:
+        lines.append(
+            f"| `{f['command']}` | {_FLAVOUR_USES[f['flavour']]} | {f['install_s']:.0f} s | "
+            f"{f['disk_bytes'] / 1e9:.2f} GB | {'yes' if f['torch'] else 'no'} |"
+        )
+    demo = report.get("demo")
+    lines.append("")
+    lines.append(
+        f"Measured by `{report['command']}` ({report['measured_at']}; {report['machine']}), "
+        "each in a new virtual environment."
+    )
+    if demo is not None:
+        lines[-1] += (
+            f" In the demo's environment, `{demo['command']}` then ran for "
+            f"{demo['wall_s']:.0f} s (exit code {demo['exit_code']})."
+        )
+    return "\n".join(lines)
+
+
 SECTIONS: Final[dict[str, Callable[[], str]]] = {
     "stream-worker": stream_worker,
     "scaling": scaling,
+    "install": install,
 }
 _PART: Final = re.compile(
     r"(<!-- BEGIN generated: (?P<name>[a-z-]+) \(python -m training.readme_tables\) -->\n)"
