@@ -24,10 +24,11 @@ from stream_app import kafka_config
 from stream_app.config import Settings
 from stream_app.console import auth
 from stream_app.console.ingest import AlertIngest, console_group_id
+from stream_app.console.labels import LabelPublisher
 from stream_app.console.metrics import ConsoleMetrics
 from stream_app.console.service import build
 from stream_app.console.settings import load_console_settings
-from stream_app.console.store import CaseStore, QueueFilter
+from stream_app.console.store import CaseStore, Outcome, QueueFilter
 from stream_app.records import Decision, ScoreRecord, iso_utc_millis, parse_label
 from tests.kafka_fixtures import Broker, new_settings, read_topic
 
@@ -279,3 +280,54 @@ def test_fraudstream_console_serves_pages_and_metrics_and_stops_on_sigterm(
             process.kill()
             process.wait(timeout=30)
     assert "random key signs the sessions" in log_path.read_text()
+
+
+async def test_the_workers_label_counters_take_a_console_verdict(
+    bundled_broker: Broker, served_model: Path, tmp_path: Path
+) -> None:
+    """The real worker scores a transaction; the console's verdict on it comes back as a
+    label the worker counts as a fraud on that transaction (not a mismatch, not a dead
+    letter): the label's keys and event time are those the worker scored."""
+    import orjson
+
+    from tests.kafka_fixtures import WorkerProcess
+
+    settings = new_settings(bundled_broker, model_dir=served_model)
+    with WorkerProcess(settings, tmp_path / "worker.log") as worker:
+        worker.start()
+        event_ms = int((time.time() - 120) * 1000)
+        producer = AIOKafkaProducer(**kafka_config.producer_kwargs(settings))
+        await producer.start()
+        try:
+            transaction = {
+                "transaction_id": "console-tx-1",
+                "customer_id": "cust-77",
+                "terminal_id": "term-5",
+                "amount": 180.5,
+                "timestamp": event_ms,
+            }
+            await producer.send_and_wait(
+                settings.topic_transactions, orjson.dumps(transaction), key=b"cust-77"
+            )
+        finally:
+            await producer.stop()
+        (scored,) = await read_topic(settings, settings.topic_scores, until=1)
+        score = ScoreRecord.from_json(scored.value)
+        store = CaseStore(f"sqlite:///{tmp_path / 'cases.db'}")
+        store.create_schema()
+        metrics = ConsoleMetrics(CollectorRegistry())
+        store.add_alerts([score])  # as if it had been an alert
+        assert store.claim("console-tx-1", "ann", escalated_too=False)
+        store.record_verdict("console-tx-1", Outcome.FRAUD, "confirmed", "ann")
+        publisher = LabelPublisher(settings, store, metrics)
+        task = asyncio.create_task(publisher.run())
+        try:
+            await wait_until(lambda: not store.pending_labels())
+            await asyncio.to_thread(
+                worker.wait_for, 'fraudstream_labels_total{outcome="fraud"}', 1, 60
+            )
+        finally:
+            publisher.stop()
+            await asyncio.wait_for(task, 30)
+            store.close()
+        assert worker.metric('fraudstream_labels_total{outcome="dead_letter"}') in (None, 0.0)
