@@ -69,3 +69,27 @@ def test_a_file_without_frauds_gets_no_quality_line(tmp_path: Path) -> None:
     done = _score_file(data, tmp_path / "scores.csv")
     assert done.returncode == 0, done.stdout + done.stderr
     assert "AUC" not in done.stdout
+
+
+def test_without_model_dir_it_scores_with_the_workers_default_model_or_says_what_to_pass(
+    tmp_path: Path,
+) -> None:
+    data = tmp_path / "tx.parquet"
+    write_transactions(simulate(SimulatorConfig(n_customers=50, n_terminals=100, n_days=3)), data)
+    command = [sys.executable, "-m", "stream_app.cli", "score-file", "--data", str(data)]
+    root = DEFAULT_MODEL.parents[1]
+    done = subprocess.run(
+        [*command, "--out", str(tmp_path / "a.parquet")], cwd=root, capture_output=True,
+        text=True, timeout=180,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    with_dir = _score_file(data, tmp_path / "b.parquet")
+    assert with_dir.returncode == 0, with_dir.stderr
+    assert pd.read_parquet(tmp_path / "a.parquet").equals(pd.read_parquet(tmp_path / "b.parquet"))
+
+    elsewhere = subprocess.run(
+        [*command, "--out", str(tmp_path / "c.parquet")], cwd=tmp_path, capture_output=True,
+        text=True, timeout=180,
+    )  # fmt: skip
+    assert elsewhere.returncode == 2
+    assert "pass --model-dir" in elsewhere.stderr and "onnx_models/default" in elsewhere.stderr

@@ -7,7 +7,11 @@ from typing import Annotated
 
 import typer
 
+from stream_app.config import Settings
 from training.commands.options import fail
+
+# The worker's default model: the same file is scored offline as online.
+DEFAULT_MODEL_DIR: Path = Settings.model_fields["model_dir"].default
 
 
 def score_file_command(
@@ -18,7 +22,11 @@ def score_file_command(
     model_dir: Annotated[
         Path | None,
         typer.Option(
-            help="Model directory (model.onnx and model_card.json). Required.", file_okay=False
+            help="Model directory (model.onnx and model_card.json); default the worker's "
+            f"model (FRAUDSTREAM_MODEL_DIR, else {DEFAULT_MODEL_DIR}).",
+            envvar="FRAUDSTREAM_MODEL_DIR",
+            show_envvar=False,
+            file_okay=False,
         ),
     ] = None,
     # The name before the commands agreed on --model-dir; kept, hidden, for old scripts.
@@ -28,9 +36,14 @@ def score_file_command(
 
     On a file with labels it also prints AUC ROC, average precision and card precision@100.
     """
-    model = model_dir or model
-    if model is None:
-        raise fail(ValueError("--model-dir is required, e.g. --model-dir onnx_models/default"))
+    model = model_dir or model or DEFAULT_MODEL_DIR
+    if not model.exists():
+        raise fail(
+            ValueError(
+                f"no model directory at {model} (from {Path.cwd()}): pass --model-dir, e.g. "
+                "the onnx_models/default folder of a fraudstream checkout"
+            )
+        )
     import time
 
     from rich.console import Console
