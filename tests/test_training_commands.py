@@ -175,3 +175,18 @@ def test_help_needs_no_heavy_package(name: str) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "--data" in result.stdout
+
+
+def test_a_small_population_is_told_why_its_fraud_share_is_larger(tmp_path: Path) -> None:
+    from training.commands.simulate import DEFAULT_CUSTOMERS
+    from training.simulator import SimulatorConfig
+
+    assert SimulatorConfig().n_customers == DEFAULT_CUSTOMERS
+    small = ["simulate", "--out", str(tmp_path / "s.parquet"), "--n-customers", "200"]
+    result = runner.invoke(app, [*small, "--n-terminals", "400", "--n-days", "10"])
+    assert result.exit_code == 0, result.output
+    assert "--compromised-customers-per-day" in result.output.split("written to")[1]
+    full = ["simulate", "--out", str(tmp_path / "f.parquet"), "--n-days", "2"]
+    result = runner.invoke(app, full)
+    assert result.exit_code == 0, result.output
+    assert "note:" not in result.output

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Final
 
 import typer
 
@@ -11,6 +11,8 @@ import typer
 # them without importing numpy and pandas; tests/test_simulator.py checks they stay equal to
 # SimulatorConfig's.
 _FRAUD = "Fraud scenarios"
+
+DEFAULT_CUSTOMERS: Final = 5000  # the Handbook's population
 
 
 def simulate_command(
@@ -21,7 +23,7 @@ def simulate_command(
             dir_okay=False,
         ),
     ],
-    n_customers: Annotated[int, typer.Option(help="Number of customers.")] = 5000,
+    n_customers: Annotated[int, typer.Option(help="Number of customers.")] = DEFAULT_CUSTOMERS,
     n_terminals: Annotated[int, typer.Option(help="Number of terminals.")] = 10000,
     n_days: Annotated[int, typer.Option(help="Number of simulated days.")] = 183,
     start_date: Annotated[str, typer.Option(help="First day, ISO date (UTC).")] = "2018-04-01",
@@ -130,3 +132,13 @@ def simulate_command(
         f"({summary.fraud_rate:.2%}) in {time.perf_counter() - started:.1f} s"
     )
     console.print(f"written to {escape(str(out))}")
+    if n_customers < DEFAULT_CUSTOMERS:
+        console.print(
+            f"note: the fraud scenarios compromise {compromised_terminals_per_day} terminals "
+            f"and {compromised_customers_per_day} customers a day whatever the population, "
+            f"so fewer customers than the default {DEFAULT_CUSTOMERS:,} means a larger share "
+            "of frauds; scale --compromised-terminals-per-day and "
+            "--compromised-customers-per-day with the population to keep the default's rate",
+            markup=False,
+            highlight=False,
+        )
