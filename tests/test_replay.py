@@ -6,6 +6,7 @@ import asyncio
 import time
 from collections.abc import Callable
 from datetime import timedelta
+from pathlib import Path
 
 import orjson
 import pandas as pd
@@ -170,3 +171,21 @@ def test_the_replay_command_refuses_a_missing_file(tmp_path: object) -> None:
     result = CliRunner().invoke(app, ["replay", "--data", "/nonexistent/tx.parquet"])
     assert result.exit_code == 2
     assert "does not exist" in result.output
+
+
+def test_the_replay_command_names_a_broker_it_cannot_reach(tmp_path: Path) -> None:
+    # A one-shot tool does not wait for a broker: it says where it looked and what to set.
+    from training.services.net import LOOPBACK, free_port
+    from training.transactions import write_transactions
+
+    data = tmp_path / "tx.parquet"
+    write_transactions(_frame(), data)
+    address = f"{LOOPBACK}:{free_port()}"
+    app = typer.Typer()
+    register_stream_commands(app)
+    result = CliRunner().invoke(
+        app, ["replay", "--data", str(data), "--bootstrap", address], terminal_width=400
+    )
+    assert result.exit_code == 2, result.output
+    assert f"cannot reach Kafka at {address}" in result.output
+    assert "--bootstrap" in result.output and "FRAUDSTREAM_KAFKA_BOOTSTRAP_SERVERS" in result.output

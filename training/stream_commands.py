@@ -67,6 +67,7 @@ def replay_command(
     """Publish a transactions file to Kafka in event-time order, keyed by customer id."""
     import asyncio
 
+    from aiokafka.errors import KafkaConnectionError
     from rich.console import Console
     from rich.progress import (
         BarColumn,
@@ -77,6 +78,7 @@ def replay_command(
         TimeRemainingColumn,
     )
 
+    from stream_app.backoff import describe_error
     from stream_app.config import load_settings
     from stream_app.errors import FraudStreamError
     from training.replay import ReplayStats, parse_duration, replay, replay_messages
@@ -120,8 +122,12 @@ def replay_command(
             stats = asyncio.run(replay(messages, settings, rate=rate, on_progress=progress))
     except FraudStreamError as exc:
         raise _fail(str(exc)) from exc
-    except OSError as exc:  # an unreachable broker surfaces as a connection error
-        raise _fail(f"cannot reach Kafka: {exc}") from exc
+    except (OSError, KafkaConnectionError) as exc:  # no broker there (a one-shot: no retry)
+        raise _fail(
+            f"cannot reach Kafka at {settings.kafka_bootstrap_servers} ({describe_error(exc)}): "
+            "start a broker there, or pass --bootstrap (or FRAUDSTREAM_KAFKA_BOOTSTRAP_SERVERS) "
+            "with the address of yours"
+        ) from exc
     console.print(
         f"published {stats.transactions:,} transactions and {stats.labels:,} labels to "
         f"{settings.topic_transactions} in {stats.seconds:.1f} s ({stats.rate:,.0f}/s)"
