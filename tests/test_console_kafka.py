@@ -174,6 +174,27 @@ async def _serve_one_case(settings: Settings, tmp_path: Path) -> dict[str, float
             page_text = until_queued(alert(42))
             figures["alert_to_queue_s"] = time.monotonic() - published
             token = re.search(r'name="csrf" value="([^"]+)"', page_text).group(1)  # type: ignore[union-attr]
+            # the scores topic fills the customer's timeline on the case page
+            earlier = alert(40, score=0.05).model_copy(update={"decision": Decision.APPROVE})
+
+            async def publish_scores() -> None:
+                producer = AIOKafkaProducer(**kafka_config.producer_kwargs(settings))
+                await producer.start()
+                try:
+                    for record in (earlier, alert(42)):
+                        await producer.send_and_wait(
+                            settings.topic_scores, record.to_json(), key=b"c-1"
+                        )
+                finally:
+                    await producer.stop()
+
+            asyncio.run_coroutine_threadsafe(publish_scores(), loop).result(30)
+            deadline = time.monotonic() + 30
+            # both scores: the one before, and this one
+            while (case_page := client.get("/cases/tx-42")).text.count("<rect ") < 2:
+                assert time.monotonic() < deadline, case_page.text
+                time.sleep(0.05)
+            assert 'id="customer-chart"' in case_page.text
             client.post("/cases/tx-42/claim", data={"csrf": token})
             decided = time.monotonic()
             response = client.post(

@@ -241,3 +241,26 @@ def test_sqlite_needs_a_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="DATABASE_URL"):
         CaseStore("mysql://x")
     assert sqlite3.sqlite_version_info >= (3, 24)  # ON CONFLICT DO NOTHING
+
+
+def test_scored_transactions_make_the_timelines_with_known_frauds(store: CaseStore) -> None:
+    scores = [
+        alert(1, customer="c1", terminal="t1"),
+        alert(2, customer="c1", terminal="t2"),
+        alert(3, customer="c2", terminal="t1"),
+    ]
+    assert store.add_scores(scores, now_s=100.0) == 3
+    assert store.add_scores(scores[:1], now_s=200.0) == 0  # redelivered: kept once
+    store.add_alerts([scores[2]])
+    store.claim("tx3", "ann", escalated_too=False)
+    store.record_verdict("tx3", Outcome.FRAUD, "", "ann")
+    customer = store.history(customer_id="c1")
+    assert [(s.transaction_id, s.terminal_id) for s in customer] == [("tx2", "t2"), ("tx1", "t1")]
+    terminal = store.history(terminal_id="t1")
+    assert [(s.transaction_id, s.outcome) for s in terminal] == [
+        ("tx3", Outcome.FRAUD),
+        ("tx1", None),
+    ]
+    store.add_scores([alert(4, customer="c1")], now_s=500.0)
+    assert store.prune_scores(received_before_s=300.0) == 3
+    assert [s.transaction_id for s in store.history(customer_id="c1")] == ["tx4"]

@@ -290,6 +290,32 @@ def test_an_analyst_works_a_case_from_queue_to_label(
     assert CUSTOMER not in logged and TERMINAL not in logged and "tx-7" not in logged
 
 
+def test_the_case_view_shows_the_customers_and_terminals_recent_transactions(env: Env) -> None:
+    other = alert(9, score=0.1).model_copy(
+        update={
+            "transaction_id": "tx-9",
+            "customer_id": "someone-else",
+            "decision": Decision.APPROVE,
+        }
+    )
+    env.store.add_scores([alert(1), alert(2, score=0.3), other])
+    fraud = env.store.case("tx-2")
+    assert fraud is not None
+    env.store.claim("tx-2", "ann", escalated_too=False)
+    env.store.record_verdict("tx-2", Outcome.FRAUD, "", "ann")
+    page = env.login("bob").get("/cases/tx-1").text
+    customer = page[
+        page.index('id="customer-history"') : page.index(
+            "</table>", page.index('id="customer-history"')
+        )
+    ]
+    assert customer.count("<tr>") == 3  # header, tx-2, tx-1; not someone else's
+    assert 'id="customer-chart"' in page
+    terminal = page[page.index('id="terminal-history"') :]
+    assert "someone-else" in terminal
+    assert "1 known fraud among its last 3 scored transactions" in page
+
+
 def test_pages_escape_what_alerts_carry(env: Env) -> None:
     hostile = alert(30).model_copy(
         update={"transaction_id": "tx-<b>", "reasons": ("<script>alert(1)</script>",)}

@@ -250,6 +250,12 @@ class Console:
             return self.render(request, "error.html", 404, user=user, message="no such case")
         related = await run_in_threadpool(self.store.related_cases, case)
         timeline = await run_in_threadpool(self.store.customer_cases, case.customer_id)
+        customer_history = await run_in_threadpool(
+            lambda: self.store.history(customer_id=case.customer_id)
+        )
+        terminal_history = await run_in_threadpool(
+            lambda: self.store.history(terminal_id=case.terminal_id)
+        )
         verdicts = await run_in_threadpool(self.store.verdicts, case.transaction_id)
         supervisor = auth.role_allows(user.role, auth.Role.SUPERVISOR)
         return self.render(
@@ -259,6 +265,8 @@ class Console:
             case=case,
             related=related,
             timeline=list(reversed(timeline)),
+            customer_history=customer_history,
+            terminal_history=terminal_history,
             verdicts=verdicts,
             now=time.time(),
             sla_s=self.settings.sla_s,

@@ -1,9 +1,10 @@
-"""The alerts consumer: every ``ScoreRecord`` on the alerts topic opens a case.
+"""The consumers: every ``ScoreRecord`` on the alerts topic opens a case; every one on the
+scores topic joins the customer's and terminal's history (when history is kept).
 
-It reads with its own consumer group (``<FRAUDSTREAM_GROUP_ID>.console``), so it never
-takes partitions from the worker, and commits a batch's offsets only after the store has
-written its cases: a crash in between re-reads the batch, and since cases are keyed by
-transaction id, a re-read alert is not a second case.
+Each reads with its own consumer group (``<FRAUDSTREAM_GROUP_ID>.console`` and
+``.console-history``), so it never takes partitions from the worker, and commits a batch's
+offsets only after the store has written it: a crash in between re-reads the batch, and
+since rows are keyed by transaction id, a re-read alert is not a second case.
 
 Error policy: a record that is no valid ``ScoreRecord`` is logged with its topic, partition
 and offset (never its content: it holds customer data) and counted, then skipped; it cannot
@@ -68,13 +69,15 @@ def parse_alerts(
     return alerts, invalid
 
 
-class AlertIngest:
-    """Consumes the alerts topic into the case store until :meth:`stop`.
+class TopicIngest:
+    """Consumes a topic of ``ScoreRecord``s into the case store until :meth:`stop`.
+
+    Subclasses say which topic, which consumer group, and what writing a batch means.
 
     Args:
-        settings: The worker's settings: Kafka connection, ``topic_alerts``, ``group_id``.
-        store: Where cases are opened.
-        metrics: Counts alerts by outcome.
+        settings: The worker's settings: Kafka connection, topic names, ``group_id``.
+        store: Where the records go.
+        metrics: Counts records by outcome.
     """
 
     def __init__(self, settings: Settings, store: CaseStore, metrics: ConsoleMetrics) -> None:
@@ -84,19 +87,27 @@ class AlertIngest:
         self._stopping = asyncio.Event()
         self.started = asyncio.Event()
 
+    topic: str
+    group_id: str
+
+    def write(self, records: list[ScoreRecord]) -> int:
+        """Store a batch (called in a thread); returns how many records were new."""
+        raise NotImplementedError
+
+    def count(self, new: int, duplicate: int, invalid: int) -> None:
+        """Count a stored batch."""
+
     def stop(self) -> None:
         """Ask :meth:`run` to finish after its current batch."""
         self._stopping.set()
 
     async def run(self) -> None:
         """Consume, store, commit, until stopped."""
-        kwargs = kafka_config.consumer_kwargs(self.settings, console_group_id(self.settings))
+        kwargs = kafka_config.consumer_kwargs(self.settings, self.group_id)
         kwargs["max_poll_records"] = _MAX_BATCH
-        consumer = AIOKafkaConsumer(self.settings.topic_alerts, **kwargs)
+        consumer = AIOKafkaConsumer(self.topic, **kwargs)
         await consumer.start()
-        log.info(
-            "consuming %s as group %s", self.settings.topic_alerts, console_group_id(self.settings)
-        )
+        log.info("consuming %s as group %s", self.topic, self.group_id)
         self.started.set()
         try:
             while not self._stopping.is_set():
@@ -104,27 +115,26 @@ class AlertIngest:
                 records = [r for partition in batch.values() for r in partition]
                 if not records:
                     continue
-                alerts, invalid = parse_alerts(records)
-                opened = await self._store(alerts)
-                if opened is None:
+                valid, invalid = parse_alerts(records)
+                new = await self._store(valid)
+                if new is None:
                     return  # stopped while the store was down: nothing committed
                 await consumer.commit()
-                self.metrics.alerts.labels("opened").inc(opened)
-                self.metrics.alerts.labels("duplicate").inc(len(alerts) - opened)
-                self.metrics.alerts.labels("invalid").inc(invalid)
+                self.count(new, len(valid) - new, invalid)
         finally:
             await consumer.stop()
 
-    async def _store(self, alerts: list[ScoreRecord]) -> int | None:
-        """Write the alerts, retrying until the store takes them; None if stopped first."""
+    async def _store(self, records: list[ScoreRecord]) -> int | None:
+        """Write the records, retrying until the store takes them; None if stopped first."""
         pause = 0.5
         while True:
             try:
-                return await asyncio.to_thread(self.store.add_alerts, alerts)
+                return await asyncio.to_thread(self.write, records)
             except Exception as exc:  # the database is down or refuses: retry, never skip
                 log.error(
-                    "cannot write %d alerts to the case store (%s); retrying in %.1f s",
-                    len(alerts),
+                    "cannot write %d records of %s to the case store (%s); retrying in %.1f s",
+                    len(records),
+                    self.topic,
                     type(exc).__name__,
                     pause,
                 )
@@ -133,3 +143,36 @@ class AlertIngest:
                 return None
             except TimeoutError:
                 pause = min(pause * 2, _RETRY_MAX_S)
+
+
+class AlertIngest(TopicIngest):
+    """The alerts topic: each alert not seen before opens a case."""
+
+    def __init__(self, settings: Settings, store: CaseStore, metrics: ConsoleMetrics) -> None:
+        super().__init__(settings, store, metrics)
+        self.topic = settings.topic_alerts
+        self.group_id = console_group_id(settings)
+
+    def write(self, records: list[ScoreRecord]) -> int:
+        return self.store.add_alerts(records)
+
+    def count(self, new: int, duplicate: int, invalid: int) -> None:
+        self.metrics.alerts.labels("opened").inc(new)
+        self.metrics.alerts.labels("duplicate").inc(duplicate)
+        self.metrics.alerts.labels("invalid").inc(invalid)
+
+
+class HistoryIngest(TopicIngest):
+    """The scores topic: every scored transaction, kept a while for the case view's
+    timelines of a customer and a terminal (its own group, so alerts never wait for it)."""
+
+    def __init__(self, settings: Settings, store: CaseStore, metrics: ConsoleMetrics) -> None:
+        super().__init__(settings, store, metrics)
+        self.topic = settings.topic_scores
+        self.group_id = f"{settings.group_id}.console-history"
+
+    def write(self, records: list[ScoreRecord]) -> int:
+        return self.store.add_scores(records)
+
+    def count(self, new: int, duplicate: int, invalid: int) -> None:
+        self.metrics.history.inc(new)

@@ -63,6 +63,11 @@ class ConsoleMetrics:
             buckets=TIME_TO_VERDICT_BUCKETS_S,
             registry=registry,
         )
+        self.history = Counter(
+            "fraudstream_console_history_records_total",
+            "Scored transactions kept for the case view's timelines.",
+            registry=registry,
+        )
         self.labels_published = Counter(
             "fraudstream_console_labels_published_total",
             "Labels from verdicts acknowledged by the labels topic.",

@@ -22,7 +22,7 @@ from starlette.applications import Starlette
 
 from stream_app.config import Settings
 from stream_app.console.app import create_app
-from stream_app.console.ingest import AlertIngest
+from stream_app.console.ingest import AlertIngest, HistoryIngest
 from stream_app.console.labels import LabelPublisher
 from stream_app.console.metrics import ConsoleMetrics
 from stream_app.console.settings import ConsoleSettings
@@ -31,13 +31,19 @@ from stream_app.console.store import CaseStore
 log = logging.getLogger(__name__)
 
 _STATS_INTERVAL_S: Final = 5.0
+_PRUNE_INTERVAL_S: Final = 3600.0
 
 
-async def _refresh_stats(store: CaseStore, metrics: ConsoleMetrics) -> None:
+async def _housekeeping(store: CaseStore, metrics: ConsoleMetrics, history_days: float) -> None:
+    """Refresh the queue gauges every few seconds; forget old scores once an hour."""
+    last_prune = 0.0
     while True:
         try:
-            stats = await asyncio.to_thread(store.stats)
-            metrics.refresh(stats, time.time())
+            now = time.time()
+            metrics.refresh(await asyncio.to_thread(store.stats), now)
+            if history_days and now - last_prune > _PRUNE_INTERVAL_S:
+                await asyncio.to_thread(store.prune_scores, now - history_days * 86_400)
+                last_prune = now
         except Exception as exc:  # the store is down: the consumer reports it too
             log.warning("cannot read the queue's size (%s)", type(exc).__name__)
         await asyncio.sleep(_STATS_INTERVAL_S)
@@ -51,6 +57,7 @@ def build(
     store.create_schema()
     metrics = ConsoleMetrics(registry if registry is not None else CollectorRegistry())
     ingest = AlertIngest(settings, store, metrics)
+    history = HistoryIngest(settings, store, metrics) if console.history_days else None
     publisher = LabelPublisher(settings, store, metrics)
     failed: list[BaseException] = []
 
@@ -59,8 +66,12 @@ def build(
         tasks = [
             asyncio.create_task(ingest.run(), name="console-ingest"),
             asyncio.create_task(publisher.run(), name="console-labels"),
-            asyncio.create_task(_refresh_stats(store, metrics), name="console-stats"),
         ]
+        if history is not None:
+            tasks.append(asyncio.create_task(history.run(), name="console-history"))
+        housekeeping = asyncio.create_task(
+            _housekeeping(store, metrics, console.history_days), name="console-housekeeping"
+        )
 
         def done(task: asyncio.Task[None]) -> None:
             if not task.cancelled() and task.exception() is not None:
@@ -70,19 +81,22 @@ def build(
                 if server is not None:
                     server.should_exit = True
 
-        for task in tasks[:2]:
+        for task in tasks:
             task.add_done_callback(done)
         try:
             yield
         finally:
             ingest.stop()
             publisher.stop()
-            tasks[2].cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            if history is not None:
+                history.stop()
+            housekeeping.cancel()
+            await asyncio.gather(*tasks, housekeeping, return_exceptions=True)
 
     app = create_app(store, console, metrics, on_label=publisher.wake, lifespan=lifespan)
     app.state.failed = failed
     app.state.ingest = ingest
+    app.state.history = history
     return app, store
 
 

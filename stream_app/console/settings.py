@@ -63,6 +63,13 @@ class ConsoleSettings(BaseSettings):
         description="Time an open case may wait for a verdict (s); older cases are "
         "flagged in the queue.",
     )
+    history_days: float = Field(
+        7.0,
+        ge=0,
+        le=400,
+        description="Days of scored transactions (the scores topic) kept for the case "
+        "view's customer and terminal timelines; 0 reads no scores.",
+    )
     page_size: int = Field(50, ge=5, le=500, description="Cases per queue page.")
     login_max_failures: int = Field(
         5,

@@ -8,8 +8,8 @@ UPDATE and DELETE, and TRUNCATE in PostgreSQL); no code here updates or deletes 
 
 Consistency rests on single conditional statements, which both databases apply atomically:
 
-* an alert is inserted with ``ON CONFLICT (transaction_id) DO NOTHING``, so a redelivered
-  alert is not a second case;
+* an alert (and a scored transaction kept for the timelines) is inserted with
+  ``ON CONFLICT (transaction_id) DO NOTHING``, so a redelivered alert is not a second case;
 * a claim is ``UPDATE ... WHERE assignee IS NULL OR assignee = me``: of two analysts, one
   gets the row and the other's update matches nothing;
 * a verdict updates the case only while the analyst holds it, then appends the verdict and,
@@ -105,6 +105,19 @@ _SCHEMA: Final = (
         sent_at DOUBLE PRECISION
     )""",
     "CREATE INDEX IF NOT EXISTS label_outbox_pending ON label_outbox (sent_at, created_at)",
+    """CREATE TABLE IF NOT EXISTS scores (
+        transaction_id TEXT PRIMARY KEY,
+        customer_id TEXT NOT NULL,
+        terminal_id TEXT NOT NULL,
+        amount DOUBLE PRECISION NOT NULL,
+        event_time TEXT NOT NULL,
+        score DOUBLE PRECISION NOT NULL,
+        decision TEXT NOT NULL,
+        received_at DOUBLE PRECISION NOT NULL
+    )""",
+    "CREATE INDEX IF NOT EXISTS scores_customer ON scores (customer_id, event_time)",
+    "CREATE INDEX IF NOT EXISTS scores_terminal ON scores (terminal_id, event_time)",
+    "CREATE INDEX IF NOT EXISTS scores_received ON scores (received_at)",
     """CREATE TABLE IF NOT EXISTS users (
         username TEXT PRIMARY KEY,
         password_hash TEXT NOT NULL,
@@ -188,6 +201,20 @@ class Verdict:
     note: str
     analyst: str
     decided_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class ScoredTransaction:
+    """A transaction from the scores topic, and the case outcome if an analyst decided it."""
+
+    transaction_id: str
+    customer_id: str
+    terminal_id: str
+    amount: float
+    event_time: str
+    score: float
+    decision: str
+    outcome: Outcome | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -368,6 +395,66 @@ class CaseStore:
                 )
                 added += max(cur.rowcount, 0)
         return added
+
+    def add_scores(self, records: Sequence[ScoreRecord], now_s: float | None = None) -> int:
+        """Keep scored transactions for the timelines; returns how many were new."""
+        now = time.time() if now_s is None else now_s
+        added = 0
+        with self._transaction() as cur:
+            for r in records:
+                cur.execute(
+                    "INSERT INTO scores (transaction_id, customer_id, terminal_id, amount, "
+                    "event_time, score, decision, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+                    "ON CONFLICT (transaction_id) DO NOTHING",
+                    (
+                        r.transaction_id,
+                        r.customer_id,
+                        r.terminal_id,
+                        r.amount,
+                        r.event_time,
+                        r.score,
+                        r.decision.value,
+                        now,
+                    ),
+                )
+                added += max(cur.rowcount, 0)
+        return added
+
+    def history(
+        self, *, customer_id: str | None = None, terminal_id: str | None = None, limit: int = 50
+    ) -> list[ScoredTransaction]:
+        """A customer's or a terminal's latest scored transactions, newest first, each with
+        the verdict of its case if there is one (the terminal's known frauds)."""
+        column, value = (
+            ("customer_id", customer_id) if customer_id else ("terminal_id", terminal_id)
+        )
+        with self._transaction() as cur:
+            cur.execute(
+                "SELECT s.transaction_id, s.customer_id, s.terminal_id, s.amount, s.event_time, "
+                "s.score, s.decision, c.outcome FROM scores s LEFT JOIN cases c "
+                f"ON c.transaction_id = s.transaction_id WHERE s.{column} = ? "
+                "ORDER BY s.event_time DESC LIMIT ?",
+                (value, limit),
+            )
+            return [
+                ScoredTransaction(
+                    str(r[0]),
+                    str(r[1]),
+                    str(r[2]),
+                    float(r[3]),
+                    str(r[4]),
+                    float(r[5]),
+                    str(r[6]),
+                    None if r[7] is None else Outcome(r[7]),
+                )
+                for r in cur.fetchall()
+            ]
+
+    def prune_scores(self, received_before_s: float) -> int:
+        """Forget scored transactions received before the given time; returns how many."""
+        with self._transaction() as cur:
+            cur.execute("DELETE FROM scores WHERE received_at < ?", (received_before_s,))
+            return max(int(cur.rowcount), 0)
 
     # --- reading -------------------------------------------------------------------------
     def queue(self, filters: QueueFilter, *, limit: int, offset: int = 0) -> tuple[list[Case], int]:
