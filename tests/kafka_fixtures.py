@@ -347,8 +347,10 @@ def build_model(
     epochs: int = 25,
     sequence_length: int = TEST_SEQUENCE_LENGTH,
     scorer_class: type[LstmScorer] | None = None,
+    family: str = "lstm",
 ) -> Path:
-    """Train a tiny LSTM for a few seconds and export it with a card; returns ``directory``.
+    """Train a tiny scorer of ``family`` (or ``scorer_class``) for a few seconds and export
+    it with a card; returns ``directory``.
 
     The thresholds put about 7% of the rows up for review and 2% declined, so every test
     replay has alerts of both kinds.
@@ -357,7 +359,7 @@ def build_model(
 
     from stream_app import features
     from training.export import export_model, score_histogram
-    from training.sequence_model import LstmScorer, ModelConfig, feature_statistics, predict
+    from training.sequence_model import ModelConfig, build_scorer, feature_statistics, predict
     from training.transactions import to_arrays
 
     torch.manual_seed(seed)
@@ -371,9 +373,8 @@ def build_model(
     )
     sequences = offline.sequences(sequence_length)
     mean, std = feature_statistics(sequences)
-    model = (scorer_class or LstmScorer)(
-        mean, std, ModelConfig(hidden_size=16, head_size=16, dropout=0.0)
-    )
+    config = ModelConfig(family=family, hidden_size=16, head_size=16, dropout=0.0)
+    model = scorer_class(mean, std, config) if scorer_class else build_scorer(mean, std, config)
     optimiser = torch.optim.Adam(model.parameters(), lr=0.03)
     # A subsample trains well enough to make scores respond to the features, in seconds.
     rows = np.random.default_rng(seed).choice(len(sequences), min(1500, len(sequences)), False)
@@ -439,9 +440,17 @@ def served_model(tmp_path_factory: pytest.TempPathFactory, small_transactions: D
 
 @pytest.fixture(scope="session")
 def second_model(tmp_path_factory: pytest.TempPathFactory, small_transactions: Dataset) -> Path:
-    """Another real model (version ``test-b``, other weights): swaps and shadow scoring."""
+    """Another real model (version ``test-b``) of another family, the Transformer encoder:
+    swaps and shadow scoring, which the worker does with no family-specific code."""
     directory = tmp_path_factory.mktemp("models") / "test-b"
-    return build_model(directory, small_transactions.frame, version="test-b", seed=2, epochs=30)
+    return build_model(
+        directory,
+        small_transactions.frame,
+        version="test-b",
+        seed=2,
+        epochs=30,
+        family="transformer",
+    )
 
 
 @pytest.fixture(scope="session")

@@ -84,10 +84,10 @@ def test_onnx_equals_pytorch(scorer: OnnxScorer) -> None:
         assert max(parity["max_abs_diff_batch_1"], parity["max_abs_diff_batch_n"]) <= 1e-5
         return
     torch = pytest.importorskip("torch")
-    from training.sequence_model import LstmScorer, ModelConfig, predict
+    from training.sequence_model import ModelConfig, build_scorer, predict
 
-    config = ModelConfig(**card.training["config"]["model"])
-    model = LstmScorer(
+    config = ModelConfig(**card.training["config"]["model"])  # its family too
+    model = build_scorer(
         np.asarray(card.normalisation.mean), np.asarray(card.normalisation.std), config
     )
     model.load_state_dict(torch.load(weights, weights_only=True))

@@ -15,7 +15,7 @@ from training.train import (
     AugmentConfig,
     TrainConfig,
     fit_sequence_model,
-    train_lstm,
+    train_scorer,
 )
 
 T = 3
@@ -58,7 +58,7 @@ def sets() -> tuple[SequenceSet, SequenceSet]:
 def test_the_model_learns_and_keeps_its_best_epoch(sets: tuple[SequenceSet, SequenceSet]) -> None:
     train, valid = sets
     seen: list[float] = []
-    result = train_lstm(train, valid, SMALL, lambda log: seen.append(log.valid_average_precision))
+    result = train_scorer(train, valid, SMALL, lambda log: seen.append(log.valid_average_precision))
     assert result.best_valid_average_precision > 0.8
     assert result.best_valid_average_precision == max(seen)
     assert result.history[result.best_epoch - 1].improved
@@ -74,11 +74,11 @@ def test_the_model_learns_and_keeps_its_best_epoch(sets: tuple[SequenceSet, Sequ
 def test_training_is_deterministic_for_a_seed(sets: tuple[SequenceSet, SequenceSet]) -> None:
     train, valid = sets
     config = TrainConfig(**{**SMALL.__dict__, "max_epochs": 2})
-    a = predict(train_lstm(train, valid, config).model, valid.sequences)
-    b = predict(train_lstm(train, valid, config).model, valid.sequences)
+    a = predict(train_scorer(train, valid, config).model, valid.sequences)
+    b = predict(train_scorer(train, valid, config).model, valid.sequences)
     np.testing.assert_array_equal(a, b)
     other = TrainConfig(**{**config.__dict__, "seed": 1})
-    assert not np.array_equal(a, predict(train_lstm(train, valid, other).model, valid.sequences))
+    assert not np.array_equal(a, predict(train_scorer(train, valid, other).model, valid.sequences))
 
 
 def test_synthetic_frauds_do_not_move_the_normalisation(
@@ -86,9 +86,9 @@ def test_synthetic_frauds_do_not_move_the_normalisation(
 ) -> None:
     train, valid = sets
     config = TrainConfig(**{**SMALL.__dict__, "max_epochs": 1})
-    plain = train_lstm(train, valid, config).model
+    plain = train_scorer(train, valid, config).model
     extra = train.frauds * 100.0  # absurd values: must not change the statistics
-    mixed = train_lstm(train.with_frauds(extra), valid, config).model
+    mixed = train_scorer(train.with_frauds(extra), valid, config).model
     torch.testing.assert_close(plain.get_buffer("mean"), mixed.get_buffer("mean"))
 
 

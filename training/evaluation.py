@@ -14,7 +14,8 @@ Le Borgne et al., *Reproducible Machine Learning for Credit Card Fraud Detection
   top-k of :func:`card_precision_top_k`.
 
 :func:`run_fold` trains every model of a comparison on one split and scores its test set:
-the LSTM (early-stopped on the week before its training days, see :func:`training_window`:
+the sequence scorers of each chosen family (:data:`~training.families.FAMILIES`: the LSTM by
+default; early-stopped on the week before its training days, see :func:`training_window`:
 those labels are older than the training labels, so known whenever they are, and the test
 set plays no part in model choice),
 the reference baselines on the 15 baseline features, and two *oracle bounds* that use the
@@ -29,7 +30,7 @@ import datetime as dt
 import re
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any, Final
 
@@ -48,6 +49,7 @@ from training.dataset import (
     epoch_day,
     known_compromised,
 )
+from training.families import FAMILIES, Family
 from training.sequence_model import predict
 from training.train import AugmentConfig, EpochLog, FitResult, TrainConfig, fit_sequence_model
 
@@ -234,7 +236,7 @@ def mean_and_std(results: Sequence[dict[str, float]]) -> dict[str, dict[str, flo
     return summary
 
 
-LSTM: Final = "lstm"
+LSTM: Final = str(Family.LSTM)
 # The bound for our features: their terminal windows end on the last whole hour more than
 # the 7-day label delay back (hour H - 169 for a transaction in hour H).
 ORACLE: Final = "oracle"
@@ -303,7 +305,7 @@ def oracle_scores(
     return scores
 
 
-MODEL_KINDS: Final = (LSTM, *BASELINE_NAMES, *ORACLE_KNOWN_AFTER)
+MODEL_KINDS: Final = (*FAMILIES, *BASELINE_NAMES, *ORACLE_KNOWN_AFTER)
 
 
 def check_models(names: Sequence[str]) -> tuple[str, ...]:
@@ -440,14 +442,15 @@ def run_fold(
         valid: SequenceSet | None = None
         rows = data.require(window, "training")
         details.update(train_transactions=len(rows), train_frauds=int(data.labels[rows].sum()))
-        if kind == LSTM:
+        if kind in FAMILIES:
             t = settings.train.sequence_length
             valid = data.sequence_set(data.require(valid_period, "validation"), t)
             callback = None if on_epoch is None else partial(on_epoch, name)
+            family = replace(settings.train.model, family=kind)
             fit = fit_sequence_model(
                 data.sequence_set(rows, t),
                 valid,
-                settings.train,
+                replace(settings.train, model=family),
                 settings.augment,
                 callback,
             )

@@ -1,4 +1,4 @@
-"""Export a trained :class:`LstmScorer` to ONNX with its model card, refusing on any mismatch.
+"""Export a trained scorer (any family) to ONNX with its model card, refusing on any mismatch.
 
 Two ways in, one way out (:func:`export_model`):
 
@@ -48,7 +48,7 @@ from stream_app.model_card import (
 from stream_app.scoring import OnnxScorer, file_sha256, probe_batch
 from training.dataset import FileFeatures, IntArray, Period, file_features, iso_day
 from training.evaluation import DELTA_DAYS, Split, assessment_rows
-from training.sequence_model import LstmScorer, ModelConfig, predict
+from training.sequence_model import ModelConfig, SequenceScorer, build_scorer, predict
 from training.transactions import read_transactions
 
 OPSET: Final = 17
@@ -110,7 +110,7 @@ def _onnx_scores(path: Path, sequences: npt.NDArray[np.float32], batch: int) -> 
 
 
 def export_model(
-    model: LstmScorer,
+    model: SequenceScorer,
     directory: Path,
     *,
     version: str,
@@ -201,7 +201,7 @@ def export_model(
             created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             model_sha256=file_sha256(model_path),
             opset=OPSET,
-            architecture=f"LSTM sequence scorer {model.config.to_dict()}",
+            architecture=f"{model.config.family} sequence scorer {model.config.to_dict()}",
             sequence_length=sequence_length,
             feature_names=list(features.FEATURE_NAMES),
             feature_version=features.FEATURE_VERSION,
@@ -240,7 +240,7 @@ def export_model(
     return card
 
 
-def load_trained(directory: Path) -> tuple[LstmScorer, ModelCard]:
+def load_trained(directory: Path) -> tuple[SequenceScorer, ModelCard]:
     """The PyTorch model and the card of a model directory, as :func:`export_model` wrote it.
 
     Raises:
@@ -256,13 +256,13 @@ def load_trained(directory: Path) -> tuple[LstmScorer, ModelCard]:
         )
     try:
         config = ModelConfig(**card.training["config"]["model"])
-    except (KeyError, TypeError) as exc:
+    except (KeyError, TypeError, ValueError) as exc:
         raise ModelError(
-            f"{directory / CARD_FILE}: training.config.model does not describe the LSTM "
+            f"{directory / CARD_FILE}: training.config.model does not describe a scorer "
             f"({exc!r}); was the model written by fraudstream train?"
         ) from None
     normalisation = card.normalisation
-    model = LstmScorer(np.asarray(normalisation.mean), np.asarray(normalisation.std), config)
+    model = build_scorer(np.asarray(normalisation.mean), np.asarray(normalisation.std), config)
     try:
         model.load_state_dict(torch.load(weights, weights_only=True))
     except (RuntimeError, TypeError, EOFError, pickle.UnpicklingError) as exc:

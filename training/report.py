@@ -26,8 +26,10 @@ from training.evaluation import (
     FoldResult,
     ProtocolSettings,
     mean_and_std,
+    parse_model_name,
     summarise_folds,
 )
+from training.families import FAMILIES, Family
 
 BENCHMARK_JSON: Final = "benchmark.json"
 BENCHMARK_MD: Final = "benchmark.md"
@@ -37,7 +39,11 @@ PR_PLOT: Final = "precision_recall.png"
 HISTOGRAM_PLOT: Final = "score_histograms.png"
 
 DISPLAY_NAMES: Final = {
+    Family.FFNN: "Feed-forward network (ours)",
+    Family.CNN: "1D CNN over the sequence (ours)",
     LSTM: "LSTM sequence scorer (ours)",
+    Family.LSTM_ATTENTION: "LSTM + attention (ours)",
+    Family.TRANSFORMER: "Transformer encoder (ours)",
     "logistic_regression": "Logistic regression (15 baseline features)",
     "xgboost": "XGBoost (15 baseline features)",
     ORACLE: "Oracle bound, our features",
@@ -55,6 +61,7 @@ PUBLISHED: Final[dict[str, dict[str, tuple[float, float, float]]]] = {
         "XGBoost": (0.869, 0.687, 0.303),
         "Random forest": (0.870, 0.678, 0.299),
         "Feed-forward NN": (0.876, 0.675, 0.303),
+        "1D CNN": (0.872, 0.599, 0.288),
         "LSTM": (0.876, 0.665, 0.297),
         "LSTM + attention": (0.874, 0.667, 0.295),
     },
@@ -230,8 +237,8 @@ def _hidden_share(folds: Sequence[Mapping[str, Any]], oracle: str) -> float:
 
 
 def _targets_table(summary: Mapping[str, Mapping[str, Mapping[str, float]]]) -> list[str]:
-    """Each LSTM variant's prequential mean against the targets, next to the oracle bounds."""
-    ours = [name for name in summary if name.partition("_")[0] == LSTM]
+    """Each of our families' prequential mean against the targets, next to the oracle bounds."""
+    ours = [name for name in summary if parse_model_name(name)[0] in FAMILIES]
     bounds = [name for name in ORACLE_KNOWN_AFTER if name in summary]
     lines = [
         "| Metric | Target | " + " | ".join(_name(n) for n in [*ours, *bounds]) + " |",

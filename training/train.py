@@ -1,11 +1,12 @@
-"""The LSTM training loop: seeded, class-weighted, early-stopped on a validation period.
+"""The training loop: seeded, class-weighted, early-stopped on a validation period.
 
-One call of :func:`train_lstm` trains one :class:`~training.sequence_model.LstmScorer` on a
-training :class:`~training.dataset.SequenceSet` and keeps the epoch with the best average
-precision on the validation set. The class imbalance (about 0.8 % frauds) is handled by
-weighting the fraud term of the loss (``fraud_weight``) and, optionally, by adding fraud
-sequences to the training set first (:func:`fit_sequence_model`, ``--augment``): repeated
-real ones (``oversample``) or synthetic ones from the sequence GAN (``gan``).
+One call of :func:`train_scorer` trains one :class:`~training.sequence_model.SequenceScorer`
+(of the configured family) on a training :class:`~training.dataset.SequenceSet` and keeps
+the epoch with the best average precision on the validation set. The class imbalance
+(about 0.8 % frauds) is handled by weighting the fraud term of the loss (``fraud_weight``)
+and, optionally, by adding fraud sequences to the training set first
+(:func:`fit_sequence_model`, ``--augment``): repeated real ones (``oversample``) or
+synthetic ones from the sequence GAN (``gan``).
 """
 
 from __future__ import annotations
@@ -27,9 +28,10 @@ from torch import nn
 from training.dataset import SequenceSet, oversample_frauds
 from training.gan import Fidelity, GanConfig, fidelity, train_gan
 from training.sequence_model import (
-    LstmScorer,
     ModelConfig,
+    SequenceScorer,
     amount_cut_points,
+    build_scorer,
     feature_statistics,
     predict,
 )
@@ -37,7 +39,7 @@ from training.sequence_model import (
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Everything that decides how the LSTM is trained; the defaults are the shipped ones."""
+    """Everything that decides how a scorer is trained; the defaults are the shipped ones."""
 
     sequence_length: int = 5
     max_epochs: int = 12
@@ -74,7 +76,7 @@ class EpochLog:
 class TrainedScorer:
     """A trained model (on the CPU, evaluation mode) and how it got there."""
 
-    model: LstmScorer
+    model: SequenceScorer
     history: list[EpochLog]
     best_epoch: int
     best_valid_average_precision: float
@@ -95,13 +97,14 @@ def choose_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def train_lstm(
+def train_scorer(
     train: SequenceSet,
     valid: SequenceSet,
     config: TrainConfig,
     on_epoch: Callable[[EpochLog], None] | None = None,
 ) -> TrainedScorer:
-    """Train an LSTM scorer; keep the epoch with the best validation average precision.
+    """Train a scorer of ``config.model.family``; keep the epoch with the best validation
+    average precision.
 
     Args:
         train: training sequences (possibly augmented with extra fraud sequences).
@@ -120,7 +123,7 @@ def train_lstm(
     real = train.days >= 0
     mean, std = feature_statistics(train.sequences[real])
     cuts = amount_cut_points(train.sequences[real], train.labels[real], config.model.amount_steps)
-    model = LstmScorer(mean, std, config.model, cuts).to(device)
+    model = build_scorer(mean, std, config.model, cuts).to(device)
     optimiser = torch.optim.AdamW(
         model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
     )
@@ -178,7 +181,7 @@ def train_lstm(
     )
 
 
-def _scores(model: LstmScorer, data: SequenceSet, device: torch.device) -> np.ndarray[Any, Any]:
+def _scores(model: SequenceScorer, data: SequenceSet, device: torch.device) -> np.ndarray[Any, Any]:
     if device.type == "cpu":
         return predict(model, data.sequences)
     model.eval()
@@ -251,7 +254,7 @@ def fit_sequence_model(
     augment: AugmentConfig,
     on_epoch: Callable[[EpochLog], None] | None = None,
 ) -> FitResult:
-    """Augment the training set as asked, then :func:`train_lstm`.
+    """Augment the training set as asked, then :func:`train_scorer`.
 
     With ``gan``, the GAN learns the training set's fraud sequences only; its fidelity is
     measured against the validation period's frauds, which it never saw, with the training
@@ -275,7 +278,7 @@ def fit_sequence_model(
             report = fidelity(
                 held_out, probe, seed=config.seed, reference=train.frauds, threads=config.threads
             )
-    trained = train_lstm(train.with_frauds(extra), valid, config, on_epoch)
+    trained = train_scorer(train.with_frauds(extra), valid, config, on_epoch)
     return FitResult(
         trained=trained,
         augment=augment,

@@ -30,6 +30,7 @@ from training.commands.options import (
     training_settings,
 )
 from training.commands.progress import EpochBars
+from training.families import FAMILIES
 
 if TYPE_CHECKING:  # annotations only: the command imports these when it runs
     from rich.console import Console
@@ -48,10 +49,11 @@ def evaluate_command(
     models: Annotated[
         str,
         typer.Option(
-            help="Models of the benchmark, separated by commas (default: all of them): lstm, "
-            "logistic_regression, xgboost and the bounds oracle (our features) and "
-            "oracle_label_delay (any model under the 7-day label delay); lstm_28d trains on "
-            "28 days.",
+            help="Models of the benchmark, separated by commas (default: lstm, the baselines "
+            f"and the bounds): the families {', '.join(FAMILIES)}; the baselines "
+            "logistic_regression, xgboost; the bounds oracle (our features) and "
+            "oracle_label_delay (any model under the 7-day label delay). A suffix _28d "
+            "trains on 28 days (lstm_28d).",
         ),
     ] = "",
     start: Annotated[

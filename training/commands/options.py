@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from training.families import DEFAULT_FAMILY, FAMILIES
+
 if TYPE_CHECKING:  # annotations only: the commands import these when they run
     from training.train import AugmentConfig, TrainConfig
 
@@ -68,6 +70,12 @@ RatioOption = Annotated[
     float,
     typer.Option(help="Extra fraud sequences per real fraud.", rich_help_panel=AUGMENT_PANEL),
 ]
+FamilyOption = Annotated[
+    str,
+    typer.Option(
+        help=f"Model family: {', '.join(FAMILIES)} (how the customer's sequence is read).",
+    ),
+]
 GanStepsOption = Annotated[
     int, typer.Option(help="GAN generator steps.", rich_help_panel=AUGMENT_PANEL)
 ]
@@ -87,11 +95,13 @@ def training_settings(
     augment: str,
     augment_ratio: float,
     gan_steps: int,
+    family: str = DEFAULT_FAMILY.value,
 ) -> tuple[TrainConfig, AugmentConfig]:
     """The training and augmentation settings the shared options describe.
 
     Raises:
-        ConfigError: ``augment`` names no mode or ``augment_ratio`` is negative.
+        ConfigError: ``augment`` names no mode, ``augment_ratio`` is negative, or ``family``
+            names no model family.
     """
     from dataclasses import replace
 
@@ -107,6 +117,10 @@ def training_settings(
         raise ConfigError(f"--augment must be one of {choices}, got {augment!r}") from None
     if augment_ratio < 0:
         raise ConfigError(f"--augment-ratio must not be negative, got {augment_ratio}")
+    try:
+        model = replace(ModelConfig(), family=family, hidden_size=hidden_size)
+    except ValueError as exc:
+        raise ConfigError(f"--family / --hidden-size: {exc}") from None
     train = TrainConfig(
         sequence_length=sequence_length,
         max_epochs=epochs,
@@ -117,7 +131,7 @@ def training_settings(
         seed=seed,
         threads=threads,
         device=device,
-        model=replace(ModelConfig(), hidden_size=hidden_size),
+        model=model,
     )
     gan = replace(GanConfig(), generator_steps=gan_steps, threads=threads)
     return train, AugmentConfig(mode=mode, ratio=augment_ratio, gan=gan)

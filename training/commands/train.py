@@ -16,6 +16,7 @@ from training.commands.options import (
     DataOption,
     DeviceOption,
     EpochsOption,
+    FamilyOption,
     FraudWeightOption,
     GanStepsOption,
     HiddenOption,
@@ -31,6 +32,7 @@ from training.commands.options import (
     training_settings,
 )
 from training.commands.progress import EpochBars
+from training.families import DEFAULT_FAMILY
 
 if TYPE_CHECKING:  # annotations only: the command imports these when it runs
     from stream_app.model_card import ModelCard
@@ -94,12 +96,13 @@ def train_command(
     seed: SeedOption = 0,
     threads: ThreadsOption = 2,
     device: DeviceOption = "auto",
+    family: FamilyOption = DEFAULT_FAMILY.value,
     augment: AugmentOption = "none",
     augment_ratio: RatioOption = 1.0,
     gan_steps: GanStepsOption = 2000,
     overwrite: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
 ) -> None:
-    """Train the LSTM sequence scorer and export it to ONNX with its model card."""
+    """Train a sequence scorer (the LSTM by default) and export it to ONNX with its card."""
     from rich.console import Console
 
     from stream_app.errors import FraudStreamError
@@ -108,7 +111,7 @@ def train_command(
     try:
         train, augmentation = training_settings(
             sequence_length, epochs, patience, batch_size, learning_rate, fraud_weight,
-            hidden_size, seed, threads, device, augment, augment_ratio, gan_steps,
+            hidden_size, seed, threads, device, augment, augment_ratio, gan_steps, family,
         )  # fmt: skip
         with EpochBars(console, train.max_epochs) as bars:
             card = _train_and_export(
@@ -143,7 +146,7 @@ def _train_and_export(
     on_epoch: Callable[[str, EpochLog], None],
     command: str,
 ) -> ModelCard:
-    """Wire the pieces: one protocol fold for the LSTM alone, thresholds, export.
+    """Wire the pieces: one protocol fold for the chosen family alone, thresholds, export.
 
     The export is :func:`training.export.export_model`, which ``fraudstream export`` runs too.
     """
@@ -177,14 +180,14 @@ def _train_and_export(
     first = last - dt.timedelta(days=evaluation.DELTA_DAYS - 1)
     delta = evaluation.DELTA_DAYS
     split = evaluation.Split.starting(first, delta, delta, test_days)
-    name = evaluation.model_name(evaluation.LSTM, train_days)
+    name = evaluation.model_name(train.model.family, train_days)
     settings = evaluation.ProtocolSettings(
         train=train, augment=augmentation, models=(name,), valid_days=valid_days
     )
     features = dataset.file_features(frame)
     fold = evaluation.run_fold(features, split, settings, on_epoch)
     run = fold.runs[name]
-    assert run.fit is not None and run.valid is not None  # an LSTM run carries both
+    assert run.fit is not None and run.valid is not None  # a family's run carries both
     valid = run.valid
     model = run.fit.trained.model
     valid_scores = predict(model, valid.sequences)
@@ -204,7 +207,7 @@ def _train_and_export(
     return export_model(
         model,
         out,
-        version=version or f"lstm-{augmentation.mode}-{train_end}",
+        version=version or f"{train.model.family}-{augmentation.mode}-{train_end}",
         parity_sequences=features.offline.sequences(train.sequence_length, rows),
         thresholds=choice.thresholds,
         reference=score_histogram(valid_scores, f"validation period {valid_period}"),
