@@ -15,11 +15,13 @@ committing, until it can be.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Sequence
 from typing import Final
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord
+from aiokafka.errors import KafkaError
 from pydantic import ValidationError
 
 from stream_app import kafka_config
@@ -103,6 +105,8 @@ class TopicIngest:
 
     async def run(self) -> None:
         """Consume, store, commit, until stopped."""
+        if not await self._topics_ready():
+            return
         kwargs = kafka_config.consumer_kwargs(self.settings, self.group_id)
         kwargs["max_poll_records"] = _MAX_BATCH
         consumer = AIOKafkaConsumer(self.topic, **kwargs)
@@ -123,6 +127,30 @@ class TopicIngest:
                 self.count(new, len(valid) - new, invalid)
         finally:
             await consumer.stop()
+
+    async def _topics_ready(self) -> bool:
+        """Make sure the worker's topics exist, as the worker does at its start-up
+        (:func:`~stream_app.kafka_config.ensure_topics`), so a console started before the
+        worker waits for no one. A broker that does not answer is waited for; a topic that
+        may not be created raises :class:`~stream_app.errors.ConfigError`. False if stopped.
+        """
+        pause = 0.5
+        while not self._stopping.is_set():
+            try:
+                await kafka_config.ensure_topics(self.settings)
+                return True
+            except KafkaError as exc:
+                log.warning(
+                    "cannot reach Kafka at FRAUDSTREAM_KAFKA_BOOTSTRAP_SERVERS=%s (%s); "
+                    "retrying in %.1f s",
+                    self.settings.kafka_bootstrap_servers,
+                    type(exc).__name__,
+                    pause,
+                )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), timeout=pause)
+            pause = min(pause * 2, _RETRY_MAX_S)
+        return False
 
     async def _store(self, records: list[ScoreRecord]) -> int | None:
         """Write the records, retrying until the store takes them; None if stopped first."""
