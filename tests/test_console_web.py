@@ -405,3 +405,18 @@ def test_the_queue_of_10000_open_cases_loads_fast_and_the_gauges_count_it(
     env.metrics.refresh(env.store.stats(), now_s=opened + 7200)
     assert env.metrics.cases.labels("open")._value.get() == 10_007
     assert env.metrics.oldest_case_age._value.get() >= 3600
+
+
+def test_the_reference_tables_list_every_console_metric_and_setting() -> None:
+    from stream_app.console.metrics import console_metrics_table
+    from stream_app.console.settings import ConsoleSettings, console_settings_table
+
+    metrics = ConsoleMetrics(CollectorRegistry())
+    exported = {m.name for m in metrics.registry.collect()}
+    table = console_metrics_table()
+    assert exported and all(f"`{name}" in table for name in exported)
+    assert all(name.startswith("fraudstream_console_") for name in exported)
+    settings = console_settings_table()
+    assert all(
+        f"`FRAUDSTREAM_CONSOLE_{name.upper()}`" in settings for name in ConsoleSettings.model_fields
+    )

@@ -59,7 +59,7 @@ class ConsoleMetrics:
         )
         self.time_to_verdict = Histogram(
             "fraudstream_console_time_to_verdict_seconds",
-            "Time from a case's opening to its verdict.",
+            "Time from a case's opening to its closing verdict (fraud or legitimate).",
             buckets=TIME_TO_VERDICT_BUCKETS_S,
             registry=registry,
         )
@@ -92,3 +92,18 @@ class ConsoleMetrics:
         self.cases.labels("escalated").set(stats.escalated_cases)
         oldest = stats.oldest_opened_at
         self.oldest_case_age.set(0.0 if oldest is None else max(0.0, now_s - oldest))
+
+
+def console_metrics_table() -> str:
+    """The README's reference of the console's metrics, as Markdown (like the worker's)."""
+    from prometheus_client.metrics import MetricWrapperBase
+
+    metrics = ConsoleMetrics(CollectorRegistry())
+    rows = ["| Metric | Type | Labels | Description |", "| --- | --- | --- | --- |"]
+    for value in vars(metrics).values():
+        if not isinstance(value, MetricWrapperBase):
+            continue
+        name = value._name + ("_total" if value._type == "counter" else "")
+        labels = ", ".join(f"`{label}`" for label in value._labelnames) or "-"
+        rows.append(f"| `{name}` | {value._type} | {labels} | {value._documentation} |")
+    return "\n".join(rows) + "\n"
