@@ -51,6 +51,7 @@ from training.dataset import (
 )
 from training.families import FAMILIES, Family
 from training.sequence_model import predict
+from training.serving_cost import BATCHES, onnx_us_per_event
 from training.train import AugmentConfig, EpochLog, FitResult, TrainConfig, fit_sequence_model
 
 FloatArray = npt.NDArray[np.float64]
@@ -367,6 +368,8 @@ class ProtocolSettings:
     models: tuple[str, ...] = (LSTM, *BASELINE_NAMES, ORACLE, ORACLE_LABEL_DELAY)
     valid_days: int = DELTA_DAYS
     top_k: int = TOP_K
+    # Time each family's ONNX graph on the test sequences (training.serving_cost).
+    serving_cost: bool = True
 
 
 @dataclass(frozen=True)
@@ -454,8 +457,12 @@ def run_fold(
                 settings.augment,
                 callback,
             )
-            scores = predict(fit.trained.model, data.offline.sequences(t, test))
+            test_sequences = data.offline.sequences(t, test)
+            scores = predict(fit.trained.model, test_sequences)
             details.update(fit.describe(), validation_days=valid_period.label)
+            if settings.serving_cost and len(test_sequences) >= max(BATCHES):
+                cost = onnx_us_per_event(fit.trained.model, test_sequences)
+                details["onnx_us_per_event"] = cost
         elif kind in ORACLE_KNOWN_AFTER:
             known_after = ORACLE_KNOWN_AFTER[kind]
             scores = oracle_scores(data, test, known_after=known_after)

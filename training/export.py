@@ -22,7 +22,6 @@ import os
 import pickle
 import shutil
 import tempfile
-import warnings
 from pathlib import Path
 from typing import Any, Final
 
@@ -48,10 +47,10 @@ from stream_app.model_card import (
 from stream_app.scoring import OnnxScorer, file_sha256, probe_batch
 from training.dataset import FileFeatures, IntArray, Period, file_features, iso_day
 from training.evaluation import DELTA_DAYS, Split, assessment_rows
+from training.onnx_graph import OPSET, write_onnx
 from training.sequence_model import ModelConfig, SequenceScorer, build_scorer, predict
 from training.transactions import read_transactions
 
-OPSET: Final = 17
 PARITY_TOLERANCE: Final = 1e-5
 MIN_PARITY_SEQUENCES: Final = 1000
 MAX_PARITY_SEQUENCES: Final = 4096  # enough for the check, a few seconds one at a time
@@ -170,23 +169,7 @@ def export_model(
     staging.chmod(0o755)
     try:
         model_path = staging / MODEL_FILE
-        example = torch.from_numpy(np.ascontiguousarray(parity_sequences[:2]))
-        with warnings.catch_warnings():
-            # torch warns that an LSTM traced at batch 2 may fail at other batch sizes, and that
-            # a shape check was traced as a constant: the parity check below runs batch 1 and
-            # batch N and refuses the model if either came true.
-            warnings.filterwarnings("ignore", message="Exporting a model to ONNX with a batch")
-            warnings.filterwarnings("ignore", message="Converting a tensor to a Python boolean")
-            torch.onnx.export(
-                model,
-                (example,),
-                str(model_path),
-                input_names=[INPUT_NAME],
-                output_names=[OUTPUT_NAME],
-                dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-                opset_version=OPSET,
-                dynamo=False,
-            )
+        write_onnx(model, parity_sequences, model_path)
         single = _onnx_scores(model_path, parity_sequences, batch=1)
         batched = _onnx_scores(model_path, parity_sequences, batch=len(parity_sequences))
         worst_single = float(np.max(np.abs(single - torch_scores)))
