@@ -151,11 +151,9 @@ async def test_alerts_open_cases_once_and_are_committed_after_the_store(
     store.close()
 
 
-async def _serve_one_case(settings: Settings, tmp_path: Path) -> dict[str, float]:
+async def _serve_one_case(settings: Settings, database_url: str) -> dict[str, float]:
     """The service end to end; returns the measured delays."""
-    console = load_console_settings(
-        database_url=f"sqlite:///{tmp_path / 'console.db'}", secret_key="s" * 40
-    )
+    console = load_console_settings(database_url=database_url, secret_key="s" * 40)
     app, store = build(settings, console)
     store.add_user("ann", auth.hash_password(PASSWORD), "analyst", replace=False)
     figures: dict[str, float] = {}
@@ -235,14 +233,25 @@ async def _serve_one_case(settings: Settings, tmp_path: Path) -> dict[str, float
     return figures
 
 
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
 async def test_an_alert_reaches_the_queue_and_its_verdict_the_labels_topic(
-    bundled_broker: Broker, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    bundled_broker: Broker, tmp_path: Path, capsys: pytest.CaptureFixture[str], database: str
 ) -> None:
     settings = new_settings(bundled_broker)
     await kafka_config.ensure_topics(settings)
-    figures = await _serve_one_case(settings, tmp_path)
+    if database == "sqlite":
+        figures = await _serve_one_case(settings, f"sqlite:///{tmp_path / 'console.db'}")
+    else:
+        from training.services.postgres import PostgresServer
+
+        server = PostgresServer()
+        await asyncio.to_thread(server.start)
+        try:
+            figures = await _serve_one_case(settings, server.url)
+        finally:
+            await asyncio.to_thread(server.stop)
     with capsys.disabled():
-        print(f"\nconsole figures ({bundled_broker.kind} broker): {figures}")
+        print(f"\nconsole figures ({bundled_broker.kind} broker, {database}): {figures}")
     assert figures["alert_to_queue_s"] < 30
 
 
