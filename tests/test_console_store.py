@@ -264,3 +264,39 @@ def test_scored_transactions_make_the_timelines_with_known_frauds(store: CaseSto
     store.add_scores([alert(4, customer="c1")], now_s=500.0)
     assert store.prune_scores(received_before_s=300.0) == 3
     assert [s.transaction_id for s in store.history(customer_id="c1")] == ["tx4"]
+
+
+def test_take_next_claims_the_top_free_case(store: CaseStore) -> None:
+    store.add_alerts([alert(1, score=0.9), alert(2, score=0.8), alert(3, score=0.7)])
+    assert store.claim("tx1", "bob", escalated_too=False)
+    assert store.claim_next("ann", escalated_too=False) == "tx2"  # tx1 is bob's
+    assert store.claim_next("cat", escalated_too=False) == "tx3"
+    assert store.claim_next("dan", escalated_too=False) is None
+
+
+def test_a_correction_is_a_new_verdict_and_a_new_label(store: CaseStore) -> None:
+    t0 = 1_790_000_000.0
+    store.add_alerts([alert(1)], now_s=t0)
+    with pytest.raises(StoreError, match="closed case"):
+        store.correct_verdict("tx1", Outcome.LEGITIMATE, "open still", "sue")
+    store.claim("tx1", "ann", escalated_too=False)
+    store.record_verdict("tx1", Outcome.FRAUD, "looked stolen", "ann", now_s=t0 + 10)
+    with pytest.raises(StoreError, match="another outcome"):
+        store.correct_verdict("tx1", Outcome.FRAUD, "same again", "sue")
+    with pytest.raises(StoreError):
+        store.correct_verdict("tx1", Outcome.ESCALATE, "", "sue")
+    store.correct_verdict(
+        "tx1", Outcome.LEGITIMATE, "customer's own purchase", "sue", now_s=t0 + 99
+    )
+    case = store.case("tx1")
+    assert case is not None and (case.status, case.outcome) == (
+        CaseStatus.CLOSED,
+        Outcome.LEGITIMATE,
+    )
+    assert [(v.outcome, v.analyst) for v in store.verdicts("tx1")] == [
+        (Outcome.FRAUD, "ann"),
+        (Outcome.LEGITIMATE, "sue"),
+    ]
+    labels = [parse_label(p.payload) for p in store.pending_labels()]
+    # the worker applies the latest by reported_at: the correction
+    assert [(lb.is_fraud, lb.reported_at_s) for lb in labels] == [(True, t0 + 10), (False, t0 + 99)]

@@ -114,7 +114,14 @@ def env(tmp_path: Path) -> Iterator[Env]:
 
 
 PAGES = ["/", "/queue", "/cases/tx-1", "/audit", "/users"]
-ACTIONS = ["/cases/tx-1/claim", "/cases/tx-1/release", "/cases/tx-1/verdict", "/logout"]
+ACTIONS = [
+    "/queue/next",
+    "/cases/tx-1/claim",
+    "/cases/tx-1/release",
+    "/cases/tx-1/verdict",
+    "/cases/tx-1/correct",
+    "/logout",
+]
 
 
 def test_nothing_is_visible_or_doable_without_login(env: Env) -> None:
@@ -314,6 +321,26 @@ def test_the_case_view_shows_the_customers_and_terminals_recent_transactions(env
     terminal = page[page.index('id="terminal-history"') :]
     assert "someone-else" in terminal
     assert "1 known fraud among its last 3 scored transactions" in page
+
+
+def test_take_next_and_a_supervisors_correction(env: Env) -> None:
+    ann = env.login("ann")
+    response = post_form(ann, "/queue/next", {})
+    assert response.headers["location"] == "/cases/tx-7"  # the top score, now ann's
+    post_form(ann, "/cases/tx-7/verdict", {"outcome": "fraud", "note": ""})
+    # an analyst may not correct; a supervisor may, with a reason
+    page = ann.get("/cases/tx-7").text
+    assert 'id="correct"' not in page
+    wrong_role = post_form(ann, "/cases/tx-7/correct", {"outcome": "legitimate", "note": "x"})
+    assert wrong_role.status_code == 403
+    sue = env.login("sue")
+    assert 'id="correct"' in sue.get("/cases/tx-7").text
+    post_form(sue, "/cases/tx-7/correct", {"outcome": "legitimate", "note": ""}, page="/cases/tx-7")
+    assert env.store.case("tx-7").outcome is Outcome.FRAUD  # type: ignore[union-attr]
+    post_form(sue, "/cases/tx-7/correct", {"outcome": "legitimate", "note": "own purchase"})
+    assert env.store.case("tx-7").outcome is Outcome.LEGITIMATE  # type: ignore[union-attr]
+    assert [parse_label(p.payload).is_fraud for p in env.store.pending_labels()] == [True, False]
+    assert env.woken == 2
 
 
 def test_pages_escape_what_alerts_carry(env: Env) -> None:

@@ -280,6 +280,7 @@ class Console:
             and case.status is not CaseStatus.CLOSED
             and (case.assignee == user.username or supervisor),
             outcomes=[o.value for o in Outcome],
+            can_correct=supervisor and case.status is CaseStatus.CLOSED,
         )
 
     async def claim(self, request: Request, user: User) -> Response:
@@ -290,6 +291,37 @@ class Console:
             self.store.claim, tx, user.username, escalated_too=supervisor
         ):
             request.session["flash"] = "not claimed: someone else holds it, or it is not open"
+        return RedirectResponse(_case_url(tx), status_code=303)
+
+    async def take_next(self, request: Request, user: User) -> Response:
+        """Claim the top case nobody holds and open it ("take next")."""
+        supervisor = auth.role_allows(user.role, auth.Role.SUPERVISOR)
+        tx = await run_in_threadpool(
+            lambda: self.store.claim_next(user.username, escalated_too=supervisor)
+        )
+        if tx is None:
+            request.session["flash"] = "no case left to take"
+            return RedirectResponse("/queue", status_code=303)
+        return RedirectResponse(_case_url(tx), status_code=303)
+
+    async def correct(self, request: Request, user: User) -> Response:
+        """Change a closed case's outcome (supervisors): a new verdict and a new label."""
+        tx = request.path_params["transaction_id"]
+        form: dict[str, str] = request.state.form
+        note = form.get("note", "")
+        try:
+            outcome = Outcome(form.get("outcome", ""))
+            if not note.strip():
+                raise StoreError("say why in the note")
+            await run_in_threadpool(
+                lambda: self.store.correct_verdict(tx, outcome, note, user.username)
+            )
+        except (ValueError, StoreError) as exc:
+            request.session["flash"] = f"not corrected: {exc}"
+            return RedirectResponse(_case_url(tx), status_code=303)
+        self.on_label()
+        log.info("user %r corrected a verdict to %s", user.username, outcome.value)
+        request.session["flash"] = f"verdict corrected: {outcome.value}"
         return RedirectResponse(_case_url(tx), status_code=303)
 
     async def release(self, request: Request, user: User) -> Response:
@@ -379,6 +411,12 @@ def create_app(
         Route(
             "/cases/{transaction_id}/verdict",
             console.page(analyst, console.verdict),
+            methods=["POST"],
+        ),
+        Route("/queue/next", console.page(analyst, console.take_next), methods=["POST"]),
+        Route(
+            "/cases/{transaction_id}/correct",
+            console.page(supervisor, console.correct),
             methods=["POST"],
         ),
         Route("/audit", console.page(supervisor, console.audit), methods=["GET"]),

@@ -560,6 +560,28 @@ class CaseStore:
             )
             return bool(cur.rowcount == 1)
 
+    def claim_next(self, username: str, *, escalated_too: bool) -> str | None:
+        """Claim the case at the top of the queue nobody holds ("take next"); its id.
+
+        Another analyst may take the same case between the look and the claim: then the
+        next one is tried, a few times, before giving up (None: nothing to take).
+        """
+        statuses = ACTIVE_STATUSES if escalated_too else (CaseStatus.OPEN.value,) * 2
+        for _ in range(5):
+            with self._transaction() as cur:
+                cur.execute(
+                    "SELECT transaction_id FROM cases WHERE status IN (?, ?) "
+                    "AND assignee IS NULL ORDER BY score DESC, opened_at ASC, transaction_id "
+                    "LIMIT 1",
+                    statuses,
+                )
+                row = cur.fetchone()
+            if row is None:
+                return None
+            if self.claim(str(row[0]), username, escalated_too=escalated_too):
+                return str(row[0])
+        return None
+
     def release(self, transaction_id: str, username: str, *, anyone: bool) -> bool:
         """Give a case back to the queue: one's own, or anyone's when ``anyone``."""
         with self._transaction() as cur:
@@ -642,6 +664,56 @@ class CaseStore:
                     "sent_at) VALUES (?, ?, ?, ?, NULL)",
                     (verdict.verdict_id, case.customer_id, label.model_dump_json(), now),
                 )
+        return RecordedVerdict(verdict, max(0.0, now - case.opened_at), label)
+
+    def correct_verdict(
+        self,
+        transaction_id: str,
+        outcome: Outcome,
+        note: str,
+        supervisor: str,
+        *,
+        now_s: float | None = None,
+    ) -> RecordedVerdict:
+        """Change a closed case's outcome (fraud to legitimate or back): a new verdict in
+        the trail, never an edit of the old one, and a new label whose later
+        ``reported_at`` makes the worker apply the correction.
+
+        Raises:
+            StoreError: the case is not closed, or already has this outcome, or the
+                outcome is not fraud or legitimate.
+        """
+        if outcome is Outcome.ESCALATE:
+            raise StoreError("a correction is fraud or legitimate")
+        now = time.time() if now_s is None else now_s
+        note = note.strip()[:MAX_NOTE_CHARS]
+        with self._transaction() as cur:
+            cur.execute(
+                f"SELECT {_CASE_COLUMNS} FROM cases WHERE transaction_id = ?", (transaction_id,)
+            )
+            row = cur.fetchone()
+            if row is None:
+                raise StoreError("no such case")
+            case = Case.from_row(row)
+            cur.execute(
+                "UPDATE cases SET outcome = ? WHERE transaction_id = ? AND status = ? "
+                "AND outcome <> ?",
+                (outcome.value, transaction_id, CaseStatus.CLOSED.value, outcome.value),
+            )
+            if cur.rowcount != 1:
+                raise StoreError("only a closed case with another outcome can be corrected")
+            verdict = Verdict(uuid.uuid4().hex, transaction_id, outcome, note, supervisor, now)
+            cur.execute(
+                "INSERT INTO verdicts (verdict_id, transaction_id, outcome, note, analyst, "
+                "decided_at) VALUES (?, ?, ?, ?, ?, ?)",
+                (verdict.verdict_id, transaction_id, outcome.value, note, supervisor, now),
+            )
+            label = verdict_label(case, outcome, now)
+            cur.execute(
+                "INSERT INTO label_outbox (verdict_id, message_key, payload, created_at, "
+                "sent_at) VALUES (?, ?, ?, ?, NULL)",
+                (verdict.verdict_id, case.customer_id, label.model_dump_json(), now),
+            )
         return RecordedVerdict(verdict, max(0.0, now - case.opened_at), label)
 
     # --- label outbox --------------------------------------------------------------------
