@@ -352,7 +352,9 @@ def benchmark_markdown(payload: Mapping[str, Any]) -> str:
         "depth 3, learning rate 0.1);",
         "* each of our families (feed-forward, 1D CNN, LSTM, LSTM + attention, Transformer "
         "encoder: one shared input layer and head, see `training/sequence_model.py`) trains "
-        "on the training period too, with the same settings, and stops early on the average "
+        "on the training period too, with the same settings (no family is tuned beyond "
+        "that: the epoch kept is the only choice made, on validation days) and stops early "
+        "on the average "
         f"precision of the {settings['valid_days']} days before its training days (older "
         "labels, known whenever the training labels are); the test weeks play no part in any "
         "choice. Models named with a number of training days train on that many days ending "
