@@ -319,7 +319,8 @@ class Settings(BaseSettings):
 
     @property
     def scoring_group_id(self) -> str:
-        """Consumer group of the transactions path (the Faust app's id is ``group_id``)."""
+        """The worker's one consumer group: transactions, repartition and labels topics
+        (``group_id`` is the Faust app's id and the prefix of the worker's names)."""
         return f"{self.group_id}.scoring"
 
     @property

@@ -1,5 +1,33 @@
-"""The transactions path of the worker: micro-batches from Kafka, scored, published,
-committed (see :class:`ScoringLoop`)."""
+"""The worker's one Kafka path: transactions and labels, in micro-batches, applied in Redis,
+scored, published, committed (see :class:`ScoringLoop`).
+
+One consumer group (``FRAUDSTREAM_GROUP_ID`` + ``.scoring``) reads the transactions, the
+repartition and the labels topics; one producer publishes every output (scores, alerts,
+shadow scores, both dead-letter topics, re-keyed forwards); one commit path commits a
+message's offset only once its effect is in Redis and its outputs are acknowledged (under
+``exactly_once``, in the same Kafka transaction as the outputs); one lag gauge covers every
+partition the group reads.
+
+A batch holds the transactions taken by the event-time merge (:meth:`ScoringLoop._poll`)
+and the labels fetched meanwhile. Its state call applies the labels first
+(:func:`~stream_app.pipeline.apply_labels`: a label applied twice counts once), then the
+transactions; invalid or mismatched labels go to the labels dead-letter topic with the
+batch's other outputs. A Redis outage therefore holds labels exactly as it holds
+transactions: retried, never committed unapplied.
+
+**Labels before a backlog.** A transaction's terminal windows count the frauds labelled up
+to days of event time before it. Live, a label is applied within a batch of its arrival,
+long before a transaction reads it; but after a restart the loop would score days of
+backlog in seconds, before that backlog's labels are applied, and features would depend on
+timing. So after every assignment (:meth:`ScoringLoop._labels_caught_up`), the loop reads
+only labels until the group has applied every label published before the assignment, on
+every labels partition: those it owns it applies and commits itself; those another member
+owns, that member applies meanwhile (every member goes through the same phase after the
+rebalance that assigned them), and its progress is read from the group's committed
+offsets, which only ever name applied labels. Then it scores the transactions. The wait
+is bounded (``_LABELS_WAIT_S``): a member that never catches up delays scoring that long,
+with a warning, once per assignment.
+"""
 
 from __future__ import annotations
 
@@ -40,9 +68,11 @@ from stream_app.metrics import observe_many
 from stream_app.pipeline import (
     Accepted,
     Inbound,
+    LabelBatch,
     Rejected,
     ScoredBatch,
     ScoringPipeline,
+    apply_labels,
     validate_transaction,
 )
 from stream_app.publisher import Output, Publisher, key_partition
@@ -67,8 +97,8 @@ _MAX_UNSETTLED: Final = 4
 _CATCH_UP_AGE_MS: Final = 1000
 _CATCH_UP_WAIT_MS: Final = 500
 _ALIGN_STEP_S: Final = 0.002
-# After an assignment, scoring waits at most this long for the labels consumer group to
-# commit the labels already published (see ScoringLoop._wait_for_labels), polling this often.
+# After an assignment, scoring waits at most this long for the group to apply the labels
+# already published (see ScoringLoop._labels_caught_up), reading its commits this often.
 _LABELS_WAIT_S: Final = 30.0
 _LABELS_POLL_S: Final = 0.2
 # The stall watchdog's tick; a gap between ticks longer than half the consumer session
@@ -157,7 +187,9 @@ class _Batch:
     dead_letters: list[Output]
     rejected: list[Rejected]
     polled_at: float
-    state: asyncio.Task[BatchState] | None = None
+    labels: list[Inbound] = field(default_factory=list)  # applied before the transactions
+    applied: LabelBatch | None = None  # the labels' outcome, once applied in Redis
+    state: asyncio.Task[BatchState | None] | None = None
     unscorable: list[Rejected] = field(default_factory=list)  # dead-lettered after scoring
     outputs: list[Output] = field(default_factory=list)
     acks: list[asyncio.Future[Any]] = field(default_factory=list)
@@ -168,6 +200,15 @@ class _Batch:
 
 # A batch sent while an output topic was known to be missing.
 _SENT_WHILE_MISSING: Final = -1
+
+
+@dataclass
+class _LabelsBacklog:
+    """The labels published before an assignment, to be applied before scoring."""
+
+    ends: dict[TopicPartition, int]  # end offset of every labels partition, then
+    started: float  # time.monotonic() at the assignment
+    checked_at: float = -math.inf  # last read of the group's commits
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -188,7 +229,7 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
         names = sorted(f"{tp.topic}[{tp.partition}]" for tp in assigned)
-        log.info("scoring partitions assigned: %s", ", ".join(names))
+        log.info("partitions assigned: %s", ", ".join(names))
         # Not here: waiting in the callback would hold up the group's join.
         self.scoring.rebalances += 1
         self.scoring.labels_pending = True
@@ -196,11 +237,12 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
 
 
 class ScoringLoop:
-    """The transactions path, as three overlapping stages, each in batch order:
+    """Transactions and labels, as three overlapping stages, each in batch order:
 
-    1. **state**: a batch's Redis call is sent as soon as the previous batch's reply is
-       back, so Redis works on batch k+1 while Python scores batch k; state calls never
-       overlap, which keeps every customer's history in arrival order;
+    1. **state**: a batch's Redis calls (its labels, then its transactions) are sent as
+       soon as the previous batch's reply is back, so Redis works on batch k+1 while Python
+       scores batch k; state calls never overlap, which keeps every customer's history in
+       arrival order;
     2. **score and send**: features, model calls and records; outputs are queued to the
        producer without waiting for acknowledgements;
     3. **settle** (a task of its own): waits for each batch's acknowledgements in order,
@@ -212,6 +254,7 @@ class ScoringLoop:
 
     def __init__(self, runtime: WorkerRuntime, store: RedisStateStore) -> None:
         self.runtime = runtime
+        self.store = store
         s = runtime.settings
         self.settings = s
         self.metrics = runtime.metrics
@@ -225,7 +268,8 @@ class ScoringLoop:
         self.backoff = Backoff(runtime.metrics, s.retry_backoff_max_s)
         self.source_partitions = runtime.partitions[s.topic_transactions]
         self._lock = asyncio.Lock()
-        self._buffered: dict[TopicPartition, deque[_Polled]] = {}
+        self._buffered: dict[TopicPartition, deque[_Polled]] = {}  # transactions
+        self._labels_buffered: dict[TopicPartition, deque[Inbound]] = {}
         self._clocks: dict[TopicPartition, float] = {}  # merge key of the last record taken
         self._drained_at: dict[TopicPartition, float] = {}  # epoch ms, by partition
         self._pending: _Batch | None = None
@@ -238,11 +282,8 @@ class ScoringLoop:
         self._out_of_range: dict[TopicPartition, int] = {}
         self._lag_task: asyncio.Task[None] | None = None
         self._lag_failing = False
-        # The labels partitions this worker's Faust consumer owns (set by the worker): their
-        # lag is reported by the same task, from the labels group's commits.
-        self.labels_partitions: Callable[[], Iterable[TopicPartition]] | None = None
-        self._labels_reported: set[TopicPartition] = set()
-        self.labels_pending = False  # set on assignment: see _wait_for_labels
+        self.labels_pending = False  # set on assignment: see _labels_caught_up
+        self._labels_backlog: _LabelsBacklog | None = None
         # Rebalance callbacks run so far: a batch polled before one must not be processed.
         self.rebalances = 0
         self._admin: AIOKafkaAdminClient | None = None  # see _admin_client
@@ -295,7 +336,11 @@ class ScoringLoop:
             self._kafka_error("consume"),
         )
         self.consumer.subscribe(
-            [self.settings.topic_transactions, self.settings.topic_repartition],
+            [
+                self.settings.topic_transactions,
+                self.settings.topic_repartition,
+                self.settings.topic_labels,
+            ],
             listener=_Rebalance(self),
         )
         if self.settings.exactly_once:
@@ -321,18 +366,24 @@ class ScoringLoop:
                 if self._settler.done():  # it only ends by failing: surface its error
                     self._settler.result()
                 if self.labels_pending:
-                    await self._wait_for_labels()
+                    self.labels_pending = False
                     # Every partition without a commit starts now, all together: waiting
                     # for each one's NoOffsetForPartitionError would start them one by
                     # one, and the event-time merge would run ahead on the first ones.
                     await self._start_uncommitted(None)
+                    self._labels_backlog = await self._labels_published()
                 if self._out_of_range:
                     await self._reset_offsets(dict(self._out_of_range), confirmed=False)
+                labels_only = self._labels_backlog is not None and not (
+                    await self._labels_caught_up(self._labels_backlog)
+                )
                 # With a batch in flight, take only what is already fetched: never wait.
-                timeout = 0 if self._pending is not None else wait_ms
+                # Waiting for the labels backlog, wait as long as between two checks.
+                idle_ms = int(_LABELS_POLL_S * 1000) if labels_only else wait_ms
+                timeout = 0 if self._pending is not None else idle_ms
                 rebalances = self.rebalances
                 try:
-                    polled = await self._poll(timeout)
+                    polled, labels = await self._poll(timeout, labels_only=labels_only)
                 except NoOffsetForPartitionError as exc:
                     # A partition this group never committed: read it from the start.
                     await self._start_uncommitted(exc)
@@ -346,17 +397,20 @@ class ScoringLoop:
                     await asyncio.sleep(BACKOFF_START_S)
                     continue
                 async with self._lock:
-                    if rebalances != self.rebalances and polled:
+                    if rebalances != self.rebalances and (polled or labels):
                         # A rebalance ran while we polled: these records may come from
                         # partitions revoked meanwhile (perhaps handed back to us, from the
                         # committed offsets). Processed now they could be published twice:
                         # read everything again from the committed offsets instead.
-                        polled = []
+                        polled, labels = [], []
                         log.info("a rebalance ran during a poll: re-reading from the commits")
                         await self._reread_from_committed()
-                    batch = self._prepare(polled) if polled else None
+                    batch = self._prepare(polled, labels) if polled or labels else None
                     await self._advance(batch)
                 if batch is None:
+                    if labels_only:
+                        # Settle what was applied, so that the group's commits show it.
+                        await self.finish_in_flight()
                     await self._catch_up_positions()
             await self.finish_in_flight()
         finally:
@@ -366,56 +420,69 @@ class ScoringLoop:
                     with contextlib.suppress(asyncio.CancelledError):
                         await task
 
-    async def _wait_for_labels(self) -> None:
-        """Before the first batch after an assignment, let the labels path catch up.
-
-        A transaction's terminal windows count the frauds labelled up to eight days of
-        event time before it, and those labels arrive on their own topic, read by the
-        labels consumer group (any worker's Faust agent), not by this loop. Live, a label
-        is applied seconds after it is published, long before a transaction reads it. But
-        after a restart both consumers start from a backlog, and this loop would score days
-        of event time in a few seconds, before the labels of those days are applied: the
-        features (and the histories they are stored in) would then depend on which consumer
-        recovered first. So scoring waits until the labels group has committed every label
-        published so far (committed means applied: the agent commits only applied labels),
-        for at most ``_LABELS_WAIT_S``; a labels path that is down delays scoring that long
-        once per assignment, with a warning, and does not stop it.
-        """
-        self.labels_pending = False
-        s = self.settings
-        topic = s.topic_labels
+    async def _labels_published(self) -> _LabelsBacklog | None:
+        """The end offsets of every labels partition: what must be applied before scoring
+        (see the module's docstring). None when the brokers cannot tell (then scoring
+        goes on without waiting, with a warning)."""
+        topic = self.settings.topic_labels
         partitions = [TopicPartition(topic, p) for p in range(self.runtime.partitions[topic])]
-        started = time.monotonic()
         try:
-            admin = await self._admin_client()
-            ends: dict[TopicPartition, int] = await self.consumer.end_offsets(partitions)
-            while True:
-                committed = await admin.list_consumer_group_offsets(
-                    s.group_id, partitions=partitions
-                )
-                behind = {
-                    tp: end - max(committed[tp].offset, 0) if tp in committed else end
-                    for tp, end in ends.items()
-                }
-                if all(n <= 0 for n in behind.values()):
-                    break
-                if time.monotonic() - started > _LABELS_WAIT_S:
-                    log.warning(
-                        "the labels consumer group %s is still %d labels behind after %.0f s; "
-                        "scoring without them (terminal risk may miss recent frauds)",
-                        s.group_id,
-                        sum(n for n in behind.values() if n > 0),
-                        _LABELS_WAIT_S,
-                    )
-                    return
-                await asyncio.sleep(_LABELS_POLL_S)
+            ends = await self._end_offsets(partitions, fetched=False)
         except KafkaError as exc:
             self.metrics.kafka_errors.labels("admin").inc()
-            log.warning("cannot tell how far the labels path is (%s); scoring anyway", exc)
-            return
-        waited = time.monotonic() - started
-        if waited > 1.0:
-            log.info("waited %.1f s for the labels path to catch up before scoring", waited)
+            log.warning("cannot tell which labels were published (%s); scoring anyway", exc)
+            return None
+        return _LabelsBacklog(ends, time.monotonic())
+
+    async def _labels_caught_up(self, backlog: _LabelsBacklog) -> bool:
+        """Whether the group has applied every label of ``backlog`` (then it is dropped).
+
+        A transaction's terminal windows count the frauds labelled up to eight days of
+        event time before it. After a restart both streams start from a backlog; scored at
+        once, days of transactions would be scored before their labels are applied, and the
+        features (and the histories they are stored in) would depend on timing. So after an
+        assignment the loop reads only labels until the group's committed offsets (which
+        name applied labels only: this loop commits a label once it is in Redis) reach the
+        end offsets of every labels partition as of the assignment, its own partitions and
+        the other members'. Its own it applies meanwhile (``labels_only`` in :meth:`run`);
+        the other members, assigned by the same rebalance, apply theirs. At most
+        ``_LABELS_WAIT_S``: a labels path that does not catch up delays scoring that long,
+        once per assignment, with a warning, and does not stop it.
+        """
+        now = time.monotonic()
+        if now - backlog.checked_at < _LABELS_POLL_S:
+            return False
+        backlog.checked_at = now
+        try:
+            admin = await self._admin_client()
+            committed = await admin.list_consumer_group_offsets(
+                self.settings.scoring_group_id, partitions=list(backlog.ends)
+            )
+        except KafkaError as exc:
+            self.metrics.kafka_errors.labels("admin").inc()
+            log.warning("cannot tell how far the labels are applied (%s); scoring anyway", exc)
+            self._labels_backlog = None
+            return True
+        behind = 0
+        for tp, end in backlog.ends.items():
+            done = committed[tp].offset if tp in committed else -1
+            # Our own partitions: also what _catch_up_positions counted (commit markers).
+            behind += max(end - max(done, self._processed.get(tp, -1), 0), 0)
+        waited = now - backlog.started
+        if behind and waited <= _LABELS_WAIT_S:
+            return False
+        self._labels_backlog = None
+        if behind:
+            log.warning(
+                "the group %s is still %d labels behind after %.0f s; scoring without them "
+                "(terminal risk may miss recent frauds)",
+                self.settings.scoring_group_id,
+                behind,
+                _LABELS_WAIT_S,
+            )
+        elif waited > 1.0:
+            log.info("applied the labels backlog in %.1f s before scoring", waited)
+        return True
 
     async def _admin_client(self) -> AIOKafkaAdminClient:
         """The admin client the loop's tasks share, started on first use."""
@@ -426,8 +493,12 @@ class ScoringLoop:
                 self._admin = admin
             return self._admin
 
-    async def _poll(self, timeout_ms: int) -> list[_Polled]:
-        """Up to a batch of validated messages, the earliest events first across partitions.
+    async def _poll(
+        self, timeout_ms: int, *, labels_only: bool = False
+    ) -> tuple[list[_Polled], list[Inbound]]:
+        """Up to a batch of validated transactions, the earliest events first across
+        partitions, and the labels fetched meanwhile (up to a batch per partition); with
+        ``labels_only``, labels alone (see :meth:`_labels_caught_up`).
 
         aiokafka's ``getmany`` drains one partition's whole fetch (up to a megabyte)
         before the next. Catching up on a backlog, one partition would then run ahead of
@@ -440,22 +511,47 @@ class ScoringLoop:
         a batch also ends where a partition runs dry, and the next one first waits for that
         partition's fetch (:meth:`_align`). Live, partitions are caught up, nothing waits,
         and this is simply arrival order.
+
+        Labels take no part in the merge: they change terminal counters, which a batch's
+        transactions read after its labels are applied, whatever their event times.
         """
         size = self.settings.batch_size
+        labels_topic = self.settings.topic_labels
         assignment = self.consumer.assignment()
         for tp in list(self._buffered):
             if tp not in assignment:
                 del self._buffered[tp]
                 self._drained_at.pop(tp, None)
-        for tp in assignment:
-            room = size - len(self._buffered.get(tp, ()))
+        for tp in list(self._labels_buffered):
+            if tp not in assignment:
+                del self._labels_buffered[tp]
+        wanted = [tp for tp in assignment if not labels_only or tp.topic == labels_topic]
+        for tp in wanted:
+            buffers = self._labels_buffered if tp.topic == labels_topic else self._buffered
+            room = size - len(buffers.get(tp, ()))
             if room > 0:
                 self._buffer(await self.consumer.getmany(tp, timeout_ms=0, max_records=room))
-        if timeout_ms and not any(self._buffered.values()):
-            self._buffer(await self.consumer.getmany(timeout_ms=timeout_ms, max_records=size))
+        waiting = [
+            *self._labels_buffered.values(),
+            *([] if labels_only else self._buffered.values()),
+        ]
+        if timeout_ms and not any(waiting):
+            if wanted:
+                fetched = await self.consumer.getmany(
+                    *wanted, timeout_ms=timeout_ms, max_records=size
+                )
+                self._buffer(fetched)
+            else:  # no labels partition here: the other members apply them
+                await asyncio.sleep(timeout_ms / 1000)
+        # Every label buffered (at most a batch per partition): none waits behind another
+        # partition's, and labels are a few percent of the volume.
+        labels = [label for buffer in self._labels_buffered.values() for label in buffer]
+        self._labels_buffered.clear()
+        if labels_only:
+            return [], labels
         catching_up = self._catching_up()
         if catching_up:
-            await self._align(assignment)
+            await self._align([tp for tp in assignment if tp.topic != labels_topic])
         heads = [
             (self._head_key(tp, buffer), i, tp)
             for i, (tp, buffer) in enumerate(self._buffered.items())
@@ -476,7 +572,7 @@ class ScoringLoop:
                     # Its next records are still on the broker: going on with the other
                     # partitions alone would run ahead of them. The next poll waits.
                     break
-        return taken
+        return taken, labels
 
     def _head_key(self, tp: TopicPartition, buffer: deque[_Polled]) -> float:
         """The merge key of a partition's head record (see :func:`merge_key`)."""
@@ -484,8 +580,17 @@ class ScoringLoop:
         return merge_key(self._clocks.get(tp), buffer[0].event_time, after)
 
     def _buffer(self, fetched: Mapping[TopicPartition, Sequence[Any]]) -> None:
+        """Buffer fetched records: labels as they came (validated when applied),
+        transactions validated, with their event times for the merge."""
         limits = self.runtime.limits
+        labels_topic = self.settings.topic_labels
         for tp, records in fetched.items():
+            if tp.topic == labels_topic:
+                self._labels_buffered.setdefault(tp, deque()).extend(
+                    Inbound(r.topic, r.partition, r.offset, r.key, r.value, r.timestamp)
+                    for r in records
+                )
+                continue
             buffer = self._buffered.setdefault(tp, deque())
             for r in records:
                 message = Inbound(r.topic, r.partition, r.offset, r.key, r.value, r.timestamp)
@@ -554,8 +659,26 @@ class ScoringLoop:
     def forget_buffered(self) -> None:
         """Drop records polled but not yet taken (on a rebalance: they will be re-read)."""
         self._buffered.clear()
+        self._labels_buffered.clear()
         self._clocks.clear()
         self._drained_at.clear()
+
+    async def publish_label_dead_letters(self, rejected: Sequence[Rejected]) -> None:
+        """Publish labels' dead letters outside a batch (the expired labels' sweep), with
+        the loop's producer: between two batches, and under ``exactly_once`` in a Kafka
+        transaction of their own (the producer is transactional).
+
+        Raises:
+            KafkaError: some dead letter was not acknowledged (the caller retries later).
+        """
+        topic = self.settings.topic_label_dead_letters
+        outputs = [self._dead_letter(r, topic) for r in rejected]
+        async with self._lock:
+            if self.settings.exactly_once:
+                async with self.producer.transaction():
+                    await self.publisher.publish(outputs)
+            else:
+                await self.publisher.publish(outputs)
 
     async def stop(self) -> None:
         """Stop polling; :meth:`run` then finishes what is in flight and returns."""
@@ -583,9 +706,8 @@ class ScoringLoop:
         """Start ``batch``'s state call and finish the one before it (holding the lock)."""
         previous, self._pending = self._pending, None
         state = await self._state_of(previous) if previous is not None else None
-        if batch is not None and batch.local:
-            events = [a.event for a in batch.local]
-            batch.state = asyncio.create_task(self.pipeline.update_state(events))
+        if batch is not None and (batch.local or batch.labels):
+            batch.state = asyncio.create_task(self._update_state(batch))
             await asyncio.sleep(0)  # let the call go out before the CPU-bound work below
         if previous is not None:
             try:
@@ -595,26 +717,39 @@ class ScoringLoop:
                 return
         self._pending = batch
 
+    async def _update_state(self, batch: _Batch) -> BatchState | None:
+        """A batch's state calls: its labels (once applied, not again), then its
+        transactions (None without any)."""
+        if batch.labels and batch.applied is None:
+            batch.applied = await apply_labels(
+                batch.labels, self.store, self.runtime.limits, self.metrics
+            )
+        if not batch.local:
+            return None
+        return await self.pipeline.update_state([a.event for a in batch.local])
+
     async def _state_of(self, batch: _Batch) -> BatchState | None:
         if batch.state is None:
             return None
-        events = [a.event for a in batch.local]
         try:
             return await batch.state
         except RedisError as exc:
             self._redis_error(exc)
             log.warning("updating state failed (%s); retrying", exc)
         return await self.backoff.run(
-            lambda: self.pipeline.update_state(events),
+            lambda: self._update_state(batch),
             "updating state in Redis",
             (RedisError,),
             self._redis_error,
         )
 
-    def _prepare(self, polled: Sequence[_Polled]) -> _Batch:
+    def _prepare(self, polled: Sequence[_Polled], labels: Sequence[Inbound] = ()) -> _Batch:
         """Route a polled batch and build its dead letters: no I/O."""
         s = self.settings
         offsets: dict[TopicPartition, int] = {}
+        for label in labels:
+            tp = TopicPartition(label.topic, label.partition)
+            offsets[tp] = max(offsets.get(tp, 0), label.offset + 1)
         accepted: list[Accepted] = []
         rejected: list[Rejected] = []
         for item in polled:
@@ -645,16 +780,25 @@ class ScoringLoop:
                 )
         dead_letters = [self._dead_letter(r) for r in rejected]
         return _Batch(
-            offsets, len(polled), local, forwards, dead_letters, rejected, time.perf_counter()
+            offsets,
+            len(polled) + len(labels),
+            local,
+            forwards,
+            dead_letters,
+            rejected,
+            time.perf_counter(),
+            list(labels),
         )
 
-    def _dead_letter(self, rejected: Rejected) -> Output:
-        """The dead letter of a message: its original bytes, and why, in headers."""
+    def _dead_letter(self, rejected: Rejected, topic: str | None = None) -> Output:
+        """The dead letter of a message: its original bytes, and why, in headers; on the
+        transactions' dead-letter topic unless ``topic`` says another."""
         m = rejected.message
+        topic = topic or self.settings.topic_dead_letters
         return Output(
-            self.settings.topic_dead_letters,
+            topic,
             # Source order kept per partition.
-            m.partition % self.runtime.partitions[self.settings.topic_dead_letters],
+            m.partition % self.runtime.partitions[topic],
             m.key,
             m.value or b"",
             dead_letter_headers(rejected.error, m.topic, m.partition, m.offset),
@@ -729,6 +873,9 @@ class ScoringLoop:
         )
         if scored.unscorable or scored.conflicting:
             self._refuse_scored(batch, scored)
+        if batch.applied is not None:
+            label_dlq = self.settings.topic_label_dead_letters
+            batch.dead_letters += [self._dead_letter(r, label_dlq) for r in batch.applied.rejected]
         batch.outputs = [*batch.dead_letters, *batch.forwards, *outputs]
         if self.settings.exactly_once:
             await self.backoff.run(
@@ -969,7 +1116,8 @@ class ScoringLoop:
             )
             latencies = np.maximum(0.0, acked_s - created_ms / 1000)
             observe_many(self.metrics.end_to_end_latency, latencies)
-        for r in [*batch.rejected, *batch.unscorable]:
+        labels_rejected = batch.applied.rejected if batch.applied is not None else []
+        for r in [*batch.rejected, *batch.unscorable, *labels_rejected]:
             self.metrics.dead_letters.labels(r.error.reason.value).inc()
         self.metrics.events.labels("dead_letter").inc(len(batch.rejected))
         self.metrics.repartitioned.inc(len(batch.forwards))
@@ -1008,7 +1156,7 @@ class ScoringLoop:
         if self._pending is not None or not self._unsettled.empty():
             return
         for tp in list(self.consumer.assignment()):
-            if self._buffered.get(tp) or tp not in self._processed:
+            if self._buffered.get(tp) or self._labels_buffered.get(tp) or tp not in self._processed:
                 continue
             position = await self._position_now(tp)
             if position is None:
@@ -1030,8 +1178,6 @@ class ScoringLoop:
             try:
                 await self._watch_outputs()
                 await self._report_lag()
-                if self.labels_partitions is not None:
-                    await self._report_labels_lag(self.labels_partitions())
             except KafkaError as exc:
                 self.metrics.kafka_errors.labels("admin").inc()
                 if not self._lag_failing:  # once per streak: the loop reports the outage
@@ -1117,43 +1263,18 @@ class ScoringLoop:
                 ends[tp] = highwater
         return ends
 
-    async def _report_labels_lag(self, partitions: Iterable[TopicPartition]) -> None:
-        """Lag of the labels partitions this worker owns, from the labels group's commits
-        (the Faust agent commits a batch only once it is applied)."""
-        s = self.settings
-        owned = sorted(
-            {TopicPartition(tp.topic, tp.partition) for tp in partitions}
-            & {
-                TopicPartition(s.topic_labels, p)
-                for p in range(self.runtime.partitions[s.topic_labels])
-            }
-        )
-        for tp in self._labels_reported - set(owned):
-            with contextlib.suppress(KeyError):
-                self.metrics.consumer_lag.remove(tp.topic, str(tp.partition))
-        self._labels_reported = set(owned)
-        if not owned:
-            return
-        admin = await self._admin_client()
-        committed = await admin.list_consumer_group_offsets(s.group_id, partitions=owned)
-        positions = {tp: c.offset for tp, c in committed.items() if c.offset >= 0}
-        missing = [tp for tp in owned if tp not in positions]
-        if missing:
-            positions.update(await self.consumer.beginning_offsets(missing))
-        ends: dict[TopicPartition, int] = await self.consumer.end_offsets(owned)
-        for tp, end in ends.items():
-            lag = max(end - positions[tp], 0)
-            self.metrics.consumer_lag.labels(tp.topic, str(tp.partition)).set(lag)
-
     async def _start_uncommitted(self, error: NoOffsetForPartitionError | None) -> None:
         """A partition without a committed offset starts at its beginning (a new group).
 
         Unless this worker committed there before: then the group's offsets were deleted
         with the topic (Apache Kafka drops them when a topic is deleted), and a re-created
         topic is what ``FRAUDSTREAM_OFFSET_RESET_POLICY`` is about (:meth:`_reset_offsets`).
+        A labels partition starts where the former labels group committed, if it did
+        (:meth:`_former_labels_commits`).
         """
         tp = error.args[0] if error is not None and error.args else None
         partitions = [tp] if isinstance(tp, TopicPartition) else list(self.consumer.assignment())
+        former: dict[TopicPartition, int] | None = None
         for partition in partitions:
             with contextlib.suppress(IllegalStateError):  # revoked meanwhile
                 if await self.consumer.committed(partition) is not None:
@@ -1161,8 +1282,40 @@ class ScoringLoop:
                 before = self._processed.get(partition, 0)
                 if before > 0:
                     await self._reset_offsets({partition: before}, confirmed=True)
-                else:
-                    await self.consumer.seek_to_beginning(partition)
+                    continue
+                if partition.topic == self.settings.topic_labels:
+                    if former is None:
+                        former = await self._former_labels_commits()
+                    if partition in former:
+                        self.consumer.seek(partition, former[partition])
+                        continue
+                await self.consumer.seek_to_beginning(partition)
+
+    async def _former_labels_commits(self) -> dict[TopicPartition, int]:
+        """Where the labels consumer group of earlier versions (``FRAUDSTREAM_GROUP_ID``
+        itself, read by a Faust agent) committed: a deployment upgraded to one group
+        resumes its labels there rather than applying the whole topic again (harmless, a
+        label applied twice counts once, but slow). Empty when it never did, or when the
+        brokers cannot tell (then the labels are read from their start)."""
+        topic = self.settings.topic_labels
+        partitions = [TopicPartition(topic, p) for p in range(self.runtime.partitions[topic])]
+        try:
+            admin = await self._admin_client()
+            committed = await admin.list_consumer_group_offsets(
+                self.settings.group_id, partitions=partitions
+            )
+        except KafkaError as exc:
+            self.metrics.kafka_errors.labels("admin").inc()
+            log.warning("cannot read the former labels group's commits (%s)", exc)
+            return {}
+        found = {tp: meta.offset for tp, meta in committed.items() if meta.offset >= 0}
+        if found:
+            log.info(
+                "labels resume where the former labels group %s committed: %s",
+                self.settings.group_id,
+                ", ".join(f"{tp.topic}[{tp.partition}] at {o}" for tp, o in sorted(found.items())),
+            )
+        return found
 
     async def _reset_offsets(self, found: Mapping[TopicPartition, int], *, confirmed: bool) -> None:
         """Apply ``FRAUDSTREAM_OFFSET_RESET_POLICY`` to partitions whose position is outside
@@ -1184,9 +1337,10 @@ class ScoringLoop:
         # What was read before is scored and committed first (the old topic's records:
         # they cannot be read again), so the next commits start from the new position.
         leftover = [polled for tp in owned for polled in self._buffered.pop(tp, ())]
-        if leftover:
+        labels = [label for tp in owned for label in self._labels_buffered.pop(tp, ())]
+        if leftover or labels:
             async with self._lock:
-                await self._advance(self._prepare(leftover))
+                await self._advance(self._prepare(leftover, labels))
         await self.finish_in_flight()
         starts: dict[TopicPartition, int] = await self.consumer.beginning_offsets(owned)
         # A fetch that failed out of range saw the new topic: the old high watermark is moot.

@@ -172,15 +172,17 @@ async def start_guard(
 
 
 async def committed_offsets(settings: Settings) -> dict[TopicPartition, int]:
-    """The offsets the worker's two consumer groups have committed on their input topics:
-    the scoring group's on the transactions and repartition topics, the labels group's
-    on the labels topic. Empty for a fresh deployment."""
+    """The offsets the worker's consumer group has committed on its input topics (the
+    transactions, repartition and labels topics). Empty for a fresh deployment."""
     admin = AIOKafkaAdminClient(**kafka_config.client_kwargs(settings))
     await admin.start()
     try:
         inputs = {
-            settings.scoring_group_id: (settings.topic_transactions, settings.topic_repartition),
-            settings.group_id: (settings.topic_labels,),
+            settings.scoring_group_id: (
+                settings.topic_transactions,
+                settings.topic_repartition,
+                settings.topic_labels,
+            ),
         }
         counts = await kafka_config.topic_partitions(
             admin, [t for topics in inputs.values() for t in topics]

@@ -1,30 +1,36 @@
 """``fraudstream worker``: the Faust application that scores transactions in real time.
 
-Two inbound paths, one process::
+One inbound path for both streams, one process::
 
-    transactions ─┐  ScoringLoop (aiokafka, micro-batches)      ┌─► scores, alerts
-    <repartition> ┘    validate → route → state → score → publish ├─► scores.shadow
-                          │                  commit after acks    ├─► transactions.dlq
+    transactions ─┐                                                ┌─► scores, alerts
+    <repartition> ┤  ScoringLoop (aiokafka, one consumer group)   ├─► scores.shadow
+    labels ───────┘    validate → route → state → score → publish ├─► transactions.dlq
+                          │    (labels, then transactions)         ├─► labels.dlq
+                          │                  commit after acks     │
                           └─ wrong partition: re-key ─────────────┴─► <repartition>
-    labels ──────── Faust agent (take_events) → terminal counters ──► labels.dlq
+    expired-labels timer (Faust) ─────────────────── same producer ──► labels.dlq
 
-* **Transactions** are consumed with aiokafka directly, in a :class:`ScoringLoop` run as a
-  service of the Faust application: Faust's per-event stream machinery costs more than the
-  whole 20,000 events/s budget on two cores (see ``WORKER_NOTES.md``). Offsets are
-  committed by hand, only once every output of the batch is acknowledged; under
-  ``exactly_once`` outputs and offsets commit in one Kafka transaction instead.
-* **Labels** (a few percent of the volume) are a Faust agent. Faust acks the events of a
-  ``take_events`` batch in a ``finally``, even when the batch failed, so the agent holds an
-  extra reference on each message and releases it only on success: a failed batch is
-  never committed. It runs at least once in every mode (see :func:`build_app`): a label
-  applied twice counts once. After an assignment the scoring loop waits for this group's
-  commits to reach the labels already published, so a restart's backlog is scored with
-  the labels an uninterrupted run would have seen.
+* **Transactions and labels** are consumed with aiokafka directly, by one consumer group,
+  in a :class:`~stream_app.scoring_loop.ScoringLoop` run as a service of the Faust
+  application: Faust's per-event stream machinery costs more than the whole 20,000
+  events/s budget on two cores (see ``WORKER_NOTES.md``). A batch's labels are applied in
+  Redis before its transactions; every output goes through one producer; offsets are
+  committed by hand, only once a batch is applied in Redis and every output of it is
+  acknowledged; under ``exactly_once`` outputs and offsets commit in one Kafka
+  transaction instead. A label applied twice counts once, so a redelivered label is
+  harmless. After an assignment the loop applies the labels published so far before it
+  scores, so a restart's backlog is scored with the labels an uninterrupted run would
+  have seen (see :mod:`stream_app.scoring_loop`).
+* **Faust** is the application framework: lifecycle, services, signals, and the timer
+  that dead-letters labels whose transaction never came. It consumes nothing and
+  produces nothing: :class:`_TablelessApp` boots without Faust's Kafka consumer,
+  producer, topic conductor or tables (``BootStrategy(enable_kafka=False)``), so there
+  is no second consumer group to join at start-up.
 
 Failures of Redis or Kafka are retried with capped exponential backoff, logged once per
 attempt, counted, and reflected in ``fraudstream_ready``; nothing is committed past an
-event whose outputs are not acknowledged, so a crash at any point re-processes from the
-last commit and yields the same records (see :mod:`stream_app.pipeline`).
+event whose effect and outputs are not in place, so a crash at any point re-processes
+from the last commit and yields the same records (see :mod:`stream_app.pipeline`).
 """
 
 from __future__ import annotations
@@ -35,13 +41,14 @@ import dataclasses
 import functools
 import logging
 import tempfile
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import faust
 from aiokafka.errors import KafkaError
+from faust.app.base import BootStrategy
 from mode import Service
 from prometheus_client import CollectorRegistry, start_http_server
 from redis.exceptions import (
@@ -58,13 +65,8 @@ from stream_app.config import Settings, unknown_environment
 from stream_app.errors import ConfigError
 from stream_app.metrics import WorkerMetrics
 from stream_app.model_registry import ModelOptions, ModelRegistry
-from stream_app.pipeline import (
-    Inbound,
-    Rejected,
-    apply_labels,
-    expired_labels,
-)
-from stream_app.records import ValidationLimits, dead_letter_headers
+from stream_app.pipeline import expired_labels
+from stream_app.records import ValidationLimits
 from stream_app.redis_state import RedisStateStore, StateClient
 from stream_app.runtime import WorkerRuntime, check_redis_mode, redis_client, state_store
 from stream_app.scoring_loop import ScoringLoop
@@ -86,14 +88,11 @@ class ScoringService(Service):
         self.runtime = runtime
         self.store = store
         self.scoring: ScoringLoop | None = None
+        self.clients_up = False  # the loop's clients are connected: its producer may be used
         self._run: asyncio.Task[None] | None = None
         self._watch: asyncio.Task[None] | None = None
         self._watch_stop = asyncio.Event()
         self._guard: asyncio.Task[None] | None = None
-
-    def labels_partitions(self) -> set[Any]:
-        """The labels partitions this process consumes (the Faust app's; none here)."""
-        return set()
 
     async def on_start(self) -> None:
         """Check the state marker (lost state is reported, and scoring goes on, flagged:
@@ -106,16 +105,17 @@ class ScoringService(Service):
             guard.watch(s.state_check_interval_s, self._watch_stop), name="state-guard"
         )
         self.scoring = ScoringLoop(self.runtime, self.store)
-        self.scoring.labels_partitions = self.labels_partitions
         await self.scoring.start()
+        self.clients_up = True
         self._run = asyncio.create_task(self._guarded(self.scoring.run()), name="scoring")
         interval = self.runtime.settings.model_poll_interval_s
         self._watch = asyncio.create_task(
             self.runtime.models.watch(interval, self._watch_stop), name="model-watch"
         )
         log.info(
-            "scoring %s with model %s",
+            "scoring %s (labels from %s) with model %s",
             self.runtime.settings.topic_transactions,
+            self.runtime.settings.topic_labels,
             self.runtime.models.champion.version,
         )
 
@@ -133,6 +133,7 @@ class ScoringService(Service):
     async def on_stop(self) -> None:
         """Drain: finish the batch in flight, commit, leave the group."""
         self._watch_stop.set()
+        self.clients_up = False
         if self.scoring is not None:
             await self.scoring.stop()
         if self._run is not None and not self._run.done():
@@ -156,121 +157,56 @@ class ScoringService(Service):
         log.info("scoring stopped")
 
 
+class _WithoutKafka(BootStrategy):
+    """Faust's boot graph without its Kafka services.
+
+    ``enable_kafka = False`` leaves out Faust's consumer (and with it its consumer group,
+    leader assignor, reply consumer and topic conductor), its producer and its tables; the
+    sensors, the agent manager (no agents), timers and services still start. Faust's
+    ``producer_only`` mode would still start a producer, a second one beside the loop's.
+    """
+
+    enable_kafka = False
+
+
 class _TablelessApp(faust.App):
-    """A Faust app without tables, so without a data directory.
+    """A Faust app without Kafka clients or tables, so without a data directory.
 
     Faust creates ``<datadir>/v1/tables`` when it first starts; this app keeps nothing
     there, and every worker run (and every demo and test run) used to leave one such
     folder in ``/tmp``, SIGKILLed workers included. Not creating it leaves nothing.
     """
 
+    BootStrategy = _WithoutKafka
+
     def _create_directories(self) -> None:
         return None
 
 
 def build_app(runtime: WorkerRuntime) -> faust.App:
-    """The Faust application: the labels agent and the scoring service.
+    """The Faust application: the scoring service and the expired-labels timer.
 
     Topics must exist (:func:`prepare`) before the application starts.
     """
     s = runtime.settings
     app = _TablelessApp(
         s.group_id,
+        # Faust opens no Kafka connection (_WithoutKafka); its configuration still names
+        # the cluster, so that what it prints describes this deployment.
         broker=[f"kafka://{server}" for server in s.bootstrap_servers],
         broker_credentials=kafka_config.faust_credentials(s),
-        # The labels path commits at least once whatever FRAUDSTREAM_PROCESSING_GUARANTEE
-        # says: its effect is in Redis, where a redelivered label counts once (the ledger
-        # keeps each transaction's verdict), so a Kafka transaction would add nothing but
-        # Faust's own transactional producer per labels partition, which another replica
-        # fences after a pause, and Faust then crashes the whole worker. Its output, label
-        # dead letters, may repeat after a crash (identical copies). Exactly-once is the
-        # transactions path's job.
+        # Never a transactional producer of Faust's own (it has no producer anyway).
         processing_guarantee="at_least_once",
-        key_serializer="raw",
-        value_serializer="raw",
         web_enabled=False,
         autodiscover=False,
         # No tables: nothing is written there, and _TablelessApp does not create it
         # (Faust's default is ./<id>-data in the working directory).
         datadir=Path(tempfile.gettempdir()) / f"fraudstream-{s.group_id}",
-        topic_partitions=s.topic_partitions,
-        topic_replication_factor=s.topic_replication_factor,
-        topic_allow_declare=s.create_topics,
-        consumer_auto_offset_reset="earliest",
-        producer_acks=-1,
-        broker_commit_interval=1.0,
-        # Faust's 60 s defaults suit table recovery, which this app does not have; some
-        # brokers (the bundled one) hold the first join for part of the rebalance timeout.
-        broker_session_timeout=s.consumer_session_timeout_s,
-        broker_rebalance_timeout=s.consumer_session_timeout_s,
-        broker_heartbeat_interval=s.consumer_session_timeout_s / 3,
+        topic_allow_declare=False,
     )
     store = state_store(s, runtime.state_sequence_length, runtime.metrics)
-    labels_topic = app.topic(s.topic_labels, key_serializer="raw", value_serializer="raw")
-    label_dlq = app.topic(s.topic_label_dead_letters, key_serializer="raw", value_serializer="raw")
-    backoff = Backoff(runtime.metrics, s.retry_backoff_max_s)
     metrics = runtime.metrics
-
-    def redis_error(_exc: BaseException) -> None:
-        metrics.redis_errors.inc()
-
-    def kafka_error(_exc: BaseException) -> None:
-        metrics.kafka_errors.labels("produce").inc()
-
-    async def publish_label_dead_letters(rejected: Sequence[Rejected]) -> None:
-        futures = [
-            await label_dlq.send(
-                key=r.message.key,
-                value=r.message.value or b"",
-                partition=r.message.partition % runtime.partitions[s.topic_label_dead_letters],
-                headers=dead_letter_headers(
-                    r.error, r.message.topic, r.message.partition, r.message.offset
-                ),
-            )
-            for r in rejected
-        ]
-        await asyncio.gather(*futures)
-
-    @app.agent(labels_topic, name="labels")
-    async def count_labels(stream: faust.StreamT[bytes]) -> None:
-        """Count fraud labels into the terminals' per-day counters, a micro-batch at a time."""
-        # take_events is on the concrete Stream, which is what Faust passes in.
-        batches = cast("faust.Stream[bytes]", stream).take_events(
-            s.batch_size, within=s.batch_max_wait_s
-        )
-        async for events in batches:
-            # Our own reference: Faust acks the batch's events whatever happens below, and
-            # this one, released only on success, keeps a failed batch uncommitted.
-            for event in events:
-                event.message.incref()
-            messages = [
-                Inbound(
-                    e.message.topic,
-                    e.message.partition,
-                    e.message.offset,
-                    e.message.key,
-                    e.message.value,
-                    int(e.message.timestamp * 1000),
-                )
-                for e in events
-            ]
-            outcome = await backoff.run(
-                functools.partial(apply_labels, messages, store, runtime.limits, metrics),
-                "applying labels in Redis",
-                (RedisError,),
-                redis_error,
-            )
-            if outcome.rejected:
-                await backoff.run(
-                    functools.partial(publish_label_dead_letters, outcome.rejected),
-                    "publishing label dead letters",
-                    (KafkaError,),
-                    kafka_error,
-                )
-                for r in outcome.rejected:
-                    metrics.dead_letters.labels(r.error.reason.value).inc()
-            for event in events:
-                event.ack()
+    services: list[ScoringService] = []  # the running service, once Faust has started it
 
     sweep_every_s = min(5.0, max(0.5, s.label_wait_s / 2))
 
@@ -278,14 +214,18 @@ def build_app(runtime: WorkerRuntime) -> faust.App:
     async def dead_letter_expired_labels() -> None:
         """Dead-letter the labels whose transaction never came within the label wait.
 
-        Each pending label is claimed for a minute, dead-lettered, then dropped: a worker
-        that dies in between leaves it to be handed out again (its dead letter may repeat,
-        an identical copy). A failure here is logged and retried at the next tick."""
+        Each pending label is claimed for a minute, dead-lettered (with the scoring loop's
+        producer), then dropped: a worker that dies in between leaves it to be handed out
+        again (its dead letter may repeat, an identical copy). A failure here is logged
+        and retried at the next tick."""
+        scoring = services[0].scoring if services and services[0].clients_up else None
+        if scoring is None:  # the service has not started yet, or is stopping
+            return
         try:
             rejected, expired = await expired_labels(store, s.label_wait_s, metrics)
             if not rejected:
                 return
-            await publish_label_dead_letters(rejected)
+            await scoring.publish_label_dead_letters(rejected)
             await store.drop_pending(expired)
         except (RedisError, KafkaError) as exc:
             log.warning("dead-lettering expired labels failed (%s); retrying shortly", exc)
@@ -303,14 +243,7 @@ def build_app(runtime: WorkerRuntime) -> faust.App:
         # Faust instantiates services itself (with loop and beacon); bind ours to runtime.
         def __init__(self, **kwargs: Any) -> None:
             super().__init__(runtime, store, **kwargs)
-
-        def labels_partitions(self) -> set[Any]:
-            # Faust's consumer exists once the app runs; its lag is reported by the scoring
-            # loop's lag task, from the labels group's commits (a stuck agent keeps none).
-            try:
-                return set(app.consumer.assignment())
-            except Exception:  # not started yet, or stopping
-                return set()
+            services.append(self)
 
     app.service(_Scoring)
     return app

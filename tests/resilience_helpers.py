@@ -22,6 +22,7 @@ import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -177,6 +178,20 @@ def transaction_messages(
             limit=limit,
         )
     ]
+
+
+def label_messages(frame: pd.DataFrame, settings: Settings, transactions: int) -> list[Message]:
+    """Every verdict (fraud and genuine) on the first ``transactions`` of the table in
+    replay order, keyed by customer id, as ``fraudstream replay --all-labels`` sends them."""
+    messages = replay_messages(
+        frame,
+        transactions_topic=settings.topic_transactions,
+        labels_topic=settings.topic_labels,
+        labels_delay=timedelta(seconds=1),
+        all_labels=True,
+        limit=transactions,
+    )
+    return [Message(m.topic, m.key, m.value) for m in messages if m.topic == settings.topic_labels]
 
 
 class BackgroundPublisher:

@@ -308,7 +308,7 @@ def no_secret_in(text: str) -> None:
 
 
 def wait_for_labels(worker: WorkerProcess, count: int, timeout_s: float) -> None:
-    """Until the worker has handled ``count`` labels (every outcome): its Faust path works."""
+    """Until the worker has handled ``count`` labels (every outcome): its labels path works."""
     deadline = time.monotonic() + timeout_s
     handled = 0.0
     while time.monotonic() < deadline:

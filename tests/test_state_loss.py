@@ -165,7 +165,7 @@ def test_lost_state_is_reported_and_rebuilt(
             )
             publish(settings, first, rate=RATE)
             worker.wait_for(SCORED, len(first_ids), 90)
-            time.sleep(2.0)  # the labels consumer commits every second
+            time.sleep(2.0)  # the last batches settle and commit
             found, scores, decisions = _differing(settings, first_ids, reference)
             assert (found, scores, decisions) == (len(first_ids), 0, 0)  # uninterrupted so far
 
