@@ -100,9 +100,8 @@ def test_an_analyst_marks_a_case_fraud_in_chromium(bundled_broker: Broker, tmp_p
         "FRAUDSTREAM_CONSOLE_PORT": str(port),
         "FRAUDSTREAM_CONSOLE_METRICS_PORT": "0",
         "FRAUDSTREAM_CONSOLE_SECRET_KEY": "b" * 40,
-        # plain HTTP on the loopback: Chromium keeps Secure cookies for https and localhost
-        # names only, and this is 127.0.0.1 by address
-        "FRAUDSTREAM_CONSOLE_COOKIE_SECURE": "false",
+        # the session cookie stays Secure (the default): Chromium keeps Secure cookies over
+        # plain HTTP on the loopback address, which it counts as a trustworthy origin
     }
     log_path = tmp_path / "console.log"
     with log_path.open("w") as log:
