@@ -12,7 +12,7 @@ import pytest
 
 COMMANDS = (
     "worker", "settings", "demo", "replay", "simulate", "train", "evaluate", "export",
-    "score-file", "rebuild-state", "bench",
+    "score-file", "rebuild-state", "bench", "console",
 )  # fmt: skip
 
 
