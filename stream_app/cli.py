@@ -354,10 +354,15 @@ def _register_console_commands() -> None:
         app.add_typer(console_app, name="console")
 
 
-def main() -> None:
-    """Entry point of the ``fraudstream`` console script."""
+def register_commands() -> None:
+    """Every command: the serving ones (defined here), the console's and the offline ones."""
     _register_console_commands()
     _register_training_commands()
+
+
+def main() -> None:
+    """Entry point of the ``fraudstream`` console script."""
+    register_commands()
     app()
 
 

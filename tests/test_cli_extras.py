@@ -18,10 +18,9 @@ import pytest
 
 from stream_app.cli import (
     COMMAND_EXTRAS,
-    _register_console_commands,
-    _register_training_commands,
     app,
     missing_extra,
+    register_commands,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,8 +45,7 @@ def test_each_module_a_command_needs_comes_from_its_extra(command: str) -> None:
 
 
 def test_every_command_is_either_serving_or_names_its_extra() -> None:
-    _register_console_commands()
-    _register_training_commands()
+    register_commands()
     names = {c.name for c in app.registered_commands} | {g.name for g in app.registered_groups}
     assert names == SERVING | set(COMMAND_EXTRAS)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from stream_app.cli import _register_training_commands, app
+from stream_app.cli import app, register_commands
 from stream_app.config import settings_table
 from stream_app.metrics import metrics_table
 
@@ -17,6 +17,14 @@ README = (ROOT / "README.md").read_text()
 
 def test_configuration_table_is_current() -> None:
     assert settings_table() in README, "paste `fraudstream settings` into README.md"
+
+
+def test_console_tables_are_current() -> None:
+    from stream_app.console.metrics import console_metrics_table
+    from stream_app.console.settings import console_settings_table
+
+    assert console_settings_table() in README, "paste console_settings_table() into README"
+    assert console_metrics_table() in README, "paste console_metrics_table() into README"
 
 
 def test_metrics_table_is_current() -> None:
@@ -31,7 +39,7 @@ def test_the_two_setup_commands_are_the_ones_ci_runs() -> None:
 
 
 def test_every_command_in_the_readme_exists_with_help() -> None:
-    _register_training_commands()
+    register_commands()
     runner = CliRunner()
     named = set(re.findall(r"`fraudstream ([a-z-]+)", README))
     assert {
