@@ -16,7 +16,8 @@ from packaging.requirements import Requirement
 ROOT = Path(__file__).resolve().parents[1]
 LOCKS = {
     # image stage -> (extras whose closure it installs, lock file)
-    "worker": ((), ROOT / "stream_app" / "requirements.lock"),
+    # the live service: the worker and the review console (`fraudstream console`) share it
+    "worker": (("console",), ROOT / "stream_app" / "requirements.lock"),
     "tools": (("tools",), ROOT / "stream_app" / "requirements-tools.lock"),
 }
 

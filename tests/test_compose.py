@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -13,6 +14,7 @@ import yaml
 from packaging.requirements import Requirement
 
 from stream_app import config
+from stream_app.console.settings import ConsoleSettings, console_env_name
 from tests.lockfile import LOCKS, closure
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,28 +22,60 @@ COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 DOCKERFILE = ROOT / "stream_app" / "Dockerfile"
 SERVICES: dict[str, Any] = COMPOSE["services"]
 KNOWN_ENV = {config.env_name(name) for name in config.Settings.model_fields}
+CONSOLE_ENV = {console_env_name(name) for name in ConsoleSettings.model_fields}
+# The secrets compose reads from the environment (it refuses to start without them).
+SECRETS = {
+    "FRAUDSTREAM_CONSOLE_SECRET_KEY": "k" * 48,
+    "FRAUDSTREAM_POSTGRES_PASSWORD": "test-password",
+}
+_INTERPOLATION = re.compile(r"\$\{([A-Z_]+):\?[^}]*\}")
 
 
 def _environment(service: dict[str, Any]) -> dict[str, str]:
+    """The service's environment as compose passes it, the secrets set to test values."""
     env = service.get("environment", {})
-    return {str(k): str(v) for k, v in env.items()}
+    return {
+        str(k): _INTERPOLATION.sub(lambda m: SECRETS[m.group(1)], str(v)) for k, v in env.items()
+    }
 
 
-def test_docker_compose_validates_the_file() -> None:
+def _compose_config(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     tool = shutil.which("docker-compose")
     if tool is None:
         pytest.fail("docker-compose is missing: run `bash tests/setup.sh`")
-    result = subprocess.run(
+    return subprocess.run(
         [tool, "-f", str(ROOT / "docker-compose.yml"), "config", "-q"],
         capture_output=True,
         text=True,
         timeout=60,
+        env=env,
     )
+
+
+def test_docker_compose_validates_the_file() -> None:
+    clean = {k: v for k, v in os.environ.items() if k not in SECRETS}
+    result = _compose_config({**clean, **SECRETS})
     assert result.returncode == 0, result.stderr
 
 
+@pytest.mark.parametrize("missing", sorted(SECRETS))
+def test_compose_commits_no_secret_and_refuses_to_start_without_it(missing: str) -> None:
+    clean = {k: v for k, v in os.environ.items() if k not in SECRETS}
+    result = _compose_config({**clean, **{k: v for k, v in SECRETS.items() if k != missing}})
+    assert result.returncode != 0 and f"set {missing}" in result.stderr, result.stderr
+
+
 def test_the_stack_has_every_service() -> None:
-    assert set(SERVICES) >= {"kafka", "redis", "worker", "replayer", "prometheus", "grafana"}
+    assert set(SERVICES) >= {
+        "kafka",
+        "redis",
+        "worker",
+        "replayer",
+        "console",
+        "postgres",
+        "prometheus",
+        "grafana",
+    }
     assert SERVICES["kafka"]["image"].startswith("apache/kafka:")
     assert "controller" in SERVICES["kafka"]["environment"]["KAFKA_PROCESS_ROLES"]
 
@@ -72,6 +106,8 @@ def test_every_environment_variable_is_a_setting_and_valid() -> None:
     seen: dict[str, str] = {}
     for name, service in SERVICES.items():
         for key, value in _environment(service).items():
+            if key in CONSOLE_ENV:
+                continue  # the console's own settings: checked by the console test below
             if key.startswith("FRAUDSTREAM_"):
                 assert key in KNOWN_ENV, f"{name}: {key} is not a setting"
                 seen[key] = value
@@ -164,3 +200,61 @@ def _single_node(broker: Any) -> Any:
     node = _Node(1, Path("/nonexistent"), {"PLAINTEXT": 9092, "CONTROLLER": 9093})
     broker._nodes.append(node)
     return node
+
+
+def test_the_console_runs_the_workers_image_with_its_kafka_settings() -> None:
+    console, worker = SERVICES["console"], SERVICES["worker"]
+    assert console["image"] == worker["image"] and "build" not in console
+    assert console["command"] == ["fraudstream", "console"]
+    # The image installs the console's dependencies (the worker stage's lock has them).
+    assert "console" in LOCKS[worker["build"]["target"]][0]
+    console_env, worker_env = _environment(console), _environment(worker)
+    for key in ("FRAUDSTREAM_KAFKA_BOOTSTRAP_SERVERS", "FRAUDSTREAM_TOPIC_PARTITIONS"):
+        assert console_env[key] == worker_env[key], key
+    for key in console_env:
+        assert key in KNOWN_ENV or key in CONSOLE_ENV, f"console: {key} is not a setting"
+    overrides = {
+        key.removeprefix("FRAUDSTREAM_CONSOLE_").lower(): value
+        for key, value in console_env.items()
+        if key in CONSOLE_ENV
+    }
+    settings = ConsoleSettings.model_validate(overrides)
+    assert settings.secret_key is not None  # one key for every replica and restart
+    assert f"{settings.port}:{settings.port}" in console["ports"]
+    assert str(settings.metrics_port) in console["expose"]
+    assert f":{settings.port}/healthz" in " ".join(console["healthcheck"]["test"])
+    assert {"kafka", "postgres"} <= set(console["depends_on"])
+    for service in ("kafka", "postgres"):
+        assert console["depends_on"][service]["condition"] == "service_healthy", service
+
+
+def test_the_consoles_database_is_the_postgres_service() -> None:
+    from urllib.parse import urlsplit
+
+    from training.services.postgres import postgres_bin
+
+    console_env = _environment(SERVICES["console"])
+    url = urlsplit(console_env["FRAUDSTREAM_CONSOLE_DATABASE_URL"])
+    postgres = SERVICES["postgres"]
+    pg_env = _environment(postgres)
+    assert url.scheme == "postgresql" and url.hostname == "postgres" and url.port == 5432
+    assert url.username == pg_env["POSTGRES_USER"]
+    assert url.password == pg_env["POSTGRES_PASSWORD"] == SECRETS["FRAUDSTREAM_POSTGRES_PASSWORD"]
+    assert url.path == "/" + pg_env["POSTGRES_DB"]
+    image, tag = postgres["image"].split(":")
+    assert image == "postgres"
+    # The major version the console's PostgreSQL tests run (training/services/postgres.py).
+    assert tag.split("-")[0].split(".")[0] == postgres_bin().parent.name
+    assert "pg_isready" in postgres["healthcheck"]["test"]
+    volume = postgres["volumes"][0].split(":")
+    assert volume[0] in COMPOSE["volumes"] and volume[1] == "/var/lib/postgresql/data"
+    assert "ports" not in postgres, "the database is for the console only"
+
+
+def test_prometheus_scrapes_the_console() -> None:
+    scrape = yaml.safe_load((ROOT / "monitoring" / "prometheus.yml").read_text())
+    jobs = {job["job_name"]: job for job in scrape["scrape_configs"]}
+    sd = jobs["fraudstream-console"]["dns_sd_configs"][0]
+    assert sd["names"] == ["console"]
+    assert str(sd["port"]) == _environment(SERVICES["console"])["FRAUDSTREAM_CONSOLE_METRICS_PORT"]
+    assert "console" in SERVICES["prometheus"]["depends_on"]

@@ -45,6 +45,13 @@ class ConsoleMetrics:
             "Age of the oldest case waiting for a verdict (0 when none waits).",
             registry=registry,
         )
+        # Exported so that the dashboard and the FraudstreamConsoleCasesPastSla rule compare
+        # the oldest case with the SLA the console was given, not with a copy of it.
+        self.sla = Gauge(
+            "fraudstream_console_sla_seconds",
+            "Time a case may wait for a verdict (FRAUDSTREAM_CONSOLE_SLA_S).",
+            registry=registry,
+        )
         self.alerts = Counter(
             "fraudstream_console_alerts_total",
             "Alerts read from the alerts topic, by outcome (opened, duplicate, invalid).",

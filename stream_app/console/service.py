@@ -56,6 +56,7 @@ def build(
     store = CaseStore(console.database_url.get_secret_value())
     store.create_schema()
     metrics = ConsoleMetrics(registry if registry is not None else CollectorRegistry())
+    metrics.sla.set(console.sla_s)
     ingest = AlertIngest(settings, store, metrics)
     history = HistoryIngest(settings, store, metrics) if console.history_days else None
     publisher = LabelPublisher(settings, store, metrics)
