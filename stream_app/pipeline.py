@@ -38,7 +38,7 @@ from stream_app.decisions import decide
 from stream_app.errors import RejectedEvent, RejectReason
 from stream_app.metrics import ScoreDrift, WorkerMetrics, observe_many
 from stream_app.model_registry import ModelRegistry, ServingModel
-from stream_app.reasons import STATE_RESET_REASON, AlertContext, explain
+from stream_app.reasons import STATE_RESET_REASON, AlertContext, explain_alerts
 from stream_app.records import (
     MAX_REASONS,
     Decision,
@@ -213,6 +213,7 @@ def _payloads(
     scores: npt.NDArray[np.float64],
     decisions: Sequence[Decision],
     reasons: dict[int, tuple[str, ...]],
+    attributions: dict[int, list[dict[str, object]]],
     version: str,
     scored_at: str,
 ) -> list[bytes]:
@@ -231,6 +232,7 @@ def _payloads(
                 "score": score,
                 "decision": decisions[i].value,
                 "reasons": reasons.get(i, ()),
+                "attributions": attributions.get(i, ()),
                 "model_version": version,
                 "scored_at": scored_at,
             }
@@ -318,9 +320,11 @@ class ScoringPipeline:
         conflicting = np.flatnonzero(conflict).tolist()
         duplicate = state.duplicate
         reset = state.resets
+        origin = np.arange(len(events))  # each kept event's position in state.history
         if unscorable or conflicting:
             ok &= ~conflict
             keep = np.flatnonzero(ok)
+            origin = keep
             events = [events[i] for i in keep.tolist()]
             batch, scores, duplicate = batch[keep], scores[keep], duplicate[keep]
             current, reset = current[keep], reset[keep]
@@ -334,12 +338,27 @@ class ScoringPipeline:
         decisions = decide(scores, champion.thresholds)
         alerts = [i for i, d in enumerate(decisions) if d is not Decision.APPROVE]
         reasons: dict[int, tuple[str, ...]] = {}
+        attributions: dict[int, list[dict[str, object]]] = {}
         if alerts:
+            history = state.history
+            rows = features.sequence_index(
+                history.group, champion.sequence_length, history.last_rows
+            )[origin[alerts]]
             contexts = [
-                AlertContext(float(scores[i]), events[i].amount, event_ms[i], current[i])
-                for i in alerts
+                AlertContext(
+                    float(scores[i]),
+                    events[i].amount,
+                    event_ms[i],
+                    current[i],
+                    tuple(
+                        (int(history.times_ms[r]), float(history.amounts[r]))
+                        for r in row[:-1].tolist()
+                        if r >= 0
+                    ),
+                )
+                for i, row in zip(alerts, rows, strict=True)
             ]
-            explained = explain(
+            explained = explain_alerts(
                 batch[alerts],
                 scores[alerts],
                 contexts,
@@ -347,7 +366,9 @@ class ScoringPipeline:
                 _probabilities(champion.scorer.raw_scores),
                 self.max_reasons,
             )
-            reasons = dict(zip(alerts, explained, strict=True))
+            for i, explanation in zip(alerts, explained, strict=True):
+                reasons[i] = explanation.reasons
+                attributions[i] = [a.as_dict() for a in explanation.attributions]
         for i in np.flatnonzero(reset).tolist():
             reasons[i] = (STATE_RESET_REASON, *reasons.get(i, ()))[:MAX_REASONS]
         shadow_scores = None
@@ -366,7 +387,9 @@ class ScoringPipeline:
 
         scored_at = iso_utc_millis(time.time())
         times = utc_millis(event_ms)
-        payloads = _payloads(events, times, scores, decisions, reasons, champion.version, scored_at)
+        payloads = _payloads(
+            events, times, scores, decisions, reasons, attributions, champion.version, scored_at
+        )
         keys = [e.customer_id.encode() for e in events]
         shadow: list[bytes] = []
         shadow_keys: list[bytes] = []
@@ -379,6 +402,7 @@ class ScoringPipeline:
                 [times[i] for i in taken],
                 shadow_scores[rows],
                 decide(shadow_scores[rows], challenger.thresholds),
+                {},
                 {},
                 challenger.version,
                 scored_at,

@@ -15,6 +15,15 @@ Occlusion is model-agnostic and cheap (alerts are rare, one call per batch), and
 answer is exactly the question an analyst asks: what would the score be had this looked
 normal? Groups, not single features, are occluded because features within a group move
 together (an amount and its log); occluding one would leave its twin to carry the signal.
+
+The same call also removes, one at a time, each earlier transaction of the customer from
+the sequence (the older ones move up a step, a padding row fills the front, as for a
+customer with a shorter history; TimeSHAP's event-level perturbation). The drop in
+log-odds says how much that transaction drove a sequence model's score; the strongest one
+competes with the feature groups for a reason ("the transaction 2 before, 250.00, 3 min
+earlier, raised the score"), and every contribution goes into the alert's
+``attributions`` for downstream tools. The customer's history keeps each transaction's
+time and amount, not its terminal, so the terminal is not named.
 """
 
 from __future__ import annotations
@@ -29,7 +38,7 @@ import numpy as np
 import numpy.typing as npt
 
 from stream_app import features as F
-from stream_app.records import MAX_REASON_LENGTH
+from stream_app.records import MAX_ATTRIBUTIONS, MAX_REASON_LENGTH, Attribution
 
 ScoreFunction = Callable[[npt.NDArray[np.float32]], npt.NDArray[np.float64]]
 
@@ -39,6 +48,8 @@ MIN_CONTRIBUTION: Final = 0.05
 # Probabilities are clipped this far from 0 and 1 before their log-odds are taken.
 _EPS: Final = 1e-7
 _SHORT_GAP_S: Final = 600.0  # a previous transaction closer than this is worth saying
+# A real row counts at least itself in its customer's 1-day window; padding rows are zero.
+_PRESENCE: Final = F.FEATURE_INDEX["CUSTOMER_ID_NB_TX_1DAY_WINDOW"]
 
 
 @dataclass(frozen=True)
@@ -93,6 +104,17 @@ class AlertContext:
     amount: float
     time_ms: int
     features: npt.NDArray[np.float64]  # the current step's raw feature vector
+    # (time in ms, amount) of the sequence's earlier transactions, oldest first: the real
+    # rows before the last one (a short history has fewer than T - 1).
+    earlier: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """An alert's reasons (plain words) and attributions (structured, every contribution)."""
+
+    reasons: tuple[str, ...]
+    attributions: tuple[Attribution, ...]
 
 
 def _f(context: AlertContext, name: str) -> float:
@@ -128,10 +150,18 @@ def times(ratio: float) -> str:
 
 
 def _duration(seconds: float) -> str:
-    """ "45 s", "3 min" (whole minutes from one minute up)."""
+    """ "45 s", "3 min", "5 h", "3 days": whole units, the largest that reads well.
+
+    >>> _duration(45), _duration(180), _duration(10_140), _duration(300_000)
+    ('45 s', '3 min', '3 h', '3 days')
+    """
     if seconds < 60:
         return f"{max(seconds, 0):.0f} s"
-    return f"{seconds / 60:.0f} min"
+    if seconds < 2 * 3600:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 2 * 86_400:
+        return f"{seconds / 3600:.0f} h"
+    return f"{seconds / 86_400:.0f} days"
 
 
 # A fact is worth saying only when it points towards fraud: the amount well above the
@@ -244,28 +274,49 @@ def fallback_reason(score: float) -> str:
     return f"score {score:.2f} comes from the customer's recent sequence as a whole"
 
 
+def occlusion(
+    sequences: npt.NDArray[np.float32],
+    scores: npt.NDArray[np.float64],
+    mean: npt.NDArray[np.float64],
+    score: ScoreFunction,
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    """Each group's and each earlier transaction's contribution to each sequence's score,
+    in log-odds: ``[A, G]`` and ``[A, T - 1]`` (NaN where the row is padding).
+
+    Args:
+        sequences: The alerted sequences ``[A, T, F]`` as the model saw them.
+        scores: Their scores.
+        mean: The card's per-feature normalisation mean.
+        score: The model, called exactly once with all ``A * (G + T - 1)`` variants.
+    """
+    n, length, _ = sequences.shape
+    n_groups = len(FEATURE_GROUPS)
+    grouped = np.repeat(sequences, n_groups, axis=0)
+    for g, group in enumerate(FEATURE_GROUPS):
+        columns = group.index
+        grouped[g::n_groups, -1, columns] = mean[columns].astype(np.float32)
+    # Row j removed: the rows before it move one step later, padding fills the front.
+    removed = np.repeat(sequences[:, None], length - 1, axis=1)
+    for j in range(length - 1):
+        removed[:, j, 1 : j + 1] = sequences[:, :j]
+        removed[:, j, 0] = 0.0
+    flat = removed.reshape(n * (length - 1), *sequences.shape[1:])
+    out = score(np.concatenate([grouped, flat]))
+    base = _log_odds(scores)[:, None]
+    groups: npt.NDArray[np.float64] = base - _log_odds(out[: n * n_groups].reshape(n, n_groups))
+    events: npt.NDArray[np.float64] = base - _log_odds(out[n * n_groups :].reshape(n, length - 1))
+    events[sequences[:, :-1, _PRESENCE] <= 0] = np.nan
+    return groups, events
+
+
 def occlusion_contributions(
     sequences: npt.NDArray[np.float32],
     scores: npt.NDArray[np.float64],
     mean: npt.NDArray[np.float64],
     score: ScoreFunction,
 ) -> npt.NDArray[np.float64]:
-    """Each group's contribution to each sequence's score, in log-odds: ``[A, G]``.
-
-    Args:
-        sequences: The alerted sequences ``[A, T, F]`` as the model saw them.
-        scores: Their scores.
-        mean: The card's per-feature normalisation mean.
-        score: The model, called exactly once with all ``A * G`` variants.
-    """
-    n_groups = len(FEATURE_GROUPS)
-    variants = np.repeat(sequences, n_groups, axis=0)
-    for g, group in enumerate(FEATURE_GROUPS):
-        columns = group.index
-        variants[g::n_groups, -1, columns] = mean[columns].astype(np.float32)
-    occluded = score(variants).reshape(len(sequences), n_groups)
-    contributions: npt.NDArray[np.float64] = _log_odds(scores)[:, None] - _log_odds(occluded)
-    return contributions
+    """Each group's contribution to each sequence's score, in log-odds: ``[A, G]``."""
+    return occlusion(sequences, scores, mean, score)[0]
 
 
 def _log_odds(p: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
@@ -282,30 +333,113 @@ def explain(
     score: ScoreFunction,
     max_reasons: int = 3,
 ) -> list[tuple[str, ...]]:
-    """Reasons for each alerted sequence, the strongest first, at most ``max_reasons``.
+    """Reasons for each alerted sequence, the strongest first, at most ``max_reasons``
+    (:func:`explain_alerts` without the attributions)."""
+    explained = explain_alerts(sequences, scores, contexts, mean, score, max_reasons)
+    return [e.reasons for e in explained]
 
-    Every alert gets at least one reason (:func:`fallback_reason` when no group stands
-    out). Deterministic: the same inputs and model give the same reasons.
+
+def explain_alerts(
+    sequences: npt.NDArray[np.float32],
+    scores: npt.NDArray[np.float64],
+    contexts: Sequence[AlertContext],
+    mean: npt.NDArray[np.float64],
+    score: ScoreFunction,
+    max_reasons: int = 3,
+) -> list[Explanation]:
+    """Reasons and attributions of each alerted sequence, in one model call.
+
+    Every alert gets at least one reason (:func:`fallback_reason` when nothing stands out).
+    Deterministic: the same inputs and model give the same explanations.
     """
     if len(sequences) == 0:
         return []
-    contributions = occlusion_contributions(sequences, scores, mean, score)
-    reasons: list[tuple[str, ...]] = []
+    contributions, events = occlusion(sequences, scores, mean, score)
+    explained: list[Explanation] = []
     for a, context in enumerate(contexts):
+        earlier = _earlier_steps(context, sequences.shape[1])
+        best = _strongest_event(events[a], earlier)
         # Stable sort: ties keep the FEATURE_GROUPS order, so reasons never flicker.
         order = np.argsort(-contributions[a], kind="stable")
-        groups: list[str] = []
-        for g in order:
-            name = FEATURE_GROUPS[g].name
-            if contributions[a, g] < MIN_CONTRIBUTION:
+        candidates = [(float(contributions[a, g]), FEATURE_GROUPS[g].name) for g in order]
+        if best is not None:
+            candidates.append((float(events[a, best]), _EVENT))
+            candidates.sort(key=lambda c: -c[0])  # stable: a tie keeps the group first
+        chosen: list[str] = []  # group names, and _EVENT for the strongest transaction
+        for value, name in candidates:
+            if value < MIN_CONTRIBUTION:
                 break
-            facts = len({"amount" if n in _AMOUNT_GROUPS else n for n in [*groups, name]})
+            facts = len({"amount" if n in _AMOUNT_GROUPS else n for n in [*chosen, name]})
             if facts > max_reasons:
                 break
             # Only facts that point towards fraud: a group whose occlusion lowered the score
             # but whose value looks ordinary (a terminal with no known fraud) is passed over.
-            if _PHRASES[name](context, mean) is not None:
-                groups.append(name)
-        texts = tuple(_clip(text) for text in _phrase_all(context, mean, groups))
-        reasons.append(texts or (fallback_reason(context.score),))
-    return reasons
+            if name == _EVENT or _PHRASES[name](context, mean) is not None:
+                chosen.append(name)
+        texts = _phrase_all(context, mean, [n for n in chosen if n != _EVENT])
+        if best is not None and _EVENT in chosen:
+            # In its rank among the facts (the amount's groups make one phrase).
+            rank = len(
+                {"amount" if n in _AMOUNT_GROUPS else n for n in chosen[: chosen.index(_EVENT)]}
+            )
+            texts.insert(rank, _event_phrase(context, earlier[best]))
+        reasons = tuple(_clip(text) for text in texts) or (fallback_reason(context.score),)
+        explained.append(
+            Explanation(reasons, _attributions(contributions[a], events[a], context, earlier))
+        )
+    return explained
+
+
+_EVENT: Final = "event"
+
+
+def _earlier_steps(context: AlertContext, length: int) -> dict[int, tuple[int, float]]:
+    """Row of the sequence -> (time ms, amount) of each earlier real transaction."""
+    first = length - 1 - len(context.earlier)
+    return {first + k: fact for k, fact in enumerate(context.earlier)}
+
+
+def _strongest_event(
+    events: npt.NDArray[np.float64], earlier: dict[int, tuple[int, float]]
+) -> int | None:
+    """The row whose removal lowers the score most (None without an earlier transaction)."""
+    rows = [j for j in earlier if np.isfinite(events[j])]
+    if not rows:
+        return None
+    return max(rows, key=lambda j: (float(events[j]), j))  # a tie: the most recent
+
+
+def _event_phrase(context: AlertContext, fact: tuple[int, float]) -> str:
+    """The earlier transaction that drove the score, with its own facts."""
+    time_ms, amount = fact
+    steps = len(context.earlier) - context.earlier.index(fact)
+    which = "the previous transaction" if steps == 1 else f"the transaction {steps} before"
+    gap = _duration((context.time_ms - time_ms) / 1000)
+    return f"{which}, {money(amount)}, {gap} earlier, raised the score"
+
+
+def _attributions(
+    groups: npt.NDArray[np.float64],
+    events: npt.NDArray[np.float64],
+    context: AlertContext,
+    earlier: dict[int, tuple[int, float]],
+) -> tuple[Attribution, ...]:
+    """Every contribution, largest first: the earlier transactions and the groups."""
+    last = len(events)  # the current transaction's row
+    found = [
+        Attribution(
+            kind="transaction",
+            log_odds=round(float(events[j]), 4),
+            transactions_before=last - j,
+            amount=fact[1],
+            seconds_before=round((context.time_ms - fact[0]) / 1000, 3),
+        )
+        for j, fact in earlier.items()
+        if np.isfinite(events[j])
+    ]
+    found += [
+        Attribution(kind="features", log_odds=round(float(groups[g]), 4), group=group.name)
+        for g, group in enumerate(FEATURE_GROUPS)
+    ]
+    found.sort(key=lambda x: -x.log_odds)
+    return tuple(found[:MAX_ATTRIBUTIONS])

@@ -44,6 +44,8 @@ from stream_app.features import MAX_AMOUNT
 MAX_IDENTIFIER_LENGTH: Final = 64
 MAX_REASONS: Final = 5
 MAX_REASON_LENGTH: Final = 120
+# Attributions of an alert: its earlier transactions and feature groups, largest first.
+MAX_ATTRIBUTIONS: Final = 16
 JSON_SCHEMA_DIR: Final = Path(__file__).parent / "json_schemas"
 
 # How far past the worker's clock an event time may lie. Card networks and acquirers stamp
@@ -296,6 +298,29 @@ def iso_utc_millis(epoch_s: float) -> str:
     return datetime.fromtimestamp(epoch_s, UTC).isoformat(timespec="milliseconds")[:-6] + "Z"
 
 
+class Attribution(BaseModel):
+    """How much one thing drove an alert's score: the drop in log-odds when it is taken away.
+
+    ``transaction``: an earlier transaction of the customer (``transactions_before`` 1 is
+    the previous one), with its amount and how long before the alerted one it was;
+    ``features``: a group of the alerted transaction's own features (``group``), set to an
+    unremarkable value. See :mod:`stream_app.reasons`.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    kind: Literal["transaction", "features"]
+    log_odds: float = Field(allow_inf_nan=False)
+    group: str | None = None
+    transactions_before: int | None = Field(default=None, ge=1)
+    amount: float | None = Field(default=None, allow_inf_nan=False)
+    seconds_before: float | None = Field(default=None, allow_inf_nan=False)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The fields that apply to its kind (the others are left out of the JSON)."""
+        return {k: v for k, v in self.__dict__.items() if v is not None}
+
+
 class ScoreRecord(BaseModel):
     """The worker's verdict on one transaction, published on the scores topic."""
 
@@ -310,6 +335,8 @@ class ScoreRecord(BaseModel):
     score: float = Field(ge=0, le=1, allow_inf_nan=False)
     decision: Decision
     reasons: tuple[ReasonText, ...] = Field(default=(), max_length=MAX_REASONS)
+    # Alerts only: what drove the score, for downstream tools (empty on approvals).
+    attributions: tuple[Attribution, ...] = Field(default=(), max_length=MAX_ATTRIBUTIONS)
     model_version: str = Field(min_length=1)
     scored_at: UtcMillis
 
@@ -325,6 +352,7 @@ class ScoreRecord(BaseModel):
                 "score": self.score,
                 "decision": self.decision.value,
                 "reasons": self.reasons,
+                "attributions": [a.as_dict() for a in self.attributions],
                 "model_version": self.model_version,
                 "scored_at": self.scored_at,
             }

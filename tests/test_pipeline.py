@@ -51,7 +51,7 @@ from stream_app.records import (
 )
 from stream_app.redis_state import RedisStateStore
 from stream_app.state import TransactionUpdate
-from tests.kafka_fixtures import POISON_AMOUNT, REDIS_URL, Dataset
+from tests.kafka_fixtures import POISON_AMOUNT, REDIS_URL, TEST_SEQUENCE_LENGTH, Dataset
 from training.replay import label_payload
 from training.score_file import score_table
 from training.transactions import event_payload, to_arrays
@@ -240,8 +240,10 @@ async def test_alerts_carry_reasons_from_one_extra_model_call(
         scored = await pipeline.process(events[start : start + 200])
         batch_alerts = [scored.records[i] for i in scored.alerts]
         alerts.extend(batch_alerts)
-        # one call for the batch, one for every alert's variants, none per event
-        expected = [200] + ([len(batch_alerts) * len(FEATURE_GROUPS)] if batch_alerts else [])
+        # one call for the batch, one for every alert's variants (each feature group
+        # occluded, each earlier transaction removed), none per event
+        variants = len(FEATURE_GROUPS) + TEST_SEQUENCE_LENGTH - 1
+        expected = [200] + ([len(batch_alerts) * variants] if batch_alerts else [])
         assert calls == expected
         for i, record in enumerate(scored.records):
             assert (i in scored.alerts) == (record.decision is not Decision.APPROVE)
@@ -249,6 +251,11 @@ async def test_alerts_carry_reasons_from_one_extra_model_call(
     assert alerts, "the test model's thresholds should alert on some events"
     for record in alerts:
         assert 1 <= len(record.reasons) <= 2
+        kinds = {a.kind for a in record.attributions}
+        assert "features" in kinds, record.attributions
+        assert [a.log_odds for a in record.attributions] == sorted(
+            (a.log_odds for a in record.attributions), reverse=True
+        )
     # Large amounts are what this model learnt; their reasons quote the amount.
     big = [r for r in alerts if r.amount > 200]
     assert big and all(any(f"{r.amount:,.2f}" in text for text in r.reasons) for r in big)
