@@ -26,6 +26,7 @@ from training.demo import (
     summarise,
 )
 from training.services.brokers import BROKER_KINDS, BrokerKind, describe
+from training.services.console import ConsoleLogin, console_extra_missing
 from training.simulator import SimulatorConfig, simulate
 
 # The demo command through a fresh Typer app: training.commands wires it into the
@@ -71,6 +72,26 @@ def _table(output: str) -> dict[str, str]:
     """The summary table's rows: name -> value."""
     rows = re.findall(r"│ ([a-z][a-z ()+]+?)\s+│\s+([^│]+?)\s+│", output)
     return dict(rows)
+
+
+CONSOLE_LINES = re.compile(
+    r"review console on (http://127\.0\.0\.1:\d+)\n\s+log in as (\w+), password (\S+) "
+)
+
+
+def _console_queue(url: str, username: str, password: str) -> str:
+    """The queue page, after logging in over plain HTTP as a browser would."""
+    import httpx
+
+    with httpx.Client(base_url=url, timeout=10, follow_redirects=True) as client:
+        form = client.get("/login")
+        token = re.search(r'name="csrf" value="([^"]+)"', form.text)
+        assert token, form.text
+        page = client.post(
+            "/login", data={"username": username, "password": password, "csrf": token.group(1)}
+        )
+        assert page.status_code == 200 and str(page.url).endswith("/queue"), page.text
+        return page.text
 
 
 def _folders(directory: Path) -> list[str]:
@@ -119,6 +140,9 @@ def test_the_demo_runs_end_to_end_and_explains_its_summary(
     assert "Recall" in output and "of these 800 transactions" in output
     assert "Same seed, same figures" in output
     assert "Next steps:" in output and "fraudstream worker" in output
+    # The review console ran beside the worker (the console extra is installed here).
+    assert CONSOLE_LINES.search(output), output
+    assert "the review console up until Ctrl-C" in output
     assert "Traceback" not in output
     assert _folders(tmpdir) == [], "the demo left folders behind"
     if broker == "kafka":  # the worker ran what docker-compose.yml deploys
@@ -158,8 +182,8 @@ def test_keep_running_stops_everything_on_ctrl_c_within_two_seconds(
     tmpdir = tmp_path / "tmp"
     tmpdir.mkdir()
     # --customers/--days: the old names still work (hidden aliases of --n-customers/--n-days).
-    command = [sys.executable, "-c", RUN_DEMO, "demo", "--keep-running", "--events", "300"]
-    command += ["--customers", "60", "--days", "15", "--model-dir", str(served_model)]
+    command = [sys.executable, "-c", RUN_DEMO, "demo", "--keep-running", "--events", "800"]
+    command += ["--customers", "100", "--days", "20", "--model-dir", str(served_model)]
     process = subprocess.Popen(
         command,
         env=_fresh_environment(tmpdir),
@@ -180,6 +204,24 @@ def test_keep_running_stops_everything_on_ctrl_c_within_two_seconds(
         assert metrics, "".join(seen)
         with urllib.request.urlopen(metrics.group(1), timeout=5) as response:
             assert b"fraudstream_ready 1.0" in response.read()  # still up after the summary
+        # The review console: the printed login works over plain HTTP, and the queue holds
+        # a case for each of the demo's alerts (the console reads them as the worker writes).
+        console = CONSOLE_LINES.search("".join(seen))
+        assert console, "".join(seen)
+        url, username, password = console.groups()
+        assert f"the review console: log in as {username}, password {password}" in "".join(seen)
+        alerts = int(_table("".join(seen))["alerts (review + decline)"])
+        assert alerts > 0, "".join(seen)
+        deadline = time.monotonic() + 15
+        while True:
+            queue = _console_queue(url, username, password)
+            shown = re.search(r"<h1>Cases <small>\((\d+)\)</small>", queue)
+            assert shown, queue
+            if int(shown.group(1)) == alerts or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert int(shown.group(1)) == alerts, queue
+        assert len(re.findall(r'<tr class="case">', queue)) == min(alerts, 50)
         started = time.monotonic()
         os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C on a terminal sends
         rest = process.stdout.read()
@@ -195,6 +237,8 @@ def test_keep_running_stops_everything_on_ctrl_c_within_two_seconds(
     assert "Traceback" not in output, output
     with pytest.raises(OSError):
         urllib.request.urlopen(metrics.group(1), timeout=2)
+    with pytest.raises(OSError):
+        urllib.request.urlopen(url + "/healthz", timeout=2)
     assert _folders(tmpdir) == [], "the demo left folders behind"
 
 
@@ -235,6 +279,13 @@ def test_the_summary_explains_precision_and_recall_against_the_alert_budget() ->
     assert "Precision 50.0%: 30 of 60 alerts" in text and "Recall 37.5%: 30 of 80" in text
     assert "--rate 0" in rate_note(0) and "labels" in rate_note(0)
     assert all(len(line) < 80 for line in next_steps("http://127.0.0.1:1/metrics"))
+    login = ConsoleLogin("http://127.0.0.1:65535", "demo", "x" * 16)
+    steps = "\n".join(next_steps(None, login))
+    assert login.url in steps and f"log in as demo, password {'x' * 16}" in steps
+    assert all(len(line) < 80 for line in next_steps("http://127.0.0.1:1/metrics", login))
+    # Without the console extra the demo says how to get it.
+    without = "\n".join(next_steps(None, None, console_installed=False))
+    assert "pip install 'fraudstream[console]'" in without and "review console up" not in without
 
 
 def test_the_demo_without_a_model_says_to_train_one(tmp_path: Path) -> None:
@@ -301,3 +352,8 @@ def test_latency_quantiles_interpolate_like_prometheus() -> None:
     buckets = {0.005: 10.0, 0.01: 60.0, 0.02: 100.0, float("inf"): 100.0}
     assert histogram_quantile(0.5, buckets) == pytest.approx(0.005 + 0.005 * 40 / 50)
     assert histogram_quantile(0.99, buckets) == pytest.approx(0.01 + 0.01 * 39 / 40)
+
+
+def test_the_console_extra_is_read_from_the_packages_metadata() -> None:
+    # Installed here (dev setup): nothing missing, so the demo starts the console.
+    assert console_extra_missing() == []

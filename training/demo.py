@@ -18,7 +18,10 @@ On a machine with no Kafka and no configuration it:
    (p50, p99, from the worker's own histogram on its metrics endpoint) and the latest
    alerts with their reasons (on a terminal; otherwise a plain progress line every few
    seconds);
-5. ends with the alerts' precision and recall against the simulator's labels, what they
+5. runs the analyst review console (``fraudstream console``, when the ``console`` extra is
+   installed) on a free port with a SQLite case store in its work folder and a demo user
+   with a random password, and prints its address and login: the alerts become cases there;
+6. ends with the alerts' precision and recall against the simulator's labels, what they
    mean against the model card's alert budget, and what to try next.
 
 Everything it starts it stops (Ctrl-C too: within 2 s, exit code 130), the Redis keys it
@@ -66,6 +69,12 @@ from stream_app.records import Decision, ScoreRecord
 from stream_app.scoring import OnnxScorer
 from training.replay import ReplayStats, replay, replay_messages
 from training.services.brokers import BrokerKind, deployed_settings, describe, local_broker
+from training.services.console import (
+    CONSOLE_EXTRA,
+    ConsoleLogin,
+    LocalConsole,
+    console_extra_missing,
+)
 from training.services.net import LOOPBACK, free_port, wait_for_port
 from training.simulator import SimulatorConfig, customers_in_region, simulate
 
@@ -78,6 +87,7 @@ _PLAIN_PROGRESS_S: Final = 5.0  # without a terminal, one progress line this oft
 # After Ctrl-C the worker gets this long to stop on SIGTERM before it is killed, so that
 # the whole demo is down within 2 s (its state is throw-away; nothing is lost).
 _INTERRUPT_GRACE_S: Final = 1.0
+_CONSOLE_READY_TIMEOUT_S: Final = 60.0
 _HANDBOOK: Final = SimulatorConfig()
 
 
@@ -401,25 +411,64 @@ def rate_note(rate: float) -> str:
     )
 
 
-def next_steps(metrics_url: str | None) -> list[str]:
-    """What to try after the demo (lines under 80 columns)."""
+def next_steps(
+    metrics_url: str | None, console: ConsoleLogin | None = None, console_installed: bool = True
+) -> list[str]:
+    """What to try after the demo (lines under 80 columns).
+
+    Args:
+        metrics_url: The worker's metrics while it still runs (``--keep-running``).
+        console: The review console while it still runs, and its demo login.
+        console_installed: Whether the ``console`` extra is installed (if not, say how).
+    """
     steps = [
         "Next steps:",
         "  fraudstream demo --keep-running",
-        "      keeps the worker and its metrics up until Ctrl-C",
+        "      keeps the worker, its metrics and the review console up until Ctrl-C"
+        if console_installed
+        else "      keeps the worker and its metrics up until Ctrl-C",
         "  fraudstream settings",
         "      every setting, its value, and whether it came from the environment",
         "  FRAUDSTREAM_KAFKA_BOOTSTRAP_SERVERS=host:9092 \\",
         "  FRAUDSTREAM_REDIS_URL=redis://host:6379/0 fraudstream worker",
         "      the worker on your own Kafka and Redis",
         "  docker compose up -d --build",
-        "      Kafka, Redis, the worker and Prometheus (docker-compose.yml)",
+        "      Kafka, Redis, the worker, the review console, Prometheus, Grafana",
         "  fraudstream simulate, train, evaluate",
         "      your own data and model (README)",
     ]
+    if not console_installed:
+        steps += [
+            f"  pip install 'fraudstream[{CONSOLE_EXTRA}]'",
+            "      the analyst review console: the demo then starts it too",
+        ]
+    if console is not None:
+        steps[1:1] = [
+            f"  {console.url}",
+            f"      the review console: log in as {console.username}, password {console.password}",
+        ]
     if metrics_url:
         steps[1:1] = [f"  {metrics_url}", "      the worker's metrics, while it runs"]
     return steps
+
+
+async def _start_console(review: LocalConsole, console: Console) -> None:
+    """Wait for the review console started beside the worker; print where it is."""
+    deadline = time.monotonic() + _CONSOLE_READY_TIMEOUT_S
+    while not await asyncio.to_thread(review.answering):
+        review.check_alive()
+        if time.monotonic() > deadline:
+            raise ConfigError(
+                f"the review console did not answer within {_CONSOLE_READY_TIMEOUT_S:.0f} s: "
+                f"see {review.log_path}"
+            )
+    login = review.login
+    console.print(f"review console on {login.url}", markup=False, highlight=False)
+    console.print(
+        f"  log in as {login.username}, password {login.password} (a demo user)",
+        markup=False,
+        highlight=False,
+    )
 
 
 def summary_table(summary: DemoSummary, version: str) -> Table:
@@ -519,13 +568,25 @@ async def _run(
     observed = Observed()
     metrics_url = f"http://{settings.metrics_host}:{settings.metrics_port}/metrics"
     log_path = work / "worker.log"
-    console.print("starting the worker ...")
+    console_installed = not console_extra_missing()
+    review = LocalConsole(settings, work) if console_installed else None
+    console.print(
+        "starting the worker ..."
+        if review is None
+        else "starting the worker and the review console ..."
+    )
     process = _start_worker(settings, log_path)
     stop_watching = asyncio.Event()
     interrupted = True  # until the run ends normally: a Ctrl-C stops the worker at once
     try:
+        if review is not None:
+            # Beside the worker's start-up: the console creates the topics it reads if the
+            # worker has not yet, and reads the alerts from the beginning.
+            review.start(wait=False)
         await _wait_ready(process, metrics_url, log_path)
         console.print(f"worker ready: metrics on {escape(metrics_url)} while the demo runs")
+        if review is not None:
+            await _start_console(review, console)
         console.print(
             f"replaying {total:,} transactions at "
             f"{'full speed' if not options.rate else f'{options.rate:,.0f}/s'}"
@@ -600,28 +661,42 @@ async def _run(
                 f"{'unlimited' if not options.rate else f'{options.rate:,.0f}/s'})"
             )
         if options.keep_running:
-            for line in next_steps(metrics_url):
+            login = review.login if review is not None else None
+            for line in next_steps(metrics_url, login, console_installed):
                 console.print(line, markup=False, highlight=False)
+            running = "the worker and the review console keep" if review else "the worker keeps"
             console.print(
-                f"the worker keeps running (metrics on {escape(metrics_url)}, log "
+                f"{running} running (metrics on {escape(metrics_url)}, log "
                 f"{escape(str(log_path))}); press Ctrl-C to stop everything"
             )
             while process.poll() is None:
+                if review is not None:
+                    review.check_alive()
                 await asyncio.sleep(0.2)
             console.print(f"[yellow]the worker exited with code {process.returncode}[/]")
         else:
-            for line in next_steps(None):
+            for line in next_steps(None, None, console_installed):
                 console.print(line, markup=False, highlight=False)
         interrupted = False
         return summary
     finally:
         stop_watching.set()
-        _stop(process, _INTERRUPT_GRACE_S if interrupted else 30.0)
-        # The log goes with the work folder: an error in it is shown before it does.
-        log = log_path.read_text(errors="replace") if log_path.exists() else ""
-        if "Traceback" in log:
-            console.print("[red]the worker logged an error; the end of its log:[/]")
-            console.print(log[-3000:], markup=False, highlight=False)
+        grace_s = _INTERRUPT_GRACE_S if interrupted else 30.0
+        started_stopping = time.monotonic()
+        if review is not None:
+            review.signal_stop()  # both stop at once: a Ctrl-C ends the demo within 2 s
+        _stop(process, grace_s)
+        if review is not None:
+            review.stop(max(0.2, grace_s - (time.monotonic() - started_stopping)))
+        # The logs go with the work folder: an error in one is shown before it does.
+        logs = [("worker", log_path)]
+        if review is not None:
+            logs.append(("review console", review.log_path))
+        for name, path in logs:
+            log = path.read_text(errors="replace") if path.exists() else ""
+            if "Traceback" in log:
+                console.print(f"[red]the {name} logged an error; the end of its log:[/]")
+                console.print(log[-3000:], markup=False, highlight=False)
 
 
 def run_demo(options: DemoOptions, console: Console | None = None) -> DemoSummary:

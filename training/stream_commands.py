@@ -163,7 +163,11 @@ def demo_command(
     customers: Annotated[int | None, typer.Option(hidden=True, min=10)] = None,
     days: Annotated[int | None, typer.Option(hidden=True, min=10)] = None,
     keep_running: Annotated[
-        bool, typer.Option(help="Keep the worker (and its metrics) up after the summary.")
+        bool,
+        typer.Option(
+            help="Keep the worker, its metrics and the review console up after the summary "
+            "(until Ctrl-C)."
+        ),
     ] = False,
     broker: Annotated[
         BrokerChoice,
@@ -175,8 +179,10 @@ def demo_command(
 ) -> None:
     """Run broker, Redis, worker and a replay locally; show live scores and a summary.
 
-    With no configuration everything is local and throw-away. Set KAFKA_BOOTSTRAP_SERVERS
-    and/or REDIS_URL (or their FRAUDSTREAM_ names) to use existing services instead.
+    With the console extra installed it also runs the analyst review console and prints its
+    address and a demo login. With no configuration everything is local and throw-away.
+    Set KAFKA_BOOTSTRAP_SERVERS and/or REDIS_URL (or their FRAUDSTREAM_ names) to use
+    existing services instead.
     """
     from stream_app.errors import FraudStreamError
     from training.demo import DemoOptions, run_demo
