@@ -85,3 +85,9 @@ def test_evaluate_compares_families_on_the_protocol(data: Path, tmp_path: Path) 
     markdown = (out / "benchmark.md").read_text()
     assert "Feed-forward network (ours)" in markdown
     assert "Transformer encoder (ours)" in markdown
+    # Each family's serving cost, measured on its ONNX graph, and the plot against AP.
+    for family in ("ffnn", "transformer"):
+        cost = payload["prequential"]["folds"][0]["details"][family]["onnx_us_per_event"]
+        assert 0 < cost["batch_1000"] < cost["batch_1"], cost
+    assert "| Transformer encoder (ours) |" in markdown.split("## What each costs")[1]
+    assert (out / "ap_against_cost.png").read_bytes()[:4] == b"\x89PNG"

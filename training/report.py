@@ -37,6 +37,7 @@ AUGMENT_JSON: Final = "augment_study.json"
 AUGMENT_MD: Final = "augment_study.md"
 PR_PLOT: Final = "precision_recall.png"
 HISTOGRAM_PLOT: Final = "score_histograms.png"
+COST_PLOT: Final = "ap_against_cost.png"
 
 DISPLAY_NAMES: Final = {
     Family.FFNN: "Feed-forward network (ours)",
@@ -372,6 +373,13 @@ def benchmark_markdown(payload: Mapping[str, Any]) -> str:
         "",
         *cost_table(pre["folds"]),
         "",
+        *(
+            [f"![Average precision against serving cost]({COST_PLOT})", ""]
+            if family_costs(payload)
+            else []
+        ),
+    ]
+    lines += [
         "## Against the default model's targets",
         "",
         *targets_table(pre["summary"]),
@@ -446,6 +454,57 @@ def plot_precision_recall(folds: Sequence[FoldResult], titles: Sequence[str], pa
     plt.close(fig)
 
 
+def family_costs(payload: Mapping[str, Any]) -> dict[str, tuple[float, float]]:
+    """Each family run's prequential mean AP and ONNX µs/event at batch 1,000."""
+    folds = payload["prequential"]["folds"]
+    summary = payload["prequential"]["summary"]
+    out: dict[str, tuple[float, float]] = {}
+    for name in summary:
+        costs = [f["details"].get(name, {}).get("onnx_us_per_event") for f in folds]
+        if parse_model_name(name)[0] in FAMILIES and all(costs):
+            us = float(np.mean([c["batch_1000"] for c in costs]))
+            out[name] = (summary[name]["average_precision"]["mean"], us)
+    return out
+
+
+def plot_ap_against_cost(payload: Mapping[str, Any], path: Path) -> bool:
+    """Average precision against serving cost, one point per family run; False if none."""
+    points = family_costs(payload)
+    if not points:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    for name, (ap, us) in points.items():
+        ax.scatter(us, ap)
+        label = _name(name).replace(" (ours)", "")
+        ax.annotate(label, (us, ap), fontsize=7, xytext=(4, 4), textcoords="offset points")
+    for label, (_, published_ap, _) in PUBLISHED["prequential"].items():
+        ax.axhline(published_ap, color="grey", lw=0.6, ls=":")
+        ax.annotate(
+            f"published {label}",
+            (0, published_ap),
+            xycoords=("axes fraction", "data"),
+            fontsize=6,
+            color="grey",
+            xytext=(2, 2),
+            textcoords="offset points",
+        )
+    ax.set(
+        xscale="log",
+        xlabel="ONNX Runtime µs per event (batch 1,000, one thread)",
+        ylabel="Average precision (prequential mean)",
+        title="What each family buys for its serving cost",
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return True
+
+
 def plot_score_histograms(fold: FoldResult, path: Path) -> None:
     """Per model, the distribution of test scores of genuine and fraudulent transactions."""
     import matplotlib
@@ -497,6 +556,8 @@ def write_benchmark(
     if _scored_models(list(single.runs)):  # nothing to draw for the oracle bounds alone
         paths.append(directory / HISTOGRAM_PLOT)
         plot_score_histograms(single, paths[-1])
+    if plot_ap_against_cost(payload, directory / COST_PLOT):
+        paths.append(directory / COST_PLOT)
     return paths
 
 
