@@ -51,7 +51,7 @@ from training.dataset import (
 )
 from training.families import FAMILIES, Family
 from training.sequence_model import predict
-from training.serving_cost import BATCHES, onnx_us_per_event
+from training.serving_cost import onnx_us_per_event
 from training.train import AugmentConfig, EpochLog, FitResult, TrainConfig, fit_sequence_model
 
 FloatArray = npt.NDArray[np.float64]
@@ -460,7 +460,7 @@ def run_fold(
             test_sequences = data.offline.sequences(t, test)
             scores = predict(fit.trained.model, test_sequences)
             details.update(fit.describe(), validation_days=valid_period.label)
-            if settings.serving_cost and len(test_sequences) >= max(BATCHES):
+            if settings.serving_cost and len(test_sequences):
                 cost = onnx_us_per_event(fit.trained.model, test_sequences)
                 details["onnx_us_per_event"] = cost
         elif kind in ORACLE_KNOWN_AFTER:
