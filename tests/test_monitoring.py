@@ -43,10 +43,31 @@ def load_dashboard_builder() -> ModuleType:
     return module
 
 
+def _board() -> dict[str, Any]:
+    board: dict[str, Any] = json.loads(
+        (MONITORING / "grafana" / "dashboards" / "fraudstream.json").read_text()
+    )
+    return board
+
+
 def dashboard_queries() -> list[tuple[str, str]]:
-    """(panel title, PromQL) of every target of the committed dashboard."""
-    board = json.loads((MONITORING / "grafana" / "dashboards" / "fraudstream.json").read_text())
-    return [(p["title"], t["expr"]) for p in board["panels"] for t in p["targets"]]
+    """(panel title, PromQL) of every target of the committed dashboard (rows have none)."""
+    return [(p["title"], t["expr"]) for p in _board()["panels"] for t in p.get("targets", [])]
+
+
+def console_metric_names() -> set[str]:
+    """The series names the console exports, from its one metrics module (with the
+    ``_total``, ``_bucket``, ``_sum``, ``_count`` suffixes Prometheus sees)."""
+    from prometheus_client import CollectorRegistry
+
+    from stream_app.console.metrics import ConsoleMetrics
+
+    registry = CollectorRegistry()
+    ConsoleMetrics(registry)
+    suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
+    return {
+        family.name + suffix for family in registry.collect() for suffix in suffixes[family.type]
+    }
 
 
 def test_promtool_accepts_the_config() -> None:
@@ -116,6 +137,42 @@ def test_dashboard_covers_what_operators_watch() -> None:
         assert f"histogram_quantile({q}, sum by (le) (rate(fraudstream_end_to_end" in text
 
 
+def test_the_console_row_shows_its_metrics_and_only_metrics_it_defines() -> None:
+    panels = _board()["panels"]
+    rows = [i for i, p in enumerate(panels) if p["type"] == "row"]
+    assert [panels[i]["title"] for i in rows] == ["Review console"]
+    below = panels[rows[0] + 1 :]
+    assert all(p["gridPos"]["y"] > panels[rows[0]]["gridPos"]["y"] for p in below)
+    exprs = [t["expr"] for p in below for t in p["targets"]]
+    defined = console_metric_names()
+    used = {name for expr in exprs for name in re.findall(r"fraudstream_console_\w+", expr)}
+    assert used <= defined, f"not console metrics: {used - defined}"
+    assert all('job="fraudstream-console"' in expr for expr in exprs)
+    for metric in (
+        "fraudstream_console_cases",
+        "fraudstream_console_oldest_case_age_seconds",
+        "fraudstream_console_sla_seconds",
+        "fraudstream_console_verdicts_total",
+        "fraudstream_console_time_to_verdict_seconds_bucket",
+        "fraudstream_console_alerts_total",
+        "fraudstream_console_labels_published_total",
+    ):
+        assert metric in used, metric
+    text = " ".join(exprs)
+    for q in ("0.5", "0.9"):
+        assert f"histogram_quantile({q}, sum by (le) (rate(fraudstream_console_time_to" in text
+
+
+def test_the_console_rules_use_metrics_the_console_defines() -> None:
+    text = (MONITORING / "alerts.yml").read_text()
+    used = set(re.findall(r"fraudstream_console_\w+", text))
+    assert {
+        "fraudstream_console_oldest_case_age_seconds",
+        "fraudstream_console_sla_seconds",
+    } <= used
+    assert used <= console_metric_names(), used - console_metric_names()
+
+
 def test_provisioning_points_grafana_at_the_dashboard_folder() -> None:
     provider = yaml.safe_load(
         (MONITORING / "grafana" / "provisioning" / "dashboards" / "fraudstream.yml").read_text()
@@ -124,6 +181,5 @@ def test_provisioning_points_grafana_at_the_dashboard_folder() -> None:
     datasource = yaml.safe_load(
         (MONITORING / "grafana" / "provisioning" / "datasources" / "prometheus.yml").read_text()
     )
-    board = json.loads((MONITORING / "grafana" / "dashboards" / "fraudstream.json").read_text())
-    uids = {p["datasource"]["uid"] for p in board["panels"]}
+    uids = {p["datasource"]["uid"] for p in _board()["panels"] if p["type"] != "row"}
     assert uids == {datasource["datasources"][0]["uid"]}

@@ -1,9 +1,10 @@
 """Every dashboard query returns data from a real Prometheus scraping a real worker.
 
 A worker (subprocess, bundled broker, real Redis, real ONNX model) scores a paced replay
-with labels and some malformed messages, while Debian's ``prometheus`` server scrapes it
-every second. Then each panel's PromQL goes through Prometheus's HTTP API, and so do the
-alert rules' expressions (they must at least evaluate).
+with labels and some malformed messages, and a review console (subprocess, SQLite) turns
+its alerts into cases, while Debian's ``prometheus`` server scrapes both every second.
+Then each panel's PromQL goes through Prometheus's HTTP API, and so do the alert rules'
+expressions (they must at least evaluate).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from tests.cleanup import keep_for_fixture
 from tests.kafka_fixtures import Dataset, WorkerProcess, delete_state, new_settings
 from tests.test_monitoring import MONITORING, dashboard_queries
 from training.replay import replay, replay_messages
+from training.services.console import LocalConsole
 from training.services.net import free_port, wait_for_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -39,9 +41,9 @@ MALFORMED = [b"not json", b"[1, 2]", b'{"transaction_id": "x"}'] * 5
 
 
 class PrometheusServer:
-    """Debian's prometheus binary scraping one worker, with our alert rules loaded."""
+    """Debian's prometheus binary scraping one target per job, with our alert rules loaded."""
 
-    def __init__(self, workdir: Path, target: str) -> None:
+    def __init__(self, workdir: Path, targets: dict[str, str]) -> None:
         binary = shutil.which("prometheus")
         if binary is None:
             pytest.fail("prometheus is missing: run `bash tests/setup.sh`")
@@ -54,7 +56,8 @@ class PrometheusServer:
             },
             "rule_files": ["alerts.yml"],
             "scrape_configs": [
-                {"job_name": "fraudstream-worker", "static_configs": [{"targets": [target]}]}
+                {"job_name": job, "static_configs": [{"targets": [target]}]}
+                for job, target in targets.items()
             ],
         }
         (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
@@ -118,9 +121,17 @@ def scraped_worker(
     workdir = tmp_path_factory.mktemp("prometheus")
     settings = new_settings(kafka_broker, model_dir=served_model)
     keep_for_fixture(settings.state_key_prefix)  # the worker runs through the module
+    console = LocalConsole(settings, workdir)
     with WorkerProcess(settings, workdir / "worker.log") as worker:
         worker.start()
-        prometheus = PrometheusServer(workdir, f"127.0.0.1:{worker.metrics_port}")
+        console.start()
+        prometheus = PrometheusServer(
+            workdir,
+            {
+                "fraudstream-worker": f"127.0.0.1:{worker.metrics_port}",
+                "fraudstream-console": f"127.0.0.1:{console.metrics_port}",
+            },
+        )
         try:
             asyncio.run(_feed(settings, small_transactions))
             deadline = time.monotonic() + 60
@@ -132,6 +143,7 @@ def scraped_worker(
             yield prometheus
         finally:
             prometheus.stop()
+            console.stop()
             worker.terminate()
             delete_state(settings.state_key_prefix)
 
@@ -158,3 +170,18 @@ def test_the_metrics_the_rules_need_are_scraped(scraped_worker: PrometheusServer
         "fraudstream_model_reloads_total",
     ):
         assert scraped_worker.query(metric), metric
+
+
+def test_the_console_turned_the_workers_alerts_into_cases(
+    scraped_worker: PrometheusServer,
+) -> None:
+    opened = scraped_worker.query('sum(fraudstream_console_alerts_total{outcome="opened"})')
+    alerts = scraped_worker.query("sum(fraudstream_alerts_total)")
+    assert opened and alerts and float(alerts[0]["value"][1]) > 0
+    # Every alert the worker raised became one case (the console may lag a scrape behind).
+    assert float(opened[0]["value"][1]) == float(alerts[0]["value"][1])
+    for metric in (
+        "fraudstream_console_oldest_case_age_seconds",
+        "fraudstream_console_sla_seconds",
+    ):
+        assert scraped_worker.query(f"{metric} > 0"), metric

@@ -15,10 +15,11 @@ from typing import Any
 OUT = Path(__file__).parent / "dashboards" / "fraudstream.json"
 DATASOURCE = {"type": "prometheus", "uid": "prometheus"}
 JOB = 'job="fraudstream-worker"'
+CONSOLE_JOB = 'job="fraudstream-console"'
 
 
-def _quantile(q: float, metric: str) -> str:
-    return f"histogram_quantile({q}, sum by (le) (rate({metric}_bucket{{{JOB}}}[1m])))"
+def _quantile(q: float, metric: str, job: str = JOB, window: str = "1m") -> str:
+    return f"histogram_quantile({q}, sum by (le) (rate({metric}_bucket{{{job}}}[{window}])))"
 
 
 # (title, unit, panel type, [(legend, PromQL)], width)
@@ -156,6 +157,100 @@ PANELS: list[tuple[str, str, str, list[tuple[str, str]], int]] = [
 ]
 
 
+# The review console's row. Every console replica reports the same queue (its gauges are read
+# from the shared case store): gauges are combined with max, counters summed.
+CONSOLE_ROW = "Review console"
+CONSOLE_PANELS: list[tuple[str, str, str, list[tuple[str, str]], int]] = [
+    (
+        "Cases waiting for a verdict, by status",
+        "short",
+        "timeseries",
+        [("{{status}}", f"max by (status) (fraudstream_console_cases{{{CONSOLE_JOB}}})")],
+        8,
+    ),
+    (
+        "Oldest waiting case against the SLA",
+        "s",
+        "timeseries",
+        [
+            ("oldest case", f"max(fraudstream_console_oldest_case_age_seconds{{{CONSOLE_JOB}}})"),
+            ("SLA", f"max(fraudstream_console_sla_seconds{{{CONSOLE_JOB}}})"),
+        ],
+        8,
+    ),
+    (
+        "Time to verdict (opening to closing verdict)",
+        "s",
+        "timeseries",
+        [
+            (
+                "p50",
+                _quantile(0.5, "fraudstream_console_time_to_verdict_seconds", CONSOLE_JOB, "1h"),
+            ),
+            (
+                "p90",
+                _quantile(0.9, "fraudstream_console_time_to_verdict_seconds", CONSOLE_JOB, "1h"),
+            ),
+        ],
+        8,
+    ),
+    (
+        "Verdicts per hour, by outcome",
+        "short",
+        "timeseries",
+        [
+            (
+                "{{outcome}}",
+                "sum by (outcome) "
+                f"(increase(fraudstream_console_verdicts_total{{{CONSOLE_JOB}}}[1h]))",
+            )
+        ],
+        8,
+    ),
+    (
+        "Alerts read by the console, by outcome",
+        "ops",
+        "timeseries",
+        [
+            (
+                "{{outcome}}",
+                f"sum by (outcome) (rate(fraudstream_console_alerts_total{{{CONSOLE_JOB}}}[5m]))",
+            )
+        ],
+        8,
+    ),
+    (
+        "Labels published from verdicts, per hour",
+        "short",
+        "timeseries",
+        [
+            (
+                "labels acknowledged",
+                f"sum(increase(fraudstream_console_labels_published_total{{{CONSOLE_JOB}}}[1h]))",
+            ),
+            (
+                "closing verdicts",
+                "sum(increase(fraudstream_console_verdicts_total"
+                f'{{{CONSOLE_JOB}, outcome=~"fraud|legitimate"}}[1h]))',
+            ),
+        ],
+        8,
+    ),
+]
+
+
+def _row(index: int, y: int, title: str) -> dict[str, Any]:
+    """A row header: Grafana groups the panels below it under ``title``."""
+    return {
+        "id": index + 1,
+        "title": title,
+        "type": "row",
+        "collapsed": False,
+        "gridPos": {"x": 0, "y": y, "w": 24, "h": 1},
+        "panels": [],
+    }
+
+
 def _panel(
     index: int, x: int, y: int, spec: tuple[str, str, str, list[tuple[str, str]], int]
 ) -> dict[str, Any]:
@@ -184,13 +279,22 @@ def _panel(
 
 def build() -> dict[str, Any]:
     """The dashboard as Grafana's JSON model."""
-    panels = []
+    panels: list[dict[str, Any]] = []
     x = y = 0
-    for i, spec in enumerate(PANELS):
+    for spec in PANELS:
         width = spec[4]
         if x + width > 24:
             x, y = 0, y + 8
-        panels.append(_panel(i, x, y, spec))
+        panels.append(_panel(len(panels), x, y, spec))
+        x += width
+    y += 8
+    panels.append(_row(len(panels), y, CONSOLE_ROW))
+    x, y = 0, y + 1
+    for spec in CONSOLE_PANELS:
+        width = spec[4]
+        if x + width > 24:
+            x, y = 0, y + 8
+        panels.append(_panel(len(panels), x, y, spec))
         x += width
     return {
         "uid": "fraudstream",
