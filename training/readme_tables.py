@@ -186,10 +186,52 @@ def install(reports: Path = REPORTS) -> str:
     return "\n".join(lines)
 
 
+def model_quality(reports: Path = REPORTS) -> str:
+    """The benchmark's prequential table, its cost, the published figures and the targets."""
+    from training import report
+
+    payload = json.loads((reports / report.BENCHMARK_JSON).read_text())
+    pre = payload["prequential"]
+    lines = [
+        f"`{payload['command']}` ({report.duration(payload['seconds'])} on a 2-core machine "
+        f"shared with other jobs), prequential, {len(pre['folds'])} folds, mean ± std; "
+        "families and baselines trained on the 7-day training week of each fold unless "
+        f"named with more days (full report and protocol: `training/reports/"
+        f"{report.BENCHMARK_MD}`):",
+        "",
+        *report.summary_table(pre["summary"]),
+        "",
+        *report.published_table("prequential"),
+        "",
+        "What each costs to train (seconds per fold) and to serve (ONNX Runtime, one thread, "
+        "the model call alone):",
+        "",
+        *report.cost_table(pre["folds"]),
+        "",
+        "Against the default model's targets (at or above every published figure):",
+        "",
+        *report.targets_table(pre["summary"]),
+    ]
+    calibration = json.loads((reports / "calibration.json").read_text())
+    lines += [
+        "",
+        f"Calibration of the shipped model ({calibration['model']}) on its validation period "
+        f"{calibration['validation_period']} (`{calibration['command']}`): Brier score "
+        f"{calibration['brier']:.5f} against {calibration['brier_of_the_fraud_rate']:.5f} for "
+        f"always answering the fraud rate, expected calibration error {calibration['ece']:.4f}"
+        " over score bins. Its scores run above the fraud share they stand for (frauds "
+        "weigh more in training), so thresholds come from the alert budget and precision, "
+        "not from reading a score as a probability (reliability curve: "
+        "`training/reports/calibration.md`).",
+    ]
+    return "\n".join(lines)
+
+
 SECTIONS: Final[dict[str, Callable[[], str]]] = {
     "stream-worker": stream_worker,
     "scaling": scaling,
     "install": install,
+    "model-quality": model_quality,
 }
 _PART: Final = re.compile(
     r"(<!-- BEGIN generated: (?P<name>[a-z-]+) \(python -m training.readme_tables\) -->\n)"

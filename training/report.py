@@ -254,7 +254,7 @@ def targets_table(summary: Mapping[str, Mapping[str, Mapping[str, float]]]) -> l
         for name in bounds:
             bound = summary[name].get(metric)
             cells.append(f"{bound['mean']:.3f}" if bound else "")
-        lines.append(f"| {METRIC_TITLES[metric]} | {target:.2f} | " + " | ".join(cells) + " |")
+        lines.append(f"| {METRIC_TITLES[metric]} | {target:.3f} | " + " | ".join(cells) + " |")
     return lines
 
 
