@@ -19,14 +19,6 @@ def test_configuration_table_is_current() -> None:
     assert settings_table() in README, "paste `fraudstream settings` into README.md"
 
 
-def test_console_tables_are_current() -> None:
-    from stream_app.console.metrics import console_metrics_table
-    from stream_app.console.settings import console_settings_table
-
-    assert console_settings_table() in README, "paste console_settings_table() into README"
-    assert console_metrics_table() in README, "paste console_metrics_table() into README"
-
-
 def test_metrics_table_is_current() -> None:
     assert metrics_table() in README, "paste stream_app.metrics.metrics_table() into README"
 

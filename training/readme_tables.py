@@ -227,11 +227,27 @@ def model_quality(reports: Path = REPORTS) -> str:
     return "\n".join(lines)
 
 
+def console_settings() -> str:
+    """The review console's settings, from their one definition."""
+    from stream_app.console.settings import console_settings_table
+
+    return console_settings_table().rstrip("\n")
+
+
+def console_metrics() -> str:
+    """The review console's metrics, from their one definition."""
+    from stream_app.console.metrics import console_metrics_table
+
+    return console_metrics_table().rstrip("\n")
+
+
 SECTIONS: Final[dict[str, Callable[[], str]]] = {
     "stream-worker": stream_worker,
     "scaling": scaling,
     "install": install,
     "model-quality": model_quality,
+    "console-settings": console_settings,
+    "console-metrics": console_metrics,
 }
 _PART: Final = re.compile(
     r"(<!-- BEGIN generated: (?P<name>[a-z-]+) \(python -m training.readme_tables\) -->\n)"
