@@ -57,6 +57,7 @@ class FlavourCost:
     disk_bytes: int
     distributions: int
     torch: bool
+    measured_at: str
 
 
 @dataclass(frozen=True)
@@ -121,6 +122,7 @@ def install(flavour: str, project: Path, venv: Path) -> FlavourCost:
         disk_bytes=disk_bytes(venv),
         distributions=len(names),
         torch="torch" in names,
+        measured_at=_now(),
     )
 
 
@@ -144,6 +146,10 @@ def run_demo(project: Path, venv: Path) -> DemoRun:
     return DemoRun("fraudstream demo", done.returncode, round(wall_s, 1), summary)
 
 
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--flavours", nargs="+", choices=list(FLAVOURS), default=list(FLAVOURS))
@@ -162,13 +168,21 @@ def main(argv: Sequence[str] | None = None) -> None:
                 demo = run_demo(project, venv)
                 print(json.dumps(asdict(demo)), flush=True)
             shutil.rmtree(venv)
+    # A partial run keeps the other flavours' earlier measurements (each says when).
+    earlier = json.loads(args.out.read_text()) if args.out.exists() else {}
+    kept = [f for f in earlier.get("flavours", []) if f["flavour"] not in args.flavours]
+    measured = {c.flavour: asdict(c) for c in costs} | {f["flavour"]: f for f in kept}
+    if demo is None and earlier.get("demo") is not None:
+        demo_entry = earlier["demo"]
+    else:
+        demo_entry = asdict(demo) if demo is not None else None
     report = {
         "command": "python -m training.install_report",
-        "measured_at": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "measured_at": _now(),
         "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores, "
         f"Python {platform.python_version()}, pip cache off, network to PyPI as found",
-        "flavours": [asdict(c) for c in costs],
-        "demo": asdict(demo) if demo is not None else None,
+        "flavours": [measured[f] for f in FLAVOURS if f in measured],
+        "demo": demo_entry,
     }
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.out}")
