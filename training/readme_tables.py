@@ -155,7 +155,7 @@ def scaling(reports: Path = REPORTS) -> str:
 # What each install flavour is for, in the quick start's table.
 _FLAVOUR_USES: Final = {
     "serving": "the worker alone (production)",
-    "demo": "`fraudstream demo`, simulate, replay, score-file",
+    "demo": "`fraudstream demo`, the review console, simulate, replay, score-file",
     "train": "train, evaluate, export",
 }
 
@@ -175,7 +175,8 @@ def install(reports: Path = REPORTS) -> str:
     demo = report.get("demo")
     lines.append("")
     lines.append(
-        f"Measured by `{report['command']}` ({report['measured_at']}; {report['machine']}), "
+        f"Measured by `{report['command']}` ({report['measured_at'][:10]}; "
+        f"{report['machine']}), "
         "each in a new virtual environment."
     )
     if demo is not None:
