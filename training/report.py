@@ -250,7 +250,7 @@ def targets_table(summary: Mapping[str, Mapping[str, Mapping[str, float]]]) -> l
         cells = []
         for name in ours:
             value = summary[name][metric]["mean"]
-            cells.append(f"{value:.3f} ({'met' if value >= target else 'not met'})")
+            cells.append(f"{value:.4f} ({'met' if value >= target else 'not met'})")
         for name in bounds:
             bound = summary[name].get(metric)
             cells.append(f"{bound['mean']:.3f}" if bound else "")
