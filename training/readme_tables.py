@@ -209,6 +209,8 @@ def model_quality(reports: Path = REPORTS) -> str:
         "",
         *report.cost_table(pre["folds"]),
         "",
+        f"![Average precision against serving cost](training/reports/{report.COST_PLOT})",
+        "",
         "Against the default model's targets (at or above every published figure):",
         "",
         *report.targets_table(pre["summary"]),
