@@ -49,8 +49,9 @@ def test_a_broker_that_comes_later_is_waited_for_one_plain_line_per_try(
             try:
                 worker.wait_for("fraudstream_ready", 1.0, timeout_s=60)
                 assert f"{named} succeeded again after" in worker.log(), worker.log()
-            finally:
                 assert worker.terminate() == 0, worker.log()
+            finally:
+                worker.__exit__()  # killed if still running, before its broker goes
                 broker.stop()
     finally:
         delete_state(settings.state_key_prefix)
