@@ -43,6 +43,8 @@ COMMAND_EXTRAS: Final[dict[str, tuple[str, tuple[str, ...]]]] = {
     "evaluate": ("train", ("torch", "sklearn", "xgboost", "matplotlib")),
     "export": ("train", ("torch", "onnx", "onnxscript")),
     "console": ("console", ("starlette", "jinja2", "uvicorn", "argon2")),
+    # reads the console's case store (PostgreSQL through psycopg); Parquet asks for pyarrow
+    "labels": ("console", ("psycopg",)),
 }
 
 
@@ -347,11 +349,14 @@ def _register_training_commands() -> None:
 
 
 def _register_console_commands() -> None:
-    """Add ``fraudstream console`` (the review console; its web stack loads when it runs)."""
+    """Add ``fraudstream console`` (the review console; its web stack loads when it runs)
+    and ``fraudstream labels`` (its verdicts as a label file for ``train --labels``)."""
     from stream_app.console.commands import console_app
+    from stream_app.console.export import labels_app
 
-    if not any(group.name == "console" for group in app.registered_groups):
-        app.add_typer(console_app, name="console")
+    for name, group in (("console", console_app), ("labels", labels_app)):
+        if not any(registered.name == name for registered in app.registered_groups):
+            app.add_typer(group, name=name)
 
 
 def register_commands() -> None:

@@ -12,22 +12,27 @@ Three things live here:
 * :func:`known_compromised`: the test rows of cards already known to be compromised, which
   the Handbook's protocol removes from a test set;
 * :class:`SequenceSet`: sequences, labels and the (day, card) keys the card-level metrics
-  need, for any set of rows, plus the oversampling and mixing used to augment training sets.
+  need, for any set of rows, plus the oversampling and mixing used to augment training sets;
+* :func:`apply_label_files`: analysts' verdicts (``fraudstream labels export``) in place of
+  a transactions table's ``TX_FRAUD``, before any of the above is computed.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Final
+from pathlib import Path
+from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
 import pandas as pd
 
 from stream_app import features
+from stream_app.console.export import LABEL_FILE_COLUMNS, LabelColumn
 from stream_app.errors import ConfigError
-from training.transactions import to_arrays
+from training.transactions import epoch_ms, to_arrays
 
 IntArray = npt.NDArray[np.int64]
 FloatArray = npt.NDArray[np.float64]
@@ -283,3 +288,153 @@ def oversample_frauds(train: SequenceSet, ratio: float, rng: np.random.Generator
     if n == 0 or len(frauds) == 0:
         return np.zeros((0, *train.sequences.shape[1:]), dtype=np.float32)
     return frauds[rng.integers(0, len(frauds), n)]
+
+
+@dataclass(frozen=True)
+class LabelMerge:
+    """What :func:`apply_label_files` did with the labels it read.
+
+    Every label read is counted once: ``applied + superseded + unknown + mismatched ==
+    read``.
+    """
+
+    files: tuple[str, ...]
+    read: int
+    applied: int  # transactions given a label's verdict (their latest valid label)
+    changed: int  # of those, how many had another TX_FRAUD before
+    unknown: int  # labels naming a transaction id the table does not hold
+    mismatched: int  # labels refused: another customer, terminal or time than the table's
+    superseded: int  # valid labels replaced by a later verdict on the same transaction
+
+    def summary(self) -> str:
+        """One line for the terminal."""
+        files = self.files[0] if len(self.files) == 1 else f"{len(self.files)} files"
+        line = (
+            f"{self.applied} labels applied, {self.changed} changed TX_FRAUD, {self.unknown} "
+            f"unknown, {self.mismatched} mismatched (refused); {self.read} read from {files}"
+        )
+        return line + (f", {self.superseded} superseded" if self.superseded else "")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The counts, for a model card."""
+        return {
+            "read": self.read,
+            "applied": self.applied,
+            "changed": self.changed,
+            "unknown": self.unknown,
+            "mismatched": self.mismatched,
+            "superseded": self.superseded,
+        }
+
+
+def apply_label_files(
+    frame: pd.DataFrame, paths: Sequence[Path]
+) -> tuple[pd.DataFrame, LabelMerge]:
+    """A transactions table whose ``TX_FRAUD`` follows the verdicts of label files.
+
+    The label files are those ``fraudstream labels export`` writes (columns
+    :data:`~stream_app.console.export.LABEL_FILE_COLUMNS`, Parquet or CSV, told by their
+    content). A label counts as the worker counts one: its transaction id must be in the
+    table (compared as text, as on the topics), with the label's customer, terminal and
+    time to the millisecond; one naming another is refused, like the worker's
+    ``label_mismatch``, because it is a verdict on some other transaction. Of a
+    transaction's valid labels, from any of the files, the latest ``REPORTED_AT`` wins
+    (a tie: the later file, then the later row), so a correction is applied.
+
+    Only ``TX_FRAUD`` changes: features computed from the result (terminal risk included)
+    see the analysts' verdicts, as the worker's state does once it reads their labels.
+    ``TX_FRAUD_SCENARIO``, the simulator's record of how a fraud was made, is left as is.
+
+    Args:
+        frame: A table from :func:`training.transactions.read_transactions`.
+        paths: Label files, applied together.
+
+    Returns:
+        A new table (``frame`` is not changed) and what the labels did.
+
+    Raises:
+        ConfigError: a file missing, unreadable, or without the label columns; a value
+            that is not a label's; transaction ids repeated in the table.
+    """
+    if not paths:
+        return frame, LabelMerge((), 0, 0, 0, 0, 0, 0)
+    labels = pd.concat([_read_label_file(path) for path in paths], ignore_index=True)
+    read = len(labels)
+    tx_ids = pd.Index(frame["TRANSACTION_ID"].astype(str))
+    if read and not tx_ids.is_unique:
+        raise ConfigError("transaction ids repeat in the data file: a label could name several")
+    at = tx_ids.get_indexer(pd.Index(labels[LabelColumn.TRANSACTION_ID]))
+    known = at >= 0
+    rows = at[known]
+    same = (
+        (labels[LabelColumn.CUSTOMER_ID].to_numpy()[known] == _text(frame, "CUSTOMER_ID", rows))
+        & (labels[LabelColumn.TERMINAL_ID].to_numpy()[known] == _text(frame, "TERMINAL_ID", rows))
+        & (
+            epoch_ms(labels[LabelColumn.TX_DATETIME])[known]
+            == epoch_ms(frame["TX_DATETIME"].iloc[rows])
+        )
+    )
+    valid = np.flatnonzero(known)[same]
+    # The latest verdict of each transaction: sort by (row, reported_at, order read), keep
+    # each row's last.
+    reported = epoch_ms(labels[LabelColumn.REPORTED_AT])[valid]
+    order = np.lexsort((valid, reported, at[valid]))
+    ranked = valid[order]
+    last = np.r_[at[ranked][1:] != at[ranked][:-1], True] if len(ranked) else np.array([], bool)
+    winners = ranked[last]
+    targets = at[winners]
+    verdicts = labels[LabelColumn.TX_FRAUD].to_numpy(dtype=np.int64)[winners]
+    out = frame.copy()
+    fraud = out["TX_FRAUD"].to_numpy(copy=True)
+    before = fraud[targets].astype(np.int64)
+    fraud[targets] = verdicts
+    out["TX_FRAUD"] = fraud
+    return out, LabelMerge(
+        files=tuple(str(path) for path in paths),
+        read=read,
+        applied=len(winners),
+        changed=int((before != verdicts).sum()),
+        unknown=int((~known).sum()),
+        mismatched=int((~same).sum()),
+        superseded=len(valid) - len(winners),
+    )
+
+
+def _text(frame: pd.DataFrame, column: str, rows: IntArray) -> npt.NDArray[np.object_]:
+    """A table's id column at ``rows`` as text (how the labels name them)."""
+    return frame[column].iloc[rows].astype(str).to_numpy(dtype=object)
+
+
+def _read_label_file(path: Path) -> pd.DataFrame:
+    """A label file as text ids, UTC times and 0/1 verdicts; Parquet or CSV by content."""
+    if not path.is_file():
+        raise ConfigError(f"label file {path} does not exist")
+    with path.open("rb") as handle:
+        parquet = handle.read(4) == b"PAR1"
+    ids = (LabelColumn.TRANSACTION_ID, LabelColumn.CUSTOMER_ID, LabelColumn.TERMINAL_ID)
+    try:
+        if parquet:
+            table = pd.read_parquet(path)
+        else:
+            table = pd.read_csv(path, dtype={str(c): str for c in ids}, keep_default_na=False)
+    except (ValueError, OSError) as exc:
+        raise ConfigError(f"cannot read label file {path}: {exc}") from None
+    missing = [c for c in LABEL_FILE_COLUMNS if c not in table.columns]
+    if missing:
+        raise ConfigError(
+            f"label file {path} lacks the columns {', '.join(missing)} "
+            "(write one with fraudstream labels export)"
+        )
+    try:
+        for column in ids:
+            table[column] = table[column].astype(str)
+        for column in (LabelColumn.TX_DATETIME, LabelColumn.REPORTED_AT):
+            # UTC, then naive: the transactions table's convention, for epoch_ms
+            table[column] = pd.to_datetime(table[column], utc=True).dt.tz_localize(None)
+        verdicts = pd.to_numeric(table[LabelColumn.TX_FRAUD], errors="raise")
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"label file {path} holds a value of the wrong type: {exc}") from None
+    if not verdicts.isin([0, 1]).all():
+        raise ConfigError(f"label file {path}: {LabelColumn.TX_FRAUD} must be 0 or 1")
+    table[LabelColumn.TX_FRAUD] = verdicts.astype(np.int64)
+    return table[list(LABEL_FILE_COLUMNS)]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -100,6 +100,17 @@ def train_command(
     augment: AugmentOption = "none",
     augment_ratio: RatioOption = 1.0,
     gan_steps: GanStepsOption = 2000,
+    labels: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--labels",
+            metavar="FILE",
+            help="Label file (fraudstream labels export): its analysts' verdicts replace "
+            "TX_FRAUD for the transactions it names; refused if one names another "
+            "customer, terminal or time. Repeatable: the latest verdict wins.",
+            dir_okay=False,
+        ),
+    ] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
 ) -> None:
     """Train a sequence scorer (the LSTM by default) and export it to ONNX with its card."""
@@ -126,6 +137,8 @@ def train_command(
                 overwrite=overwrite,
                 on_epoch=bars.on_epoch,
                 command=command_line(ctx),
+                labels=tuple(labels or ()),
+                report=lambda line: console.print(line, markup=False, soft_wrap=True),
             )
     except FraudStreamError as exc:
         raise fail(exc) from exc
@@ -145,10 +158,14 @@ def _train_and_export(
     overwrite: bool,
     on_epoch: Callable[[str, EpochLog], None],
     command: str,
+    labels: Sequence[Path] = (),
+    report: Callable[[str], None] = print,
 ) -> ModelCard:
     """Wire the pieces: one protocol fold for the chosen family alone, thresholds, export.
 
     The export is :func:`training.export.export_model`, which ``fraudstream export`` runs too.
+    ``labels`` files override the data's TX_FRAUD first (:func:`dataset.apply_label_files`);
+    ``report`` gets their one-line summary, and the card records them.
     """
     import datetime as dt
     import time
@@ -168,6 +185,12 @@ def _train_and_export(
     if out.exists() and not overwrite:  # before minutes of training, not after
         raise ConfigError(f"{out} exists: choose another --out or pass --overwrite")
     frame = read_transactions(data)
+    labelled: dict[str, Any] = {}
+    if labels:
+        frame, merge = dataset.apply_label_files(frame, labels)
+        report(merge.summary())
+        files = [{"path": str(p), "sha256": file_sha256(p)} for p in labels]
+        labelled = {"labels": {"files": files, **merge.to_dict()}}
     fitted = train_periods(
         file_days(frame), train_end, train_days, valid_days, test_days,
         given_end=given_periods[0], given_days=given_periods[1],
@@ -224,6 +247,7 @@ def _train_and_export(
             "fit": {k: v for k, v in run.fit.describe().items() if k != "gan_fidelity"},
             "seconds": round(time.perf_counter() - started, 1),
             "command": command,
+            **labelled,
         },
         metrics=metrics,
         gan_fidelity=run.fit.fidelity.to_dict() if run.fit.fidelity else None,
