@@ -10,11 +10,13 @@ message (``tests/test_quick_start.py``).
 from __future__ import annotations
 
 import re
+import sys
 import tomllib
 from importlib.metadata import packages_distributions
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
 from stream_app.cli import (
     COMMAND_EXTRAS,
@@ -53,3 +55,16 @@ def test_every_command_is_either_serving_or_names_its_extra() -> None:
 def test_an_installed_extra_raises_no_complaint() -> None:
     # This environment has every extra (tests/setup.sh installs them all).
     assert all(missing_extra(command) is None for command in COMMAND_EXTRAS)
+
+
+def test_labels_export_without_its_extra_names_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # psycopg made unimportable, as in an install without the console extra.
+    register_commands()
+    monkeypatch.setitem(sys.modules, "psycopg", None)
+    out = tmp_path / "labels.csv"
+    result = CliRunner().invoke(app, ["labels", "export", "--out", str(out)])
+    assert result.exit_code == 2, result.output
+    assert "fraudstream[console]" in result.output and "psycopg" in result.output
+    assert not out.exists()
