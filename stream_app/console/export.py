@@ -250,7 +250,8 @@ def export_labels(
     except _database_errors(store.dialect) as exc:
         raise LabelExportError(
             f"cannot read verdicts from the case store ({type(exc).__name__}: "
-            f"{str(exc).strip()}): is FRAUDSTREAM_CONSOLE_DATABASE_URL the console's database?"
+            f"{(str(exc).strip().splitlines() or [''])[0]}): is "
+            "FRAUDSTREAM_CONSOLE_DATABASE_URL the console's database?"
         ) from None
     finally:
         store.close()
