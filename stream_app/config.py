@@ -151,6 +151,11 @@ class Settings(BaseSettings):
     topic_label_dead_letters: TopicName = Field(
         "labels.dlq", description="Invalid labels, original bytes, reason headers."
     )
+    topic_controls: TopicName = Field(
+        "controls",
+        description="Operators' block and allow lists and threshold overrides, from the "
+        "review console; one partition, compacted; every worker reads all of it.",
+    )
     topic_partitions: int = Field(
         4, ge=1, le=10_000, description="Partitions of the topics the worker creates."
     )
@@ -457,8 +462,8 @@ def _cross_field_problems(s: Settings) -> list[str]:
         s.topic_dead_letters,
         s.topic_label_dead_letters,
     ]
-    inputs = {s.topic_transactions, s.topic_labels}
-    if len(set(outputs)) != len(outputs) or inputs & set(outputs) or len(inputs) != 2:
+    inputs = {s.topic_transactions, s.topic_labels, s.topic_controls}
+    if len(set(outputs)) != len(outputs) or inputs & set(outputs) or len(inputs) != 3:
         problems.append(f"the {p}TOPIC_* settings must name distinct topics")
     return problems
 

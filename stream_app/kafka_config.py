@@ -16,8 +16,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -148,26 +148,20 @@ def faust_credentials(settings: Settings) -> Any:
 
 @dataclass(frozen=True)
 class TopicSpec:
-    """A topic the worker needs, and the partitions it is created with when missing."""
+    """A topic the worker needs, and how it is created when missing."""
 
     name: str
     partitions: int
-
-
-def faust_leader_topic(settings: Settings) -> str:
-    """The topic Faust's partition assignor declares and reads (one partition).
-
-    Faust names it after the application id; created here with the others, so that a
-    principal without the right to create it is told at start-up, not by a Faust crash.
-    """
-    return f"{settings.group_id}-__assignor-__leader"
+    configs: Mapping[str, str] = field(default_factory=dict)
 
 
 def required_topics(settings: Settings, transactions_partitions: int) -> list[TopicSpec]:
     """Every topic the worker reads or writes.
 
     The repartition topic must have as many partitions as the transactions topic: an event
-    re-keyed to partition ``p`` is then consumed by the member that owns ``p`` of both.
+    re-keyed to partition ``p`` is then consumed by the member that owns ``p`` of both. The
+    controls topic has one partition (one order for all changes) and keeps the latest
+    record of each key (compacted), which is all a worker starting up needs.
     """
     others = [
         settings.topic_labels,
@@ -181,7 +175,7 @@ def required_topics(settings: Settings, transactions_partitions: int) -> list[To
         TopicSpec(settings.topic_transactions, transactions_partitions),
         TopicSpec(settings.topic_repartition, transactions_partitions),
         *(TopicSpec(name, settings.topic_partitions) for name in others),
-        TopicSpec(faust_leader_topic(settings), 1),
+        TopicSpec(settings.topic_controls, 1, {"cleanup.policy": "compact"}),
     ]
 
 
@@ -263,7 +257,13 @@ async def ensure_topics(settings: Settings) -> dict[str, int]:
             )
         if missing:
             new = [
-                NewTopic(s.name, s.partitions, settings.topic_replication_factor) for s in missing
+                NewTopic(
+                    s.name,
+                    s.partitions,
+                    settings.topic_replication_factor,
+                    topic_configs=dict(s.configs),
+                )
+                for s in missing
             ]
             response = await admin.create_topics(new)
             check_created(response.to_object()["topic_errors"], settings)

@@ -246,7 +246,7 @@ def topic_needs(settings: Settings) -> list[TopicNeed]:
         TopicNeed(settings.topic_shadow_scores, write, _setting("topic_shadow_scores")),
         TopicNeed(settings.topic_dead_letters, write, _setting("topic_dead_letters")),
         TopicNeed(settings.topic_label_dead_letters, write, _setting("topic_label_dead_letters")),
-        TopicNeed(kafka_config.faust_leader_topic(settings), read, _setting("group_id")),
+        TopicNeed(settings.topic_controls, read, _setting("topic_controls")),
     ]
 
 
@@ -364,13 +364,13 @@ def _group_advice(group: str, principal: str) -> str:
 
 
 async def check_groups(admin: AIOKafkaAdminClient, settings: Settings) -> None:
-    """The worker joins two groups (labels: ``group_id``; scoring: ``group_id.scoring``).
+    """The worker joins one group, ``group_id.scoring``, for transactions and labels.
 
     Raises:
-        ConfigError: a group is not authorised (joining needs Read on it).
+        ConfigError: the group is not authorised (joining needs Read on it).
     """
     principal = _principal(settings)
-    for group in (settings.group_id, settings.scoring_group_id):
+    for group in (settings.scoring_group_id,):
         try:
             responses = await admin.describe_consumer_groups(
                 [group], include_authorized_operations=True

@@ -55,6 +55,17 @@ LABEL_OUTCOMES: Final = ("fraud", "genuine", "duplicate", "dead_letter")
 ALERT_DECISIONS: Final = ("review", "decline")
 RELOAD_OUTCOMES: Final = ("loaded", "refused")
 KAFKA_OPERATIONS: Final = ("consume", "produce", "commit", "admin")
+# Operators' controls (stream_app.controls): records read, entries in force by kind, and
+# decisions a list set.
+CONTROL_OUTCOMES: Final = ("applied", "invalid")
+CONTROL_KINDS: Final = (
+    "block_customer",
+    "block_terminal",
+    "allow_customer",
+    "allow_terminal",
+    "thresholds",
+)
+LIST_ACTIONS: Final = ("block", "allow")
 
 
 def observe_many(histogram: Histogram, values: npt.NDArray[np.float64]) -> None:
@@ -151,6 +162,25 @@ class WorkerMetrics:
             "fraudstream_labels_total",
             "Labels handled, by outcome.",
             ["outcome"],
+            registry=registry,
+        )
+        self.controls = Counter(
+            "fraudstream_controls_total",
+            "Records read from the controls topic, by outcome (invalid: skipped, logged).",
+            ["outcome"],
+            registry=registry,
+        )
+        self.controls_in_force = Gauge(
+            "fraudstream_controls_in_force",
+            "Operators' controls in force, by kind: list entries by list and subject, and "
+            "threshold overrides.",
+            ["kind"],
+            registry=registry,
+        )
+        self.list_decisions = Counter(
+            "fraudstream_list_decisions_total",
+            "Transactions whose decision a block or allow list set, by list.",
+            ["list"],
             registry=registry,
         )
         self.state_quarantined = Counter(
@@ -289,6 +319,12 @@ class WorkerMetrics:
             self.model_reloads.labels(outcome)
         for operation in KAFKA_OPERATIONS:
             self.kafka_errors.labels(operation)
+        for outcome in CONTROL_OUTCOMES:
+            self.controls.labels(outcome)
+        for kind in CONTROL_KINDS:
+            self.controls_in_force.labels(kind)
+        for action in LIST_ACTIONS:
+            self.list_decisions.labels(action)
         for reason in RejectReason:
             self.dead_letters.labels(reason.value)
 

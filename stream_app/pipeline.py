@@ -34,6 +34,7 @@ import numpy.typing as npt
 import orjson
 
 from stream_app import features
+from stream_app.controls import Controls, list_decision, list_reason
 from stream_app.decisions import decide
 from stream_app.errors import RejectedEvent, RejectReason
 from stream_app.metrics import ScoreDrift, WorkerMetrics, observe_many
@@ -250,6 +251,8 @@ class ScoringPipeline:
         metrics: Where step timings, outcomes, scores and drift are recorded.
         max_reasons: Reasons per alert.
         psi_window: Scores the drift gauge looks back over.
+        controls: The operators' controls in force, read once per batch (the worker's
+            :class:`~stream_app.controls.ControlsFeed`); none by default.
     """
 
     def __init__(
@@ -260,8 +263,10 @@ class ScoringPipeline:
         *,
         max_reasons: int = 3,
         psi_window: int = 10_000,
+        controls: Callable[[], Controls] = Controls,
     ) -> None:
         self.store = store
+        self.controls = controls
         self.models = models
         self.metrics = metrics
         self.max_reasons = max_reasons
@@ -335,7 +340,12 @@ class ScoringPipeline:
                     ScoredBatch.empty(), unscorable=unscorable, conflicting=conflicting
                 )
         event_ms = [epoch_ms(e.timestamp) for e in events]
-        decisions = decide(scores, champion.thresholds)
+        controls = self.controls()
+        decisions = decide(scores, controls.thresholds(champion.version, champion.thresholds))
+        listed = controls.listed(events) if controls.has_lists else {}
+        for i, entry in listed.items():
+            decisions[i] = list_decision(entry)
+            self.metrics.list_decisions.labels(entry.action.value).inc()
         alerts = [i for i, d in enumerate(decisions) if d is not Decision.APPROVE]
         reasons: dict[int, tuple[str, ...]] = {}
         attributions: dict[int, list[dict[str, object]]] = {}
@@ -371,6 +381,8 @@ class ScoringPipeline:
                 attributions[i] = [a.as_dict() for a in explanation.attributions]
         for i in np.flatnonzero(reset).tolist():
             reasons[i] = (STATE_RESET_REASON, *reasons.get(i, ()))[:MAX_REASONS]
+        for i, entry in listed.items():
+            reasons[i] = (list_reason(entry), *reasons.get(i, ()))[:MAX_REASONS]
         shadow_scores = None
         shadow_ok = np.zeros(0, dtype=bool)
         if challenger is not None:

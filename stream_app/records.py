@@ -5,6 +5,7 @@ with a machine-readable :class:`~stream_app.errors.RejectReason`:
 
 * :func:`parse_transaction` -> :class:`TransactionEvent`
 * :func:`parse_label` -> :class:`Label`
+* :func:`parse_control` -> :class:`Control` (operators' lists and threshold overrides)
 
 Outbound: :class:`ScoreRecord` on the scores topic, and dead letters, whose value is the
 original bytes and whose headers are named in :class:`DeadLetterHeaders`.
@@ -35,6 +36,7 @@ from pydantic import (
     StrictBool,
     ValidationError,
     WithJsonSchema,
+    model_validator,
 )
 from pydantic_core import PydanticCustomError
 
@@ -276,6 +278,76 @@ class Label(BaseModel):
         return self.reported_at.timestamp()
 
 
+class ControlAction(enum.StrEnum):
+    """What an operator's control does: a list entry, or a threshold override."""
+
+    BLOCK = "block"  # every transaction of the subject is declined
+    ALLOW = "allow"  # every transaction of the subject is approved (a block still wins)
+    THRESHOLDS = "thresholds"  # the champion's review and decline thresholds are replaced
+
+
+class ControlSubject(enum.StrEnum):
+    """Whom a list entry names."""
+
+    CUSTOMER = "customer"
+    TERMINAL = "terminal"
+
+
+MAX_CONTROL_NOTE_CHARS: Final = 500
+
+
+class Control(BaseModel):
+    """An operator's change to how the worker decides, published on the controls topic.
+
+    A list entry puts one customer or terminal on the block or the allow list (a subject is
+    on one list at most: its latest entry wins); a threshold override replaces the review
+    and decline thresholds of one champion version, so that a model swap never inherits
+    cut-offs chosen for another model's scores. ``active`` false lifts the entry or the
+    override. Every worker reads the whole topic (compacted, keyed by :attr:`key`): the
+    latest record of each key is in force.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    action: ControlAction
+    active: StrictBool
+    subject: ControlSubject | None = None
+    subject_id: Identifier | None = None
+    model_version: str | None = Field(default=None, min_length=1, max_length=128)
+    review_threshold: float | None = Field(default=None, ge=0, le=1, allow_inf_nan=False)
+    decline_threshold: float | None = Field(default=None, ge=0, le=1, allow_inf_nan=False)
+    changed_by: Identifier
+    changed_at: Timestamp
+    note: str = Field(default="", max_length=MAX_CONTROL_NOTE_CHARS)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        if self.action is ControlAction.THRESHOLDS:
+            if self.model_version is None or self.subject is not None:
+                raise ValueError("a threshold override names a model_version and no subject")
+            review, decline = self.review_threshold, self.decline_threshold
+            if self.active and (review is None or decline is None or review > decline):
+                raise ValueError(
+                    "an active threshold override needs review_threshold <= decline_threshold"
+                )
+        elif self.subject is None or self.subject_id is None:
+            raise ValueError(f"a {self.action} entry names a subject and a subject_id")
+        elif self.review_threshold is not None or self.decline_threshold is not None:
+            raise ValueError(f"a {self.action} entry carries no thresholds")
+        return self
+
+    @property
+    def key(self) -> str:
+        """Its key on the controls topic: one per subject, or per model version."""
+        if self.action is ControlAction.THRESHOLDS:
+            return f"thresholds:{self.model_version}"
+        return f"list:{self.subject}:{self.subject_id}"
+
+    def to_json(self) -> bytes:
+        """The record's JSON, as published on the controls topic."""
+        return self.model_dump_json(exclude_none=True).encode()
+
+
 class Decision(enum.StrEnum):
     """What the worker recommends for a scored transaction."""
 
@@ -483,6 +555,11 @@ def parse_transaction(raw: bytes, limits: ValidationLimits = DEFAULT_LIMITS) -> 
     return event
 
 
+def parse_control(raw: bytes, limits: ValidationLimits = DEFAULT_LIMITS) -> Control:
+    """Validate one message from the controls topic; same contract as :func:`parse_label`."""
+    return _parse(raw, Control, limits)
+
+
 def parse_label(raw: bytes, limits: ValidationLimits = DEFAULT_LIMITS) -> Label:
     """Validate one message from the labels topic; same contract as :func:`parse_transaction`."""
     label = _parse(raw, Label, limits)
@@ -538,6 +615,7 @@ _SCHEMA_SOURCES: Final[
     ("transaction_event.schema.json", TransactionEvent, "validation"),
     ("label.schema.json", Label, "validation"),
     ("score_record.schema.json", ScoreRecord, "serialization"),
+    ("control.schema.json", Control, "validation"),
 )
 
 

@@ -62,6 +62,7 @@ from redis.exceptions import (
 
 from stream_app import kafka_config, kafka_preflight
 from stream_app.backoff import BACKOFF_START_S, Backoff
+from stream_app.controls import ControlsFeed
 from stream_app.errors import FraudStreamError, RejectedEvent, RejectReason
 from stream_app.kafka_fencing import GroupFencedError, fence_by_generation, group_metadata
 from stream_app.metrics import observe_many
@@ -258,12 +259,15 @@ class ScoringLoop:
         s = runtime.settings
         self.settings = s
         self.metrics = runtime.metrics
+        # Operators' lists and threshold overrides, followed by a consumer of no group.
+        self.controls = ControlsFeed(s, runtime.metrics)
         self.pipeline = ScoringPipeline(
             store,
             runtime.models,
             runtime.metrics,
             max_reasons=s.max_reasons,
             psi_window=s.psi_window,
+            controls=lambda: self.controls.current,
         )
         self.backoff = Backoff(runtime.metrics, s.retry_backoff_max_s)
         self.source_partitions = runtime.partitions[s.topic_transactions]
@@ -335,6 +339,13 @@ class ScoringLoop:
             (KafkaError,),
             self._kafka_error("consume"),
         )
+        # Before any scoring: a restarted worker must not approve a blocked card.
+        await self.backoff.run(
+            self.controls.start,
+            "reading the controls topic",
+            (KafkaError,),
+            self._kafka_error("consume"),
+        )
         self.consumer.subscribe(
             [
                 self.settings.topic_transactions,
@@ -358,6 +369,7 @@ class ScoringLoop:
         """Consume until :meth:`stop` is called, then finish everything in flight."""
         self._settler = asyncio.create_task(self._settle_forever(), name="settle")
         self._lag_task = asyncio.create_task(self._report_lag_forever(), name="consumer-lag")
+        controls = asyncio.create_task(self.controls.run(), name="controls")
         if self.settings.exactly_once:
             self._watchdog = asyncio.create_task(self._watch_stalls(), name="stall-watchdog")
         wait_ms = max(1, int(self.settings.batch_max_wait_s * 1000))
@@ -414,7 +426,8 @@ class ScoringLoop:
                     await self._catch_up_positions()
             await self.finish_in_flight()
         finally:
-            for task in (self._settler, self._watchdog, self._lag_task):
+            self.controls.stop()
+            for task in (self._settler, self._watchdog, self._lag_task, controls):
                 if task is not None:
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
@@ -688,6 +701,8 @@ class ScoringLoop:
         """Leave the consumer group and flush the producer."""
         with contextlib.suppress(KafkaError):
             await self.consumer.stop()
+        with contextlib.suppress(KafkaError):
+            await self.controls.close()
         with contextlib.suppress(KafkaError):
             await self.producer.stop()
         if self._admin is not None:

@@ -24,7 +24,7 @@ import time
 import urllib.request
 import uuid
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -135,6 +135,7 @@ def new_settings(broker: Broker | str, **overrides: Any) -> Settings:
         "topic_shadow_scores": f"shadow-{tag}",
         "topic_dead_letters": f"dlq-{tag}",
         "topic_label_dead_letters": f"labels-dlq-{tag}",
+        "topic_controls": f"controls-{tag}",
         "topic_partitions": 2,
         "state_key_prefix": f"test-{tag}",
         "metrics_port": 0,
@@ -180,12 +181,22 @@ def make_settings(kafka_broker: Broker) -> Iterator[Callable[..., Settings]]:
 class WorkerProcess:
     """``fraudstream worker`` as a subprocess, so a test can SIGTERM or SIGKILL it for real.
 
-    Its metrics endpoint (on a free port) tells when it is ready.
+    Its metrics endpoint (on a free port) tells when it is ready. ``command`` runs another
+    install's worker (``tests/test_slim_install.py``: a fresh virtual environment's
+    ``fraudstream worker``, from ``cwd`` outside the checkout).
     """
 
-    def __init__(self, settings: Settings, log_path: Path) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        log_path: Path,
+        command: Sequence[str] = (sys.executable, "-m", "stream_app.cli", "worker"),
+        cwd: Path | None = None,
+    ) -> None:
         self.settings = settings
         self.log_path = log_path
+        self.command = list(command)
+        self.cwd = cwd
         self.metrics_port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -206,7 +217,8 @@ class WorkerProcess:
         }
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "stream_app.cli", "worker"],
+                self.command,
+                cwd=self.cwd,
                 env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,

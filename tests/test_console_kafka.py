@@ -24,8 +24,8 @@ from stream_app import kafka_config
 from stream_app.config import Settings
 from stream_app.console import auth
 from stream_app.console.ingest import AlertIngest, console_group_id
-from stream_app.console.labels import LabelPublisher
 from stream_app.console.metrics import ConsoleMetrics
+from stream_app.console.outbox import label_publisher
 from stream_app.console.service import build
 from stream_app.console.settings import load_console_settings
 from stream_app.console.store import CaseStore, Outcome, QueueFilter
@@ -358,7 +358,7 @@ async def test_the_workers_label_counters_take_a_console_verdict(
         store.add_alerts([score])  # as if it had been an alert
         assert store.claim("console-tx-1", "ann", escalated_too=False)
         store.record_verdict("console-tx-1", Outcome.FRAUD, "confirmed", "ann")
-        publisher = LabelPublisher(settings, store, metrics)
+        publisher = label_publisher(settings, store, metrics)
         task = asyncio.create_task(publisher.run())
         try:
             await wait_until(lambda: not store.pending_labels())

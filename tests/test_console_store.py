@@ -12,6 +12,7 @@ import sqlite3
 import threading
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,14 @@ from stream_app.console.store import (
     QueueFilter,
     StoreError,
 )
-from stream_app.records import Decision, ScoreRecord, parse_label
+from stream_app.records import (
+    Control,
+    ControlAction,
+    ControlSubject,
+    Decision,
+    ScoreRecord,
+    parse_label,
+)
 from training.services.postgres import PostgresServer
 
 
@@ -205,6 +213,29 @@ def test_the_verdict_trail_cannot_be_changed_even_with_sql(store: CaseStore) -> 
         with pytest.raises(Exception, match="append-only"), store._transaction() as cur:
             cur.execute(statement)
     assert [v.note for v in store.verdicts("tx1")] == ["note"]
+
+
+def test_the_controls_trail_cannot_be_changed_and_folds_like_the_worker(store: CaseStore) -> None:
+    at = datetime(2026, 11, 30, 12, tzinfo=UTC)
+    entries = [
+        Control(action=ControlAction.BLOCK, active=True, subject=ControlSubject.TERMINAL,
+                subject_id="t1", changed_by="sue", changed_at=at, note="skimmer"),
+        Control(action=ControlAction.ALLOW, active=True, subject=ControlSubject.CUSTOMER,
+                subject_id="c1", changed_by="sue", changed_at=at + timedelta(minutes=1)),
+        Control(action=ControlAction.BLOCK, active=False, subject=ControlSubject.TERMINAL,
+                subject_id="t1", changed_by="ada", changed_at=at + timedelta(minutes=2)),
+    ]  # fmt: skip
+    for control in entries:
+        store.record_control(control)
+    assert list(store.controls_in_force().entries) == ["list:customer:c1"]
+    pending = store.pending_controls()
+    assert len(pending) == 3
+    store.mark_controls_sent([pending[0].change_id])
+    assert [p.change_id for p in store.pending_controls()] == [p.change_id for p in pending[1:]]
+    for statement in ("UPDATE control_changes SET changed_by = 'x'", "DELETE FROM control_changes"):
+        with pytest.raises(Exception, match="append-only"), store._transaction() as cur:
+            cur.execute(statement)
+    assert [c.control for c in store.control_changes()] == entries
 
 
 def test_related_cases_and_the_customers_timeline(store: CaseStore) -> None:

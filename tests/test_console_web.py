@@ -25,7 +25,7 @@ from stream_app.console.metrics import ConsoleMetrics
 from stream_app.console.settings import load_console_settings
 from stream_app.console.store import CaseStatus, CaseStore, Outcome
 from stream_app.errors import ConfigError
-from stream_app.records import Decision, ScoreRecord, parse_label
+from stream_app.records import Decision, ScoreRecord, parse_control, parse_label
 
 PASSWORD = "correct horse battery"
 CUSTOMER = "customer-4711"
@@ -38,6 +38,7 @@ class Env:
         self.metrics = metrics
         self.app = app
         self.woken = 0
+        self.controls_woken = 0
 
     def client(self) -> TestClient:
         # https: the session cookie is Secure, so the client only sends it over HTTPS
@@ -105,7 +106,10 @@ def env(tmp_path: Path) -> Iterator[Env]:
     def woken() -> None:
         holder["env"].woken += 1
 
-    app = create_app(store, settings, metrics, on_label=woken)
+    def control_woken() -> None:
+        holder["env"].controls_woken += 1
+
+    app = create_app(store, settings, metrics, on_label=woken, on_control=control_woken)
     holder["env"] = Env(store, metrics, app)
     try:
         yield holder["env"]
@@ -113,13 +117,16 @@ def env(tmp_path: Path) -> Iterator[Env]:
         store.close()
 
 
-PAGES = ["/", "/queue", "/cases/tx-1", "/audit", "/users"]
+PAGES = ["/", "/queue", "/cases/tx-1", "/audit", "/controls", "/users"]
 ACTIONS = [
     "/queue/next",
     "/cases/tx-1/claim",
     "/cases/tx-1/release",
     "/cases/tx-1/verdict",
     "/cases/tx-1/correct",
+    "/controls/list",
+    "/controls/thresholds",
+    "/controls/lift",
     "/logout",
 ]
 
@@ -141,9 +148,9 @@ def test_nothing_is_visible_or_doable_without_login(env: Env) -> None:
 
 def test_each_role_sees_only_its_pages(env: Env) -> None:
     expected = {
-        "ann": {"/queue": 200, "/cases/tx-1": 200, "/audit": 403, "/users": 403},
-        "sue": {"/queue": 200, "/cases/tx-1": 200, "/audit": 200, "/users": 403},
-        "ada": {"/queue": 200, "/cases/tx-1": 200, "/audit": 200, "/users": 200},
+        "ann": {"/queue": 200, "/cases/tx-1": 200, "/audit": 403, "/controls": 403, "/users": 403},
+        "sue": {"/queue": 200, "/cases/tx-1": 200, "/audit": 200, "/controls": 200, "/users": 403},
+        "ada": {"/queue": 200, "/cases/tx-1": 200, "/audit": 200, "/controls": 200, "/users": 200},
     }
     for user, pages in expected.items():
         client = env.login(user)
@@ -447,3 +454,56 @@ def test_the_reference_tables_list_every_console_metric_and_setting() -> None:
     assert all(
         f"`FRAUDSTREAM_CONSOLE_{name.upper()}`" in settings for name in ConsoleSettings.model_fields
     )
+
+
+def test_a_supervisor_sets_and_lifts_controls_each_change_audited_and_queued(env: Env) -> None:
+    sue = env.login("sue")
+    case_page = sue.get("/cases/tx-1").text
+    assert "/controls?subject=terminal&amp;subject_id=terminal-0815" in case_page
+    form = {"list": "block", "subject": "terminal", "subject_id": TERMINAL, "note": "skimmer"}
+    response = post_form(sue, "/controls/list", form, page="/controls")
+    assert response.status_code == 303
+    assert "workers apply it within seconds" in sue.get("/controls").text
+    thresholds = {
+        "model_version": "lstm-1",
+        "review_threshold": "0.2",
+        "decline_threshold": "0.6",
+        "note": "incident 42",
+    }
+    post_form(sue, "/controls/thresholds", thresholds, page="/controls")
+    in_force = env.store.controls_in_force()
+    assert set(in_force.entries) == {f"list:terminal:{TERMINAL}", "thresholds:lstm-1"}
+    block = in_force.entries[f"list:terminal:{TERMINAL}"]
+    assert (block.action, block.changed_by, block.note) == ("block", "sue", "skimmer")
+    page = sue.get("/controls").text
+    assert TERMINAL in page and "incident 42" in page
+
+    # Refused: no note, an unknown list, thresholds out of order; nothing stored.
+    for path, data in (
+        ("/controls/list", {**form, "note": " "}),
+        ("/controls/list", {**form, "list": "maybe"}),
+        ("/controls/thresholds", {**thresholds, "review_threshold": "0.9"}),
+        ("/controls/thresholds", {**thresholds, "decline_threshold": "lots"}),
+    ):
+        post_form(sue, path, data, page="/controls")
+        assert "not changed" in sue.get("/controls").text, (path, data)
+    assert len(env.store.control_changes()) == 2
+
+    key = f"list:terminal:{TERMINAL}"
+    post_form(sue, "/controls/lift", {"key": key, "note": "replaced"}, page="/controls")
+    assert set(env.store.controls_in_force().entries) == {"thresholds:lstm-1"}
+    changes = env.store.control_changes()
+    assert [(c.control.action, c.control.active) for c in changes] == [
+        ("block", True),
+        ("thresholds", True),
+        ("block", False),
+    ]
+    # Every change waits in the outbox, in the worker's format, keyed for compaction.
+    pending = env.store.pending_controls()
+    assert [p.key.decode() for p in pending] == [key, "thresholds:lstm-1", key]
+    assert parse_control(pending[2].payload) == changes[2].control
+    assert env.controls_woken == 3
+    # An analyst can neither see nor change them.
+    ann = env.login("ann")
+    response = ann.post("/controls/list", data={**form, "csrf": csrf_of(ann, "/queue")})
+    assert response.status_code == 403 and len(env.store.control_changes()) == 3

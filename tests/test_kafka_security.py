@@ -225,16 +225,20 @@ def grant(
     _wait(admin.create_acls(bindings))
 
 
-def read_only_topic(kafka: ApacheKafka, topic: str) -> None:
-    """Create ``topic`` as the super user and let the worker only Describe and Read it."""
+def read_only_topic(
+    kafka: ApacheKafka, topic: str, operations: tuple[str, ...] = ("Read",)
+) -> None:
+    """Create ``topic`` as the super user and let the worker only Describe it and do
+    ``operations`` (Read by default)."""
     admin = _admin(kafka)
     _wait(admin.create_topics([NewTopic(topic, 2, 1)]))
+    allowed = {"Read": AclOperation.READ, "Write": AclOperation.WRITE}
     bindings = [
         AclBinding(
             ResourceType.TOPIC, topic, ResourcePatternType.LITERAL, PRINCIPAL, "*", op,
             AclPermissionType.ALLOW,
         )
-        for op in (AclOperation.DESCRIBE, AclOperation.READ)
+        for op in (AclOperation.DESCRIBE, *(allowed[name] for name in operations))
     ]  # fmt: skip
     _wait(admin.create_acls(bindings))
 
@@ -269,13 +273,13 @@ def secure_settings(
 
     ``secure_settings(listener, prefix, **overrides)``: the consumer group is ``prefix``
     and every topic ``prefix.<role>``, so one prefixed ACL of each kind covers the worker
-    (its repartition topic, Faust's internal topic and transactional ids derive from the
+    (its repartition topic and transactional ids derive from the
     group). Redis keys are deleted when the test ends.
     """
     made: list[Settings] = []
 
     def factory(listener: str, prefix: str, **overrides: Any) -> Settings:
-        roles = ("transactions", "labels", "scores", "alerts", "shadow_scores")
+        roles = ("transactions", "labels", "scores", "alerts", "shadow_scores", "controls")
         topics = {f"topic_{role}": f"{prefix}.{role}" for role in roles}
         topics["topic_dead_letters"] = f"{prefix}.transactions.dlq"
         topics["topic_label_dead_letters"] = f"{prefix}.labels.dlq"
@@ -412,11 +416,11 @@ START_UP_CASES: dict[str, StartUpCase] = {
         lambda _p, _c: {},
         lambda p: (f"transactional id {p}-scoring-test", "FRAUDSTREAM_GROUP_ID"),
     ),
-    "no ACL on Faust's internal topic": StartUpCase(
+    "no Read ACL on the controls topic": StartUpCase(
         "SASL",
-        {"topic_prefix": "{p}."},  # every topic but <group>-__assignor-__leader
-        lambda _p, _c: {},
-        lambda p: (f"{p}-__assignor-__leader", "FRAUDSTREAM_CREATE_TOPICS"),
+        {},
+        lambda p, _c: {"topic_controls": f"nr-{p}.controls"},
+        lambda p: (f"Read topic nr-{p}.controls", "FRAUDSTREAM_TOPIC_CONTROLS"),
     ),
     "no Create ACL on missing topics": StartUpCase(
         "SASL",
@@ -446,6 +450,8 @@ def test_a_wrong_setting_or_missing_acl_stops_the_worker_at_start_up(
     overrides = spec.overrides(name, certificates)
     if "topic_scores" in overrides:
         read_only_topic(secure_kafka, overrides["topic_scores"])
+    if "topic_controls" in overrides:
+        read_only_topic(secure_kafka, overrides["topic_controls"], operations=())
     settings = secure_settings(spec.listener, name, log_level="DEBUG", **overrides)
     started = time.monotonic()
     code, output = run_worker_to_exit(settings, timeout_s=START_UP_BOUND_S)

@@ -455,6 +455,7 @@ def test_committed_schemas_match_the_models() -> None:
 def test_write_json_schemas(tmp_path: Path) -> None:
     written = write_json_schemas(tmp_path / "out")
     assert sorted(p.name for p in written) == [
+        "control.schema.json",
         "label.schema.json",
         "score_record.schema.json",
         "transaction_event.schema.json",

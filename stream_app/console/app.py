@@ -1,4 +1,5 @@
-"""The console's web pages: login, queue, case view, verdicts, audit trail, users.
+"""The console's web pages: login, queue, case view, verdicts, audit trail, operators'
+controls (block and allow lists, threshold overrides), users.
 
 Server-rendered (Starlette + Jinja2, autoescaped; no script at all, so the Content Security
 Policy forbids scripts outright). Every page but ``/login`` and ``/healthz`` needs a login;
@@ -24,6 +25,7 @@ from typing import Any, Final
 from urllib.parse import urlencode
 
 import jinja2
+from pydantic import ValidationError
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
@@ -44,6 +46,7 @@ from stream_app.console.store import (
     StoreError,
     User,
 )
+from stream_app.records import Control, ControlAction
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +75,7 @@ class Console:
         settings: The console settings (SLA, page size, session and login limits).
         metrics: Where verdicts and logins are counted.
         on_label: Called after a verdict queued a label (wakes the label publisher).
+        on_control: Called after a control change was stored (wakes its publisher).
     """
 
     def __init__(
@@ -80,11 +84,13 @@ class Console:
         settings: ConsoleSettings,
         metrics: ConsoleMetrics,
         on_label: Callable[[], None] = lambda: None,
+        on_control: Callable[[], None] = lambda: None,
     ) -> None:
         self.store = store
         self.settings = settings
         self.metrics = metrics
         self.on_label = on_label
+        self.on_control = on_control
         self.limiter = auth.LoginRateLimiter(settings.login_max_failures, settings.login_window_s)
         self.env = jinja2.Environment(
             loader=jinja2.FileSystemLoader(_TEMPLATES),
@@ -281,6 +287,7 @@ class Console:
             and (case.assignee == user.username or supervisor),
             outcomes=[o.value for o in Outcome],
             can_correct=supervisor and case.status is CaseStatus.CLOSED,
+            supervisor=supervisor,
         )
 
     async def claim(self, request: Request, user: User) -> Response:
@@ -369,6 +376,104 @@ class Console:
         )
         return self.render(request, "audit.html", user=user, verdicts=verdicts, page=page)
 
+    # --- operators' controls --------------------------------------------------------------
+    async def controls(self, request: Request, user: User) -> Response:
+        """Lists and threshold overrides in force, forms to change them, and their trail."""
+        in_force = await run_in_threadpool(self.store.controls_in_force)
+        history = await run_in_threadpool(lambda: self.store.control_changes(limit=100))
+        versions = await run_in_threadpool(self.store.model_versions)
+        entries = sorted(in_force.entries.values(), key=lambda c: c.changed_at, reverse=True)
+        return self.render(
+            request,
+            "controls.html",
+            user=user,
+            lists=[c for c in entries if c.action is not ControlAction.THRESHOLDS],
+            overrides=[c for c in entries if c.action is ControlAction.THRESHOLDS],
+            history=list(reversed(history)),
+            model_versions=versions,
+            subject=request.query_params.get("subject", ""),
+            subject_id=request.query_params.get("subject_id", ""),
+        )
+
+    async def _change_control(
+        self, request: Request, user: User, fields: dict[str, Any]
+    ) -> Response:
+        form: dict[str, str] = request.state.form
+        note = " ".join(form.get("note", "").split())
+        if not note:
+            request.session["flash"] = "not changed: say why in the note"
+            return RedirectResponse("/controls", status_code=303)
+        try:
+            control = Control.model_validate(
+                {
+                    **fields,
+                    "changed_by": user.username,
+                    "changed_at": datetime.now(UTC),
+                    "note": note,
+                }
+            )
+        except ValidationError as exc:
+            problems = "; ".join(str(e["msg"]).removeprefix("Value error, ") for e in exc.errors())
+            request.session["flash"] = f"not changed: {problems}"
+            return RedirectResponse("/controls", status_code=303)
+        await run_in_threadpool(self.store.record_control, control)
+        self.on_control()
+        # Logs name the user and the kind of change, never the customer or terminal.
+        log.info(
+            "user %r %s a %s control",
+            user.username,
+            "set" if control.active else "lifted",
+            control.action.value,
+        )
+        what = "lifted" if not control.active else "in force"
+        request.session["flash"] = (
+            f"{control.action.value} control {what}; workers apply it within seconds"
+        )
+        return RedirectResponse("/controls", status_code=303)
+
+    async def add_list_entry(self, request: Request, user: User) -> Response:
+        """Put a customer or terminal on the block or allow list (supervisors)."""
+        form: dict[str, str] = request.state.form
+        fields = {
+            "action": form.get("list", ""),
+            "subject": form.get("subject", ""),
+            "subject_id": form.get("subject_id", "").strip(),
+            "active": True,
+        }
+        if fields["action"] not in (ControlAction.BLOCK, ControlAction.ALLOW):
+            request.session["flash"] = "not changed: choose the block or the allow list"
+            return RedirectResponse("/controls", status_code=303)
+        return await self._change_control(request, user, fields)
+
+    async def set_thresholds(self, request: Request, user: User) -> Response:
+        """Override a champion version's review and decline thresholds (supervisors)."""
+        form: dict[str, str] = request.state.form
+        fields: dict[str, Any] = {
+            "action": ControlAction.THRESHOLDS,
+            "model_version": form.get("model_version", "").strip(),
+            "active": True,
+        }
+        for name in ("review_threshold", "decline_threshold"):
+            try:
+                fields[name] = float(form.get(name, ""))
+            except ValueError:
+                request.session["flash"] = f"not changed: {name.replace('_', ' ')} is a number"
+                return RedirectResponse("/controls", status_code=303)
+        return await self._change_control(request, user, fields)
+
+    async def lift_control(self, request: Request, user: User) -> Response:
+        """Lift a list entry or a threshold override in force (supervisors)."""
+        form: dict[str, str] = request.state.form
+        in_force = await run_in_threadpool(self.store.controls_in_force)
+        current = in_force.entries.get(form.get("key", ""))
+        if current is None:
+            request.session["flash"] = "not changed: that control is no longer in force"
+            return RedirectResponse("/controls", status_code=303)
+        fields = current.model_dump(
+            include={"action", "subject", "subject_id", "model_version"}, exclude_none=True
+        )
+        return await self._change_control(request, user, {**fields, "active": False})
+
     async def users(self, request: Request, user: User) -> Response:
         """The users and their roles (admins); created with ``fraudstream console add-user``."""
         users = await run_in_threadpool(self.store.users)
@@ -380,10 +485,11 @@ def create_app(
     settings: ConsoleSettings,
     metrics: ConsoleMetrics,
     on_label: Callable[[], None] = lambda: None,
+    on_control: Callable[[], None] = lambda: None,
     lifespan: Any = None,
 ) -> Starlette:
     """The console's ASGI application (see :class:`Console` for the arguments)."""
-    console = Console(store, settings, metrics, on_label)
+    console = Console(store, settings, metrics, on_label, on_control)
     analyst, supervisor, admin = auth.Role.ANALYST, auth.Role.SUPERVISOR, auth.Role.ADMIN
 
     async def home(request: Request, user: User) -> Response:
@@ -420,6 +526,14 @@ def create_app(
             methods=["POST"],
         ),
         Route("/audit", console.page(supervisor, console.audit), methods=["GET"]),
+        Route("/controls", console.page(supervisor, console.controls), methods=["GET"]),
+        Route("/controls/list", console.page(supervisor, console.add_list_entry), methods=["POST"]),
+        Route(
+            "/controls/thresholds",
+            console.page(supervisor, console.set_thresholds),
+            methods=["POST"],
+        ),
+        Route("/controls/lift", console.page(supervisor, console.lift_control), methods=["POST"]),
         Route("/users", console.page(admin, console.users), methods=["GET"]),
     ]
     middleware = [

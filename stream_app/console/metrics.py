@@ -80,6 +80,12 @@ class ConsoleMetrics:
             "Labels from verdicts acknowledged by the labels topic.",
             registry=registry,
         )
+        self.controls_published = Counter(
+            "fraudstream_console_controls_published_total",
+            "Operators' control changes (lists, threshold overrides) acknowledged by the "
+            "controls topic.",
+            registry=registry,
+        )
         self.logins = Counter(
             "fraudstream_console_logins_total",
             "Login attempts, by outcome (success, failure, rate_limited).",

@@ -1,4 +1,5 @@
-"""Runs the console: the alerts consumer, the label publisher and the web server together.
+"""Runs the console: the alerts consumer, the label and control publishers and the web
+server together.
 
 One process, one event loop: uvicorn serves the pages while the consumer and the publisher
 run as tasks of the application's lifespan. If either task fails, the server stops and the
@@ -23,8 +24,8 @@ from starlette.applications import Starlette
 from stream_app.config import Settings
 from stream_app.console.app import create_app
 from stream_app.console.ingest import AlertIngest, HistoryIngest
-from stream_app.console.labels import LabelPublisher
 from stream_app.console.metrics import ConsoleMetrics
+from stream_app.console.outbox import control_publisher, label_publisher
 from stream_app.console.settings import ConsoleSettings
 from stream_app.console.store import CaseStore
 
@@ -59,7 +60,8 @@ def build(
     metrics.sla.set(console.sla_s)
     ingest = AlertIngest(settings, store, metrics)
     history = HistoryIngest(settings, store, metrics) if console.history_days else None
-    publisher = LabelPublisher(settings, store, metrics)
+    publisher = label_publisher(settings, store, metrics)
+    controls = control_publisher(settings, store, metrics)
     failed: list[BaseException] = []
 
     @contextlib.asynccontextmanager
@@ -67,6 +69,7 @@ def build(
         tasks = [
             asyncio.create_task(ingest.run(), name="console-ingest"),
             asyncio.create_task(publisher.run(), name="console-labels"),
+            asyncio.create_task(controls.run(), name="console-controls"),
         ]
         if history is not None:
             tasks.append(asyncio.create_task(history.run(), name="console-history"))
@@ -89,12 +92,20 @@ def build(
         finally:
             ingest.stop()
             publisher.stop()
+            controls.stop()
             if history is not None:
                 history.stop()
             housekeeping.cancel()
             await asyncio.gather(*tasks, housekeeping, return_exceptions=True)
 
-    app = create_app(store, console, metrics, on_label=publisher.wake, lifespan=lifespan)
+    app = create_app(
+        store,
+        console,
+        metrics,
+        on_label=publisher.wake,
+        on_control=controls.wake,
+        lifespan=lifespan,
+    )
     app.state.failed = failed
     app.state.ingest = ingest
     app.state.history = history

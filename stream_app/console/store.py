@@ -1,4 +1,5 @@
-"""The case store: cases opened from alerts, the verdict trail, the label outbox, the users.
+"""The case store: cases opened from alerts, the verdict trail, the label outbox, the
+operators' controls (their trail and outbox), the users.
 
 SQLite by default (embedded, nothing to run), PostgreSQL by URL for deployments. Both run
 the same tables and the same statements: SQL both dialects accept, written with ``?``
@@ -33,8 +34,9 @@ from typing import Any, Final, Protocol
 
 import orjson
 
+from stream_app.controls import Controls
 from stream_app.errors import ConfigError, FraudStreamError
-from stream_app.records import Label, ScoreRecord
+from stream_app.records import Control, Label, ScoreRecord
 
 
 class StoreError(FraudStreamError):
@@ -118,6 +120,22 @@ _SCHEMA: Final = (
     "CREATE INDEX IF NOT EXISTS scores_customer ON scores (customer_id, event_time)",
     "CREATE INDEX IF NOT EXISTS scores_terminal ON scores (terminal_id, event_time)",
     "CREATE INDEX IF NOT EXISTS scores_received ON scores (received_at)",
+    """CREATE TABLE IF NOT EXISTS control_changes (
+        change_id TEXT PRIMARY KEY,
+        control_key TEXT NOT NULL,
+        payload TEXT NOT NULL,
+        changed_by TEXT NOT NULL,
+        changed_at DOUBLE PRECISION NOT NULL
+    )""",
+    "CREATE INDEX IF NOT EXISTS control_changes_time ON control_changes (changed_at)",
+    """CREATE TABLE IF NOT EXISTS control_outbox (
+        change_id TEXT PRIMARY KEY REFERENCES control_changes (change_id),
+        message_key TEXT NOT NULL,
+        payload TEXT NOT NULL,
+        created_at DOUBLE PRECISION NOT NULL,
+        sent_at DOUBLE PRECISION
+    )""",
+    "CREATE INDEX IF NOT EXISTS control_outbox_pending ON control_outbox (sent_at, created_at)",
     """CREATE TABLE IF NOT EXISTS users (
         username TEXT PRIMARY KEY,
         password_hash TEXT NOT NULL,
@@ -131,6 +149,10 @@ _APPEND_ONLY_SQLITE: Final = (
        BEGIN SELECT RAISE(ABORT, 'verdicts are append-only'); END""",
     """CREATE TRIGGER IF NOT EXISTS verdicts_no_delete BEFORE DELETE ON verdicts
        BEGIN SELECT RAISE(ABORT, 'verdicts are append-only'); END""",
+    """CREATE TRIGGER IF NOT EXISTS control_changes_no_update BEFORE UPDATE ON control_changes
+       BEGIN SELECT RAISE(ABORT, 'control changes are append-only'); END""",
+    """CREATE TRIGGER IF NOT EXISTS control_changes_no_delete BEFORE DELETE ON control_changes
+       BEGIN SELECT RAISE(ABORT, 'control changes are append-only'); END""",
 )
 _APPEND_ONLY_POSTGRES: Final = (
     """CREATE OR REPLACE FUNCTION fraudstream_verdicts_append_only() RETURNS trigger
@@ -139,6 +161,12 @@ _APPEND_ONLY_POSTGRES: Final = (
     """CREATE OR REPLACE TRIGGER verdicts_append_only
        BEFORE UPDATE OR DELETE OR TRUNCATE ON verdicts
        FOR EACH STATEMENT EXECUTE FUNCTION fraudstream_verdicts_append_only()""",
+    """CREATE OR REPLACE FUNCTION fraudstream_controls_append_only() RETURNS trigger
+       LANGUAGE plpgsql AS $$
+       BEGIN RAISE EXCEPTION 'control changes are append-only'; END $$""",
+    """CREATE OR REPLACE TRIGGER control_changes_append_only
+       BEFORE UPDATE OR DELETE OR TRUNCATE ON control_changes
+       FOR EACH STATEMENT EXECUTE FUNCTION fraudstream_controls_append_only()""",
 )
 
 
@@ -264,6 +292,33 @@ class PendingLabel:
     verdict_id: str
     key: bytes
     payload: bytes
+
+    @property
+    def message_id(self) -> str:
+        """What :meth:`CaseStore.mark_labels_sent` takes."""
+        return self.verdict_id
+
+
+@dataclass(frozen=True, slots=True)
+class PendingControl:
+    """A control change stored in the audit trail and not yet acknowledged by the broker."""
+
+    change_id: str
+    key: bytes
+    payload: bytes
+
+    @property
+    def message_id(self) -> str:
+        """What :meth:`CaseStore.mark_controls_sent` takes."""
+        return self.change_id
+
+
+@dataclass(frozen=True, slots=True)
+class ControlChange:
+    """One entry of the append-only trail of operators' controls."""
+
+    change_id: str
+    control: Control
 
 
 class _Connection(Protocol):
@@ -744,6 +799,75 @@ class CaseStore:
         with self._transaction() as cur:
             cur.execute("SELECT payload FROM label_outbox ORDER BY created_at, verdict_id")
             return [Label.model_validate_json(str(row[0])) for row in cur.fetchall()]
+
+    # --- operators' controls --------------------------------------------------------------
+    def record_control(self, control: Control) -> ControlChange:
+        """Append a change to the controls trail and queue it for the controls topic, in
+        one transaction: never a change in force without its audit entry, nor the reverse.
+        """
+        change = ControlChange(uuid.uuid4().hex, control)
+        payload = control.to_json().decode()
+        changed_at = control.changed_at.timestamp()
+        with self._transaction() as cur:
+            cur.execute(
+                "INSERT INTO control_changes (change_id, control_key, payload, changed_by, "
+                "changed_at) VALUES (?, ?, ?, ?, ?)",
+                (change.change_id, control.key, payload, control.changed_by, changed_at),
+            )
+            cur.execute(
+                "INSERT INTO control_outbox (change_id, message_key, payload, created_at, "
+                "sent_at) VALUES (?, ?, ?, ?, NULL)",
+                (change.change_id, control.key, payload, changed_at),
+            )
+        return change
+
+    def control_changes(self, *, limit: int | None = None) -> list[ControlChange]:
+        """The controls trail, oldest first (the last ``limit`` changes if given)."""
+        with self._transaction() as cur:
+            if limit is None:
+                cur.execute(
+                    "SELECT change_id, payload FROM control_changes ORDER BY changed_at, change_id"
+                )
+                rows = cur.fetchall()
+            else:
+                cur.execute(
+                    "SELECT change_id, payload FROM control_changes "
+                    "ORDER BY changed_at DESC, change_id DESC LIMIT ?",
+                    (limit,),
+                )
+                rows = cur.fetchall()[::-1]
+        return [ControlChange(str(c), Control.model_validate_json(str(p))) for c, p in rows]
+
+    def controls_in_force(self) -> Controls:
+        """The controls the workers apply: the trail folded the way a worker folds the
+        topic (:meth:`stream_app.controls.Controls.updated`)."""
+        controls = Controls()
+        for change in self.control_changes():
+            controls = controls.updated(change.control)
+        return controls
+
+    def pending_controls(self, *, limit: int = 500) -> list[PendingControl]:
+        """Control changes stored and not yet sent, oldest first."""
+        with self._transaction() as cur:
+            cur.execute(
+                "SELECT change_id, message_key, payload FROM control_outbox "
+                "WHERE sent_at IS NULL ORDER BY created_at, change_id LIMIT ?",
+                (limit,),
+            )
+            return [
+                PendingControl(str(c), str(k).encode(), str(p).encode())
+                for c, k, p in cur.fetchall()
+            ]
+
+    def mark_controls_sent(self, change_ids: Sequence[str], now_s: float | None = None) -> None:
+        """Record that the broker acknowledged these control changes."""
+        now = time.time() if now_s is None else now_s
+        with self._transaction() as cur:
+            for change_id in change_ids:
+                cur.execute(
+                    "UPDATE control_outbox SET sent_at = ? WHERE change_id = ? AND sent_at IS NULL",
+                    (now, change_id),
+                )
 
     # --- users ---------------------------------------------------------------------------
     def add_user(self, username: str, password_hash: str, role: str, *, replace: bool) -> bool:
