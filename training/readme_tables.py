@@ -244,6 +244,13 @@ def console_metrics() -> str:
     return console_metrics_table().rstrip("\n")
 
 
+def error_policy() -> str:
+    """The worker's error policy per stage, from its one definition."""
+    from stream_app.error_policy import policy_table
+
+    return policy_table()
+
+
 SECTIONS: Final[dict[str, Callable[[], str]]] = {
     "stream-worker": stream_worker,
     "scaling": scaling,
@@ -251,6 +258,7 @@ SECTIONS: Final[dict[str, Callable[[], str]]] = {
     "model-quality": model_quality,
     "console-settings": console_settings,
     "console-metrics": console_metrics,
+    "error-policy": error_policy,
 }
 _PART: Final = re.compile(
     r"(<!-- BEGIN generated: (?P<name>[a-z-]+) \(python -m training.readme_tables\) -->\n)"
