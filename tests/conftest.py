@@ -32,6 +32,27 @@ from tests.redis_cluster import redis_cluster_fixture  # noqa: F401  (one cluste
 REDIS_URL = os.environ.get("FRAUDSTREAM_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A PostgreSQL server of its own for the session (initdb + pg_ctl, a free port)."""
+    from training.services.postgres import PostgresServer
+
+    with PostgresServer() as server:
+        yield server.url
+
+
+def new_database(base_url: str) -> str:
+    """The URL of a fresh database on the session's PostgreSQL server."""
+    import uuid
+
+    import psycopg
+
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(base_url, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    return base_url.rsplit("/", 1)[0] + "/" + name
+
+
 @pytest.fixture
 def redis_prefix() -> str:
     """A key prefix no other test uses."""

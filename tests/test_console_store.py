@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -32,14 +31,7 @@ from stream_app.records import (
     ScoreRecord,
     parse_label,
 )
-from training.services.postgres import PostgresServer
-
-
-@pytest.fixture(scope="session")
-def postgres_url() -> Iterator[str]:
-    """A PostgreSQL server of its own for the session (initdb + pg_ctl, a free port)."""
-    with PostgresServer() as server:
-        yield server.url
+from tests.conftest import new_database
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -48,13 +40,7 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[CaseStore]
     if request.param == "sqlite":
         url = f"sqlite:///{tmp_path / 'cases.db'}"
     else:
-        import psycopg
-
-        base: str = request.getfixturevalue("postgres_url")
-        name = f"t_{uuid.uuid4().hex[:12]}"
-        with psycopg.connect(base, autocommit=True) as conn:
-            conn.execute(f"CREATE DATABASE {name}")
-        url = base.rsplit("/", 1)[0] + "/" + name
+        url = new_database(request.getfixturevalue("postgres_url"))
     case_store = CaseStore(url)
     case_store.create_schema()
     case_store.create_schema()  # idempotent: a restarted console runs it again

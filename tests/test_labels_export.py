@@ -11,8 +11,6 @@ from __future__ import annotations
 import csv
 import json
 import sys
-import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,8 +25,8 @@ from stream_app.cli import app, register_commands
 from stream_app.console.export import LABEL_FILE_COLUMNS, LabelColumn
 from stream_app.console.store import CaseStore, Outcome
 from stream_app.records import Decision, ScoreRecord, iso_utc_millis
+from tests.conftest import new_database
 from training.dataset import apply_label_files
-from training.services.postgres import PostgresServer
 from training.transactions import TRANSACTION_COLUMNS, read_transactions
 
 register_commands()
@@ -56,24 +54,11 @@ def frame(data: Path) -> pd.DataFrame:
     return read_transactions(data)
 
 
-@pytest.fixture(scope="module")
-def postgres_url() -> Iterator[str]:
-    """A PostgreSQL server of its own (initdb + pg_ctl on a free loopback port)."""
-    with PostgresServer() as server:
-        yield server.url
-
-
 def _new_database(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """The URL of an empty database: a SQLite file path, or a new PostgreSQL database."""
     if kind == "sqlite":
         return f"sqlite:///{tmp_path / 'cases.db'}"
-    import psycopg
-
-    base: str = request.getfixturevalue("postgres_url")
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(base, autocommit=True) as conn:
-        conn.execute(f"CREATE DATABASE {name}")
-    return base.rsplit("/", 1)[0] + "/" + name
+    return new_database(request.getfixturevalue("postgres_url"))
 
 
 def _create_schema(url: str) -> str:
