@@ -14,9 +14,11 @@ has its rule, every metric and alert named exists, every log line quoted is in t
 named, and a Kafka error no retry can fix says what the operator must do. The README's
 table is rendered from here (:func:`policy_table`, ``python -m training.readme_tables``).
 
-A message can never stop the worker: what is wrong with one event is dead-lettered. What
-stops it is configuration (exit code 2, before anything is consumed) or a fault that makes
-going on unsafe (exit code 1, after the uncommitted batch is left for the restart).
+What is wrong with one event is dead-lettered, and the rest of its batch goes on; the one
+exception is a dead letter the broker refuses as too large, whose batch is retried until
+the operator acts (its rule says what to change). What stops the worker is configuration
+(exit code 2, before anything is consumed) or a fault that makes going on unsafe (exit
+code 1; the restart re-processes from the last commit).
 """
 
 from __future__ import annotations
