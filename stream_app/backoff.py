@@ -1,4 +1,9 @@
-"""Retrying Redis and Kafka operations with capped exponential backoff."""
+"""Retrying Redis and Kafka operations with capped exponential backoff.
+
+Only what a later try may change is retried: a Kafka error that no retry changes (a record
+the brokers refuse as too large, an ACL taken away) stops the worker with a
+:class:`FatalKafkaError` saying what to fix, instead of retrying it for ever.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,15 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Final, TypeVar
 
+from aiokafka.errors import (
+    ClusterAuthorizationFailedError,
+    GroupAuthorizationFailedError,
+    MessageSizeTooLargeError,
+    TopicAuthorizationFailedError,
+    TransactionalIdAuthorizationFailed,
+)
+
+from stream_app.errors import FraudStreamError
 from stream_app.metrics import WorkerMetrics
 
 log = logging.getLogger(__name__)
@@ -30,6 +44,56 @@ def describe_error(exc: BaseException) -> str:
     return f"{name}: {text}" if text else name
 
 
+# Kafka errors no retry changes, and what the operator must do about each.
+FATAL_KAFKA_ERRORS: Final[tuple[tuple[type[BaseException], str], ...]] = (
+    (
+        MessageSizeTooLargeError,
+        "the brokers refuse a record as too large: keep FRAUDSTREAM_MAX_PAYLOAD_BYTES a few "
+        "KiB below the max.message.bytes of the dead-letter topics and the brokers' "
+        "message.max.bytes",
+    ),
+    (
+        TopicAuthorizationFailedError,
+        "the worker may no longer use a topic: restore its principal's Read ACL on the input "
+        "and controls topics and Write ACL on the output topics",
+    ),
+    (
+        GroupAuthorizationFailedError,
+        "restore Read on the consumer group FRAUDSTREAM_GROUP_ID.scoring for the worker's "
+        "principal",
+    ),
+    (
+        TransactionalIdAuthorizationFailed,
+        "restore Write and Describe on the worker's transactional id (named after "
+        "FRAUDSTREAM_GROUP_ID and FRAUDSTREAM_INSTANCE_ID)",
+    ),
+    (
+        ClusterAuthorizationFailedError,
+        "restore the cluster permission the brokers ask for (IdempotentWrite before Kafka 3.0)",
+    ),
+)
+
+
+class FatalKafkaError(FraudStreamError):
+    """A Kafka operation failed in a way no retry changes; the message says what to fix."""
+
+
+def fatal_kafka_fix(exc: BaseException) -> str | None:
+    """What to fix, if ``exc`` is a Kafka error no retry changes; None otherwise."""
+    for kind, fix in FATAL_KAFKA_ERRORS:
+        if isinstance(exc, kind):
+            return fix
+    return None
+
+
+def fatal_kafka_error(what: str, exc: BaseException) -> FatalKafkaError | None:
+    """The error that stops the worker, if ``exc`` is one no retry changes."""
+    fix = fatal_kafka_fix(exc)
+    if fix is None:
+        return None
+    return FatalKafkaError(f"{what} failed ({describe_error(exc)}), which no retry changes: {fix}")
+
+
 class Backoff:
     """Retries an operation until it succeeds, pausing longer each time (capped).
 
@@ -50,7 +114,11 @@ class Backoff:
         errors: tuple[type[BaseException], ...],
         on_error: Callable[[BaseException], None],
     ) -> T:
-        """Await ``operation()`` until it stops raising ``errors``; other errors propagate."""
+        """Await ``operation()`` until it stops raising ``errors``; other errors propagate.
+
+        Raises:
+            FatalKafkaError: the operation failed with a Kafka error no retry changes.
+        """
         delay = BACKOFF_START_S
         failed_since: float | None = None
         was_ready = 0.0
@@ -60,6 +128,9 @@ class Backoff:
                 result = await operation()
             except errors as exc:
                 on_error(exc)
+                fatal = fatal_kafka_error(what, exc)
+                if fatal is not None:
+                    raise fatal from exc
                 now = time.monotonic()
                 if failed_since is None:
                     failed_since = now

@@ -14,11 +14,11 @@ has its rule, every metric and alert named exists, every log line quoted is in t
 named, and a Kafka error no retry can fix says what the operator must do. The README's
 table is rendered from here (:func:`policy_table`, ``python -m training.readme_tables``).
 
-What is wrong with one event is dead-lettered, and the rest of its batch goes on; the one
-exception is a dead letter the broker refuses as too large, whose batch is retried until
-the operator acts (its rule says what to change). What stops the worker is configuration
-(exit code 2, before anything is consumed) or a fault that makes going on unsafe (exit
-code 1; the restart re-processes from the last commit).
+What is wrong with one event is dead-lettered, and the rest of its batch goes on. What
+stops the worker is configuration (exit code 2, before anything is consumed) or a fault
+that makes going on unsafe or that no retry changes (exit code 1, with what to fix; the
+restart re-processes from the last commit): a Kafka error of
+:data:`~stream_app.backoff.FATAL_KAFKA_ERRORS` is never retried.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from typing import Final
 
 from aiokafka.errors import (
     CommitFailedError,
+    GroupAuthorizationFailedError,
     IllegalStateError,
     KafkaConnectionError,
     KafkaError,
@@ -37,6 +38,7 @@ from aiokafka.errors import (
     OffsetOutOfRangeError,
     ProducerFenced,
     TopicAuthorizationFailedError,
+    TransactionalIdAuthorizationFailed,
     UnknownTopicOrPartitionError,
 )
 from redis.exceptions import RedisError
@@ -184,6 +186,19 @@ POLICY: Final[tuple[Rule, ...]] = (
     ),
     Rule(
         Stage.START,
+        "a dead-letter topic cannot take the largest message accepted (its max.message.bytes "
+        "below FRAUDSTREAM_MAX_PAYLOAD_BYTES plus 4 KiB of headers)",
+        Handling.FATAL,
+        "stops before consuming anything",
+        ("stream_app.kafka_preflight:check_dead_letter_room",),
+        ("stderr", "accepts messages of up to"),
+        exceptions=(ConfigError,),
+        exit_code=2,
+        fix="raise the topic's max.message.bytes, or lower FRAUDSTREAM_MAX_PAYLOAD_BYTES, as "
+        "the message says",
+    ),
+    Rule(
+        Stage.START,
         "the metrics address cannot be bound",
         Handling.FATAL,
         "stops before consuming anything",
@@ -198,24 +213,26 @@ POLICY: Final[tuple[Rule, ...]] = (
         Stage.CONSUME,
         f"a poll fails ({_KAFKA_DOWN})",
         Handling.RETRIED,
-        "polls again after a short pause; what was polled is not lost (nothing committed)",
+        "polls again after a pause that grows like every retry's; not ready until a poll "
+        "succeeds; what was polled is not lost (nothing committed)",
         (f"{_LOOP}.run",),
         ("WARNING", "polling transactions failed"),
         exceptions=(KafkaError,),
-        metrics=('fraudstream_kafka_errors_total{operation="consume"}',),
+        metrics=('fraudstream_kafka_errors_total{operation="consume"}', "fraudstream_ready"),
         alert="FraudstreamKafkaErrors",
     ),
     Rule(
         Stage.CONSUME,
-        "the worker may no longer read an input topic (its Read ACL was removed)",
-        Handling.RETRIED,
-        "polls again after a short pause, as for any failed poll",
-        (f"{_LOOP}.run",),
-        ("WARNING", "polling transactions failed"),
-        exceptions=(TopicAuthorizationFailedError,),
+        "the worker may no longer read an input topic or its group (an ACL was removed)",
+        Handling.FATAL,
+        "stops: no retry changes it; the restart's start-up checks name the missing ACL",
+        (f"{_LOOP}.run", "stream_app.backoff:fatal_kafka_error"),
+        ("ERROR", "which no retry changes"),
+        exceptions=(TopicAuthorizationFailedError, GroupAuthorizationFailedError),
         metrics=('fraudstream_kafka_errors_total{operation="consume"}',),
-        alert="FraudstreamKafkaErrors",
-        fix="restore the Read ACL on the topic the warning names",
+        alert="FraudstreamWorkerDown",
+        exit_code=1,
+        fix="restore the worker principal's Read ACL on the input topics and its group",
     ),
     Rule(
         Stage.CONSUME,
@@ -444,27 +461,33 @@ POLICY: Final[tuple[Rule, ...]] = (
     ),
     Rule(
         Stage.PUBLISH,
-        "the worker may no longer write an output topic (its Write ACL was removed)",
-        Handling.RETRIED,
-        "sends the batch again, as for any failed send",
-        (f"{_LOOP}._acknowledged",),
-        exceptions=(TopicAuthorizationFailedError,),
+        "the worker may no longer write an output topic or use its transactional id (an "
+        "ACL was removed)",
+        Handling.FATAL,
+        "stops with the batch uncommitted: no retry changes it; the restart's start-up "
+        "checks name the missing ACL",
+        (f"{_LOOP}._acknowledged", "stream_app.backoff:fatal_kafka_error"),
+        ("ERROR", "which no retry changes"),
+        exceptions=(TopicAuthorizationFailedError, TransactionalIdAuthorizationFailed),
         metrics=('fraudstream_kafka_errors_total{operation="produce"}',),
-        alert="FraudstreamKafkaErrors",
-        backoff="publishing outputs",
-        fix="restore the Write ACL on the topic the warning names",
+        alert="FraudstreamWorkerDown",
+        exit_code=1,
+        fix="restore the worker principal's Write ACL on the output topics and Write and "
+        "Describe on its transactional id",
     ),
     Rule(
         Stage.PUBLISH,
-        "the broker refuses an output as too large (a dead letter of a payload near the "
-        "topic's max.message.bytes)",
-        Handling.RETRIED,
-        "sends the batch again, as for any failed send",
-        (f"{_LOOP}._acknowledged",),
+        "the broker refuses an output as too large (a dead-letter topic's max.message.bytes "
+        "lowered after start-up)",
+        Handling.FATAL,
+        "stops with the batch uncommitted (nothing lost): no retry changes it; the restart "
+        "stops at start-up, naming the topic and its limit",
+        (f"{_LOOP}._acknowledged", "stream_app.backoff:fatal_kafka_error"),
+        ("ERROR", "which no retry changes"),
         exceptions=(MessageSizeTooLargeError,),
         metrics=('fraudstream_kafka_errors_total{operation="produce"}',),
-        alert="FraudstreamKafkaErrors",
-        backoff="publishing outputs",
+        alert="FraudstreamWorkerDown",
+        exit_code=1,
         fix="keep FRAUDSTREAM_MAX_PAYLOAD_BYTES a few KiB below the dead-letter topics' "
         "max.message.bytes",
     ),
@@ -556,7 +579,9 @@ def policy_table() -> str:
         "`FRAUDSTREAM_RETRY_BACKOFF_MAX_S`): a WARNING at each try, a `still waiting` line "
         f"after {STILL_WAITING_AFTER_S:.0f} s and every {STILL_WAITING_EVERY_S:.0f} s after, "
         "`fraudstream_ready` 0 meanwhile, and no offset committed past the batch; a poll is "
-        "retried after a fixed 0.1 s. *Dead-lettered* means the original bytes go to the "
+        "retried the same way, and a Kafka error no retry changes (an ACL removed, a record "
+        "too large) is never retried: it is fatal. *Dead-lettered* means the original "
+        "bytes go to the "
         "dead-letter topic with the headers `dlq.reason`, `dlq.detail` and `dlq.source.*` "
         "(topic, partition, offset), and the rest of the batch goes on. *Fatal* stops the "
         "worker with the exit code shown (2: fix the configuration; 1: restart it, and it "

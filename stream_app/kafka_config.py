@@ -94,6 +94,12 @@ def scoring_transactional_id(settings: Settings) -> str:
     return f"{settings.group_id}-scoring-{settings.instance_id}"
 
 
+# A dead letter is the original message with its dlq.* headers: room for those and for the
+# record's own framing, on top of FRAUDSTREAM_MAX_PAYLOAD_BYTES.
+DEAD_LETTER_OVERHEAD_BYTES: Final = 4096
+_DEFAULT_MAX_REQUEST_BYTES: Final = 1 << 20  # aiokafka's
+
+
 def producer_kwargs(settings: Settings, *, transactional_id: str | None = None) -> dict[str, Any]:
     """Arguments of an ``AIOKafkaProducer`` for the worker's outputs or the replay tool."""
     kwargs = client_kwargs(settings)
@@ -103,6 +109,10 @@ def producer_kwargs(settings: Settings, *, transactional_id: str | None = None) 
         linger_ms=settings.producer_linger_ms,
         max_batch_size=PRODUCER_MAX_BATCH_BYTES,
         request_timeout_ms=PRODUCER_REQUEST_TIMEOUT_MS,
+        # The largest accepted message must fit as a dead letter.
+        max_request_size=max(
+            _DEFAULT_MAX_REQUEST_BYTES, settings.max_payload_bytes + DEAD_LETTER_OVERHEAD_BYTES
+        ),
     )
     if transactional_id is not None:
         kwargs["transactional_id"] = transactional_id

@@ -479,6 +479,47 @@ async def check_session_timeout(admin: AIOKafkaAdminClient, settings: Settings) 
         )
 
 
+async def check_dead_letter_room(admin: AIOKafkaAdminClient, settings: Settings) -> None:
+    """The dead-letter topics must take the largest message the worker accepts.
+
+    A message of up to FRAUDSTREAM_MAX_PAYLOAD_BYTES that fails validation is published as
+    it came, plus headers; a topic whose ``max.message.bytes`` is smaller refuses it, and
+    no retry changes that. Brokers that do not let this principal describe topic
+    configurations are not checked (the worker then stops when it meets such a message).
+
+    Raises:
+        ConfigError: a dead-letter topic is too small for FRAUDSTREAM_MAX_PAYLOAD_BYTES.
+    """
+    topics = [settings.topic_dead_letters, settings.topic_label_dead_letters]
+    resources = [
+        ConfigResource(ConfigResourceType.TOPIC, topic, {"max.message.bytes": None})
+        for topic in topics
+    ]
+    try:
+        responses = await admin.describe_configs(resources)
+    except KafkaError as exc:
+        log.debug("topic configuration not readable (%s): dead-letter room not checked", exc)
+        return
+    needed = settings.max_payload_bytes + kafka_config.DEAD_LETTER_OVERHEAD_BYTES
+    for response in responses:
+        for item in response.to_object().get("resources", []):
+            if item.get("error_code"):
+                continue
+            for entry in item.get("config_entries", []):
+                value = entry.get("config_value")
+                if entry["config_names"] != "max.message.bytes" or value is None:
+                    continue
+                if int(value) < needed:
+                    raise ConfigError(
+                        f"topic {item['resource_name']} accepts messages of up to {value} "
+                        f"bytes, but {_setting('max_payload_bytes')}="
+                        f"{settings.max_payload_bytes} lets larger ones be dead-lettered "
+                        f"there: set its max.message.bytes to at least {needed}, or lower "
+                        f"{_setting('max_payload_bytes')} to at most "
+                        f"{int(value) - kafka_config.DEAD_LETTER_OVERHEAD_BYTES}"
+                    )
+
+
 async def check(settings: Settings) -> dict[str, int]:
     """Every start-up check, and topic creation; returns the partition count of each topic.
 
@@ -500,6 +541,7 @@ async def check(settings: Settings) -> dict[str, int]:
         await check_topics(admin, settings)
         await check_groups(admin, settings)
         await check_session_timeout(admin, settings)
+        await check_dead_letter_room(admin, settings)
     finally:
         await admin.close()
     await check_producer(settings)

@@ -61,7 +61,7 @@ from redis.exceptions import (
 )
 
 from stream_app import kafka_config, kafka_preflight
-from stream_app.backoff import BACKOFF_START_S, Backoff
+from stream_app.backoff import BACKOFF_START_S, Backoff, describe_error, fatal_kafka_error
 from stream_app.controls import ControlsFeed
 from stream_app.errors import FraudStreamError, RejectedEvent, RejectReason
 from stream_app.kafka_fencing import GroupFencedError, fence_by_generation, group_metadata
@@ -373,6 +373,7 @@ class ScoringLoop:
         if self.settings.exactly_once:
             self._watchdog = asyncio.create_task(self._watch_stalls(), name="stall-watchdog")
         wait_ms = max(1, int(self.settings.batch_max_wait_s * 1000))
+        poll_pause = BACKOFF_START_S
         try:
             while not self._stopping.is_set():
                 if self._settler.done():  # it only ends by failing: surface its error
@@ -405,9 +406,22 @@ class ScoringLoop:
                     continue
                 except KafkaError as exc:
                     self.metrics.kafka_errors.labels("consume").inc()
-                    log.warning("polling transactions failed (%s); retrying", exc)
-                    await asyncio.sleep(BACKOFF_START_S)
+                    fatal = fatal_kafka_error("polling transactions", exc)
+                    if fatal is not None:
+                        raise fatal from exc
+                    # Not ready while polls fail; the pause grows like every retry's.
+                    self.metrics.ready.hold("polling")
+                    log.warning(
+                        "polling transactions failed (%s); retrying in %.1f s",
+                        describe_error(exc),
+                        poll_pause,
+                    )
+                    await asyncio.sleep(poll_pause)
+                    poll_pause = min(poll_pause * 2, self.settings.retry_backoff_max_s)
                     continue
+                if poll_pause != BACKOFF_START_S:
+                    poll_pause = BACKOFF_START_S
+                    self.metrics.ready.release("polling")
                 async with self._lock:
                     if rebalances != self.rebalances and (polled or labels):
                         # A rebalance ran while we polled: these records may come from

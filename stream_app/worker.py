@@ -60,7 +60,7 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from stream_app import kafka_config, kafka_preflight
-from stream_app.backoff import Backoff
+from stream_app.backoff import Backoff, FatalKafkaError
 from stream_app.config import Settings, unknown_environment
 from stream_app.errors import ConfigError
 from stream_app.metrics import WorkerMetrics
@@ -124,6 +124,10 @@ class ScoringService(Service):
             await work
         except asyncio.CancelledError:
             raise
+        except FatalKafkaError as exc:
+            # Its message says what to fix; the traceback would only hide it.
+            log.error("%s; stopping the worker", exc)
+            await self.crash(exc)
         except BaseException as exc:
             # A bug or a broken model: stop the worker (non-zero exit) rather than go on
             # half-working; everything uncommitted is re-processed after the restart.
@@ -394,6 +398,8 @@ def run_worker(settings: Settings) -> int:
     )
     try:
         worker.execute_from_commandline()
+    except FatalKafkaError:
+        return 1  # already logged with what to fix (see _guarded)
     except SystemExit as exc:
         return int(exc.code or 0) if isinstance(exc.code, int | None) else 1
     return 0

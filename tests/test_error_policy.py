@@ -19,9 +19,10 @@ from typing import Any
 
 import pytest
 import yaml
-from aiokafka.errors import KafkaError
+from aiokafka.errors import ClusterAuthorizationFailedError, KafkaError
 from prometheus_client import CollectorRegistry
 
+from stream_app.backoff import FATAL_KAFKA_ERRORS, fatal_kafka_fix
 from stream_app.error_policy import POLICY, Handling, Rule, Stage, policy_table
 from stream_app.errors import RejectReason
 from stream_app.metrics import WorkerMetrics
@@ -109,11 +110,18 @@ def test_fatal_rules_and_only_they_stop_the_worker_with_an_exit_code() -> None:
             assert rule.stage is Stage.START and rule.fix, rule_id(rule)
 
 
-def test_a_kafka_error_no_retry_heals_is_never_retried_without_a_fix() -> None:
-    """aiokafka marks the errors a retry can heal (``retriable``); retrying another one
-    (an ACL removed, a record too large) waits for the operator: the rule must say what
-    to change, and the retries must be visible (logged and counted)."""
+def test_a_kafka_error_no_retry_heals_is_never_retried_but_fatal_with_a_fix() -> None:
+    """A Kafka error no retry changes (an ACL removed, a record too large) is not retried:
+    the worker stops saying what to fix (:data:`stream_app.backoff.FATAL_KAFKA_ERRORS`),
+    and the policy says so; any other permanent error retried must say what to change."""
+    fatal_kinds = {kind for kind, _ in FATAL_KAFKA_ERRORS}
+    stated = set()
     for rule in POLICY:
+        listed = {e for e in rule.exceptions if e in fatal_kinds}
+        if rule.handling is Handling.FATAL:
+            stated |= listed
+            continue
+        assert not listed, f"{rule_id(rule)} retries {listed}, which the worker never retries"
         if rule.handling is not Handling.RETRIED:
             continue
         assert rule.log is not None or rule.backoff is not None, rule_id(rule)
@@ -124,6 +132,10 @@ def test_a_kafka_error_no_retry_heals_is_never_retried_without_a_fix() -> None:
         if permanent:
             assert rule.fix, f"{rule_id(rule)} retries {permanent} without saying what to fix"
             assert rule.metrics, rule_id(rule)
+    # The worker's fatal list and the policy agree, the cluster ACL aside (start-up only).
+    assert fatal_kinds - stated <= {ClusterAuthorizationFailedError}, fatal_kinds - stated
+    for kind, fix in FATAL_KAFKA_ERRORS:
+        assert fatal_kafka_fix(kind("x")) == fix
 
 
 def test_the_readme_table_has_a_row_per_rule() -> None:
