@@ -64,6 +64,20 @@ PANELS: list[tuple[str, str, str, list[tuple[str, str]], int]] = [
         8,
     ),
     (
+        "Operator controls in force",
+        "short",
+        "timeseries",
+        [("{{kind}}", f"max by (kind) (fraudstream_controls_in_force{{{JOB}}})")],
+        12,
+    ),
+    (
+        "Decisions set by block and allow lists",
+        "ops",
+        "timeseries",
+        [("{{list}}", f"sum by (list) (rate(fraudstream_list_decisions_total{{{JOB}}}[5m]))")],
+        12,
+    ),
+    (
         "Score distribution",
         "short",
         "heatmap",
