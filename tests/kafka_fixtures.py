@@ -397,7 +397,7 @@ def build_model(
     for _ in range(epochs):
         optimiser.zero_grad()
         loss = loss_fn(model.logits(x), labels)
-        loss.backward()  # type: ignore[no-untyped-call]
+        loss.backward()
         optimiser.step()
     model.eval()
     scores = predict(model, sequences)

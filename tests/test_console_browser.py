@@ -198,7 +198,7 @@ def test_an_analyst_marks_a_case_fraud_in_chromium(bundled_broker: Broker, tmp_p
         print(f"\nalert to queue in the browser: {queue_s:.2f} s")
 
 
-def probe(frame: pd.DataFrame, n: int, terminal_id: object, at: pd.Timestamp) -> pd.DataFrame:
+def probe(frame: pd.DataFrame, n: int, terminal_id: Any, at: pd.Timestamp) -> pd.DataFrame:
     """The ``n``-th probe: one transaction of a customer with no history (ids past the
     table's), at ``terminal_id``; its score moves with the terminal's risk features."""
     row = frame.iloc[[0]].copy()
@@ -314,7 +314,7 @@ def test_verdicts_and_blocks_close_the_loop_through_the_real_worker_in_chromium(
             worker.wait_for("fraudstream_offsets_committed_total", len(messages) + 2, 60)
             # Declined, so an alert: its case opens with the block as its first reason.
             deadline = time.monotonic() + 30
-            while page.goto(f"{base}/cases/{second_id}").status == 404:  # type: ignore[union-attr]
+            while page.goto(f"{base}/cases/{second_id}").status == 404:
                 assert time.monotonic() < deadline, page.content()
                 time.sleep(0.2)
             assert "terminal on block list since" in page.content()

@@ -173,7 +173,7 @@ async def _serve_one_case(settings: Settings, database_url: str) -> dict[str, fl
                 while f"/cases/{record.transaction_id}" not in (page := client.get("/queue")).text:
                     assert time.monotonic() < deadline, page.text
                     time.sleep(0.02)
-                return page.text
+                return str(page.text)
 
             # the first alert also waits for the consumer to join its group
             until_queued(alert(41, customer="c-0", score=0.5))

@@ -13,6 +13,7 @@ import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -94,7 +95,10 @@ def test_queue_sorts_by_score_then_age_filters_and_pages(store: CaseStore) -> No
     assert total == 4 and [c.transaction_id for c in cases] == ["tx3", "tx2"]
     cases, _ = store.queue(QueueFilter(), limit=2, offset=2)
     assert [c.transaction_id for c in cases] == ["tx1", "tx4"]
-    only = lambda **kw: [c.transaction_id for c in store.queue(QueueFilter(**kw), limit=10)[0]]  # noqa: E731
+
+    def only(**kw: Any) -> list[str]:
+        return [c.transaction_id for c in store.queue(QueueFilter(**kw), limit=10)[0]]
+
     assert only(decision="decline") == ["tx3"]
     assert only(model_version="m2") == ["tx3"]
     assert only(date_from="2026-01-05") == ["tx3"]

@@ -15,6 +15,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from prometheus_client import CollectorRegistry
 from starlette.testclient import TestClient
@@ -60,10 +61,11 @@ def csrf_of(client: TestClient, path: str) -> str:
 
 def post_form(
     client: TestClient, path: str, data: dict[str, str], *, page: str | None = None
-) -> object:
+) -> httpx.Response:
     """POST a form as a browser would: with the CSRF token of the page showing it."""
     token = csrf_of(client, page or ("/login" if path == "/login" else "/queue"))
-    return client.post(path, data={**data, "csrf": token})
+    response: httpx.Response = client.post(path, data={**data, "csrf": token})
+    return response
 
 
 def alert(n: int, score: float = 0.8) -> ScoreRecord:

@@ -61,7 +61,7 @@ def _future_event(settings: Settings) -> tuple[Message, str]:
     key = customer.encode()
     partition = key_partition(key, PARTITIONS)
     topic = settings.topic_transactions
-    return Message(topic, key, orjson.dumps(document), partition), document["transaction_id"]
+    return Message(topic, key, orjson.dumps(document), partition), str(document["transaction_id"])
 
 
 def _scores_of_a_backlog(

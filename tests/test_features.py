@@ -128,7 +128,7 @@ def test_sequences_put_the_current_transaction_last_and_pad_in_front() -> None:
         np.array([0, 0, 0, 0]),
         times,
         np.array([1.0, 2.0, 3.0, 4.0]),
-        np.zeros(4),
+        np.zeros(4, dtype=np.int64),
     )
     seqs = off.sequences(2, off.position)
     amount = F.FEATURE_INDEX["TX_AMOUNT"]

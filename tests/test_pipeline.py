@@ -232,7 +232,7 @@ async def test_alerts_carry_reasons_from_one_extra_model_call(
         calls.append(len(batch))
         return real_score(batch)
 
-    scorer.raw_scores = counting_score  # type: ignore[method-assign]
+    scorer.raw_scores = counting_score  # type: ignore[method-assign,assignment]
     events, _ = _events_in_replay_order(small_transactions.frame)
     alerts: list[ScoreRecord] = []
     for start in range(0, 1200, 200):
@@ -418,7 +418,8 @@ def test_reasons_follow_the_largest_contributions_with_actual_values() -> None:
         last = batch[:, -1, :].astype(np.float64)
         risk = last[:, terminal.index].sum(axis=1) > 26
         ratio = last[:, usual.index[0]] > 2
-        return 0.1 + 0.5 * risk + 0.3 * ratio
+        scores: npt.NDArray[np.float64] = 0.1 + 0.5 * risk + 0.3 * ratio
+        return scores
 
     sequences = context.features[None, None, :].astype(np.float32)
     scores = model(sequences)

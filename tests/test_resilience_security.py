@@ -18,6 +18,7 @@ import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -136,11 +137,12 @@ def test_wrong_redis_credentials_stop_the_worker_at_start_up(
     certificates: Certificates,
     tls_redis: OwnedRedis,
 ) -> None:
-    overrides: dict[str, object] = {
+    cases: dict[str, dict[str, Any]] = {
         "wrong password": {"redis_password": WRONG_PASSWORD, "redis_ssl_ca_file": certificates.ca},
         "no password": {"redis_ssl_ca_file": certificates.ca},
         "wrong CA": {"redis_password": REDIS_PASSWORD, "redis_ssl_ca_file": certificates.other_ca},
-    }[case]
+    }
+    overrides = cases[case]
     settings = make_settings(model_dir=served_model, redis_url=tls_redis.url, **overrides)
     code, output = run_worker_to_exit(settings, START_UP_TIMEOUT_S)
     assert code == 2, output

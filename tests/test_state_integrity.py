@@ -5,6 +5,7 @@ real Redis and on a real Redis Cluster (one store per test, its own key prefix).
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -241,7 +242,7 @@ def test_terminal_frauds_never_exceed_transactions(
         stream: list[Callable[[], Any]] = []
         ordered = [txs[i] for i in arrivals]
         for k, event in enumerate(labels):
-            stream.append(lambda e=event: store.apply_labels([label_of(e)]))
+            stream.append(functools.partial(store.apply_labels, [label_of(event)]))
             if k == cut:
                 stream.append(lambda: store.apply_transactions(ordered[:4]))
         stream.insert(min(cut, len(stream)), lambda: store.apply_transactions(ordered[4:]))

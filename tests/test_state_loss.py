@@ -32,6 +32,7 @@ import pytest
 import redis
 
 from stream_app.config import Settings, settings_environment
+from stream_app.records import ScoreRecord
 from stream_app.scoring import OnnxScorer
 from tests.kafka_fixtures import Broker, Dataset, WorkerProcess, new_settings
 from tests.resilience_helpers import (
@@ -89,7 +90,7 @@ def _differing(
 ) -> tuple[int, int, int]:
     """(records found, scores differing by more than 1e-5, decisions differing) for ``ids``."""
     records = score_records(read_records(settings, settings.topic_scores, ids=ids, timeout_s=90))
-    first = {}
+    first: dict[str, ScoreRecord] = {}
     for record in records:
         first.setdefault(record.transaction_id, record)
     found = [first[i] for i in ids if i in first]

@@ -8,6 +8,7 @@ obvious pandas way and compares on random data.
 from __future__ import annotations
 
 import datetime as dt
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -104,7 +105,9 @@ def test_model_names_round_trip() -> None:
 # --- known-compromised cards -----------------------------------------------------------
 
 
-def _reference_test_set(df: pd.DataFrame, train_first: int, n_train: int, delay: int, n_test: int):
+def _reference_test_set(
+    df: pd.DataFrame, train_first: int, n_train: int, delay: int, n_test: int
+) -> set[Any]:
     """The test rows kept by the Handbook's get_train_test_set, written out day by day."""
     train = df[(df.day >= train_first) & (df.day < train_first + n_train)]
     known = set(train[train.fraud == 1].card)

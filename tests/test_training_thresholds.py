@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 
@@ -10,7 +12,9 @@ from stream_app.records import Decision
 from training.thresholds import choose_thresholds, decline_threshold, review_threshold
 
 
-def _validation(seed: int = 0, days: int = 7, cards: int = 3000, per_card: int = 3):
+def _validation(
+    seed: int = 0, days: int = 7, cards: int = 3000, per_card: int = 3
+) -> tuple[Any, ...]:
     rng = np.random.default_rng(seed)
     n = days * cards * per_card
     day = np.repeat(np.arange(days), cards * per_card)
