@@ -1,4 +1,5 @@
-"""The relay reference of ``fraudstream bench``: the latency floor must be a faithful copy."""
+"""``fraudstream bench``'s references and clocks: the relay (the latency floor) must be a
+faithful copy, and the cold drain's clock must span every score record."""
 
 from __future__ import annotations
 
@@ -17,12 +18,14 @@ from aiokafka import AIOKafkaProducer
 from stream_app import features as F
 from stream_app import kafka_config
 from stream_app.config import Settings
+from stream_app.errors import ConfigError
 from stream_app.kafka_config import ensure_topics
 from stream_app.records import TransactionEvent
 from stream_app.state import MemoryStateStore, TransactionUpdate
 from tests.feature_cases import BASE_MS
 from tests.kafka_fixtures import read_topic
-from training.bench import wait_scoring
+from training.bench import BenchResult, ColdDrain, Throughput, score_record_times, wait_scoring
+from training.bench_commands import render_markdown
 from training.bench_references import NaiveState, start_reference
 
 pytestmark = [pytest.mark.integration]
@@ -82,3 +85,63 @@ async def test_the_naive_state_computes_the_workers_terminal_windows(
         assert got.terminal_tx.tolist() == expected.terminal_tx.tolist(), i
         assert got.times_ms.tolist() == expected.times_ms.tolist(), i
     assert expected.terminal_tx[-1].min() > 0  # the windows were not all empty
+
+
+async def test_the_cold_drain_clock_spans_every_score_record_duplicates_included(
+    make_settings: Callable[..., Settings],
+) -> None:
+    # 40 score records of 35 transactions, sent out of time order over 3 partitions; the
+    # latest timestamp is a re-sent duplicate's, sent last.
+    settings = make_settings(topic_partitions=3)
+    await ensure_topics(settings)
+    base_ms = int(time.time() * 1000) - 60_000
+    stamps = [base_ms + 1000 * i for i in range(40)]
+    order = [*range(5, 35), *range(5), *range(35, 40)]
+    producer = AIOKafkaProducer(**kafka_config.producer_kwargs(settings))
+    await producer.start()
+    try:
+        for i in order:
+            value = json.dumps({"transaction_id": str(i if i < 35 else i - 35)}).encode()
+            await producer.send(
+                settings.topic_scores, value, partition=i % 3, timestamp_ms=stamps[i]
+            )
+        await producer.flush()
+    finally:
+        await producer.stop()
+    first, last, scored = await score_record_times(settings, 35, timeout_s=30)
+    assert (first, last, scored) == (stamps[0] / 1000, stamps[-1] / 1000, 35)
+    with pytest.raises(ConfigError, match="scores of 35 transactions, not 36"):
+        await score_record_times(settings, 36, timeout_s=3)
+
+
+def test_the_report_sets_the_cold_drain_beside_the_steady_rate_and_the_limit() -> None:
+    def path(events_per_s: float, cpu_cores: float) -> Throughput:
+        return Throughput(
+            "1 process", 200_000, 200_000 / events_per_s, events_per_s, cpu_cores, 190.0, 0.5, 0.05
+        )
+
+    cold = ColdDrain(300_000, 2.5, 37.5, 8_000.0, 8_571.4, 18.0, 12.0, 1.5, 200.0)
+    result = BenchResult(
+        started_at="2026-11-30T22:40:00Z",
+        machine={
+            "cpu": "x",
+            "cores": 2,
+            "memory_gib": 23.5,
+            "kernel": "6",
+            "python": "3.11",
+            "onnxruntime": "1",
+        },
+        model_version="m",
+        data="data/tx.parquet",
+        settings={"broker": "bundled", "warmup_events": 50_000},
+        worker=path(10_000.0, 0.6),
+        limit=path(50_000.0, 0.5),
+        cold=cold,
+    )
+    assert BenchResult.from_json(result.to_json()) == result
+    table = render_markdown(result)
+    # 18 CPU seconds over 300,000 events: 60 µs each; the steady worker is 1.25x faster.
+    assert "| 300,000 in 37.5 s | 8,000 | 0.48 | 60.0 | 200 | 0.32 | 40.0 | 0.04 | 1.25x |" in table
+    assert "first score record came 2.5 s after the spawn" in table
+    assert "worker ÷ limit 20%, cold drain ÷ worker 80%" in table
+    assert "| cold drain >= 85% of the steady rate | 80% | **no** |" in table

@@ -4,13 +4,17 @@ What one run measures, on its own bundled broker and the configured Redis::
 
     1. publish warm-up + N events (a backlog)  ──► limit reference (aiokafka + ONNX per batch)
                                                ──► worker(s): events/s over the N events
-    2. paced replay at each offered load,      ──► a fresh worker: latency p50/p95/p99, CPU
+    2. a backlog of C events on topics of      ──► cold drain: worker(s) started on it, timed
+       its own, no worker running                  from process spawn to the last score record
+    3. paced replay at each offered load,      ──► a fresh worker: latency p50/p95/p99, CPU
        on topics of its own, same Redis state      (event creation -> score record consumed)
-    3. the backlog again                       ──► naive reference (Faust, per-event I/O)
+    4. the backlog again                       ──► naive reference (Faust, per-event I/O)
 
 Throughput is the slope of the ``scored`` counter(s) between the warm-up count and the
 warm-up + N count, sampled every 0.25 s; CPU is ``/proc/<pid>/stat`` over the same window
-(in cores), as for Redis (``INFO cpu``) and the broker; peak RSS is ``VmHWM``. ``--soak``
+(in cores), as for Redis (``INFO cpu``) and the broker; peak RSS is ``VmHWM``. The cold
+drain is what a user sees after an outage: start-up included, its times come from the score
+records' own timestamps (see :func:`score_record_times`). ``--soak``
 instead replays at a fixed rate for minutes and records RSS and Redis ``used_memory`` over
 time. :mod:`training.bench_references` holds the two references; the command and its table
 are in :mod:`training.bench_commands`.
@@ -23,8 +27,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import json
+import math
 import os
 import platform
 import shutil
@@ -192,16 +198,56 @@ class Subject:
                 self.process.wait(timeout=timeout_s)
 
 
-def start_worker(settings: Settings, log_path: Path, name: str = "worker") -> Subject:
-    """``fraudstream worker`` as a subprocess with these settings, metrics on a free port."""
+def worker_command(source: Path | None = None) -> tuple[list[str], dict[str, str]]:
+    """The command line of ``fraudstream worker`` and the variables it needs on top of the
+    environment.
+
+    Args:
+        source: Run the ``stream_app`` of this source tree (e.g. a git worktree of another
+            commit) instead of the installed one: it goes first on ``PYTHONPATH``, and ``-P``
+            keeps the working directory's own ``stream_app`` off the path.
+    """
+    if source is None:
+        return [sys.executable, "-m", "stream_app.cli", "worker"], {}
+    path = os.pathsep.join([str(source.resolve()), *filter(None, [os.environ.get("PYTHONPATH")])])
+    return [sys.executable, "-P", "-m", "stream_app.cli", "worker"], {"PYTHONPATH": path}
+
+
+def check_worker_src(source: Path) -> Path:
+    """The ``stream_app`` package a worker run from ``source`` imports, checked to be there.
+
+    Raises:
+        ConfigError: it would import another copy (or none): the comparison would be void.
+    """
+    command, extra = worker_command(source)
+    code = "import stream_app.cli, stream_app; print(stream_app.__file__)"
+    probe = [command[0], "-P", "-c", code]
+    done = subprocess.run(
+        probe, env={**os.environ, **extra}, capture_output=True, text=True, timeout=120
+    )
+    package = Path(done.stdout.strip() or ".").resolve().parent
+    if done.returncode != 0 or not package.is_relative_to(source.resolve()):
+        raise ConfigError(
+            f"--worker-src {source}: the worker would import {package} "
+            f"(exit code {done.returncode}){': ' + done.stderr[-500:] if done.stderr else ''}"
+        )
+    return package
+
+
+def start_worker(
+    settings: Settings, log_path: Path, name: str = "worker", source: Path | None = None
+) -> Subject:
+    """``fraudstream worker`` as a subprocess with these settings, metrics on a free port
+    (``source``: see :func:`worker_command`)."""
     port = free_port()
+    command, extra = worker_command(source)
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("FRAUDSTREAM_")},
+        **extra,
         **settings_environment(settings),
         "FRAUDSTREAM_METRICS_PORT": str(port),
         "FRAUDSTREAM_LOG_LEVEL": "INFO",
     }
-    command = [sys.executable, "-m", "stream_app.cli", "worker"]
     return Subject(name, command, env, log_path, metrics_port=port)
 
 
@@ -370,6 +416,34 @@ class Throughput:
 
 
 @dataclass(frozen=True)
+class ColdDrain:
+    """Worker(s) started on a backlog, from process spawn to the last score record.
+
+    Times are the score records' timestamps (set by the worker's producer when it builds
+    each batch) against the wall clock at spawn; CPU is from spawn (start-up included) to
+    the moment the ``scored`` counter reached ``events``.
+    """
+
+    events: int
+    startup_s: float  # spawn -> first score record
+    seconds: float  # spawn -> last score record
+    events_per_s: float  # events / seconds: what a user waits for
+    scoring_events_per_s: float  # events / (last - first score record)
+    worker_cpu_s: float
+    redis_cpu_s: float
+    broker_cpu_s: float
+    peak_rss_mib: float
+
+    def us_per_event(self, cpu_s: float) -> float:
+        """CPU seconds over the drain as microseconds per event.
+
+        >>> ColdDrain(1000, 1.0, 2.0, 500.0, 1000.0, 0.05, 0.0, 0.0, 0.0).us_per_event(0.05)
+        50.0
+        """
+        return cpu_s / self.events * 1e6 if self.events else float("nan")
+
+
+@dataclass(frozen=True)
 class Latency:
     """End-to-end latency at one offered load."""
 
@@ -399,6 +473,7 @@ class BenchResult:
     partition_split: dict[str, list[str]] = field(default_factory=dict)
     naive: Throughput | None = None
     limit: Throughput | None = None
+    cold: ColdDrain | None = None
     latencies: list[Latency] = field(default_factory=list)
     floor_latencies: list[Latency] = field(default_factory=list)
     redis: dict[str, float] = field(default_factory=dict)
@@ -416,6 +491,8 @@ class BenchResult:
         for name in ("worker", "naive", "limit"):
             if data.get(name) is not None:
                 data[name] = Throughput(**data[name])
+        if data.get("cold") is not None:
+            data["cold"] = ColdDrain(**data["cold"])
         for name in ("latencies", "floor_latencies"):
             data[name] = [Latency(**x) for x in data.get(name, [])]
         return cls(**data)
@@ -502,8 +579,10 @@ def event_stream(settings: Settings, data: Path | None, needed: int) -> Iterator
 # --- offered load ---------------------------------------------------------------------
 
 
-async def _score_consumer(settings: Settings, fetch_wait_ms: int) -> AIOKafkaConsumer:
-    """A consumer of every scores partition, positioned at the end."""
+async def _score_consumer(
+    settings: Settings, fetch_wait_ms: int, *, at_end: bool = True
+) -> AIOKafkaConsumer:
+    """A consumer of every scores partition, positioned at the end (or the beginning)."""
     consumer = AIOKafkaConsumer(
         **kafka_config.client_kwargs(settings),
         group_id=None,
@@ -518,7 +597,7 @@ async def _score_consumer(settings: Settings, fetch_wait_ms: int) -> AIOKafkaCon
         TopicPartition(settings.topic_scores, p) for p in range(settings.topic_partitions)
     ]
     consumer.assign(partitions)
-    await consumer.seek_to_end(*partitions)
+    await (consumer.seek_to_end if at_end else consumer.seek_to_beginning)(*partitions)
     for tp in partitions:  # resolve the positions now, before anything is produced
         await consumer.position(tp)
     return consumer
@@ -627,6 +706,47 @@ async def offered_load(
     )
 
 
+async def score_record_times(
+    settings: Settings, events: int, timeout_s: float = _DRAIN_TIMEOUT_S
+) -> tuple[float, float, int]:
+    """First and last timestamp (epoch seconds) of the scores topic's records, and how many
+    transactions they score, read from the beginning until ``events`` are seen.
+
+    The records' timestamps, not a scrape of the worker's metrics or its committed offsets:
+    the worker's producer stamps each record when it builds the batch (or the broker when
+    it appends, under ``LogAppendTime``), to the millisecond, whereas a metrics scrape
+    adds its sampling interval and a commit its commit interval to the end of a drain.
+
+    Raises:
+        ConfigError: fewer than ``events`` scored transactions within the timeout.
+    """
+    consumer = await _score_consumer(settings, 100, at_end=False)
+    seen: set[str] = set()
+    first, last = float("inf"), 0.0
+    deadline = time.monotonic() + timeout_s
+    try:
+        # To the end as it is now, not only to the ``events``-th transaction: a duplicate
+        # (an at-least-once re-send) may be the last record.
+        ends = await consumer.end_offsets(list(consumer.assignment()))
+
+        async def at_end() -> bool:
+            return all([await consumer.position(tp) >= end for tp, end in ends.items()])
+
+        while time.monotonic() < deadline and not (len(seen) >= events and await at_end()):
+            batch = await consumer.getmany(timeout_ms=500, max_records=10_000)
+            for records in batch.values():
+                for r in records:
+                    seen.add(orjson.loads(r.value)["transaction_id"])
+                    first, last = min(first, r.timestamp / 1000), max(last, r.timestamp / 1000)
+    finally:
+        await consumer.stop()
+    if len(seen) < events:
+        raise ConfigError(
+            f"{settings.topic_scores} holds scores of {len(seen):,} transactions, not {events:,}"
+        )
+    return first, last, len(seen)
+
+
 # --- Redis ----------------------------------------------------------------------------
 
 
@@ -680,6 +800,8 @@ class BenchOptions:
     load_seconds: float = 15.0
     workers: int = 1
     references: bool = True
+    cold_events: int = 300_000  # the cold drain's backlog; 0: no cold drain
+    worker_src: Path | None = None  # run the worker from this source tree
     naive_seconds: float = 30.0
     partitions: int = 4
     soak_seconds: float = 0.0
@@ -697,11 +819,12 @@ class BenchOptions:
         relay floor runs each load too)."""
         if self.soak_seconds:
             return int(self.soak_rate * self.soak_seconds)
+        backlogs = self.warmup_events + self.events + self.cold_events
         if not self.latency:
-            return self.warmup_events + self.events
+            return backlogs
         paced = sum(self.loads) + (30_000 if self.max_load else 0)
         runs = 2 if self.references else 1  # the relay floor takes as many as the worker
-        return self.warmup_events + self.events + int(runs * paced * self.load_seconds)
+        return backlogs + int(runs * paced * self.load_seconds)
 
 
 @contextlib.contextmanager
@@ -800,6 +923,9 @@ class BenchRun:
     async def run(self) -> BenchResult:
         """Run every phase; stops its processes and deletes its Redis keys whatever happens."""
         o = self.options
+        if o.worker_src is not None:
+            package = await asyncio.to_thread(check_worker_src, o.worker_src)
+            self.say(f"the worker runs {package}")
         with contextlib.ExitStack() as services:
             self.say(f"starting {describe(o.broker)}")
             bootstrap = services.enter_context(local_broker(o.broker, self.workdir))
@@ -830,7 +956,9 @@ class BenchRun:
                     "batch_max_wait_s": settings.batch_max_wait_s,
                     "warmup_events": o.warmup_events,
                     "events": o.events,
+                    "cold_events": o.cold_events,
                     "workers": o.workers,
+                    **({"worker_src": str(o.worker_src)} if o.worker_src else {}),
                 },
                 workers=o.workers,
                 load_average={"before": round(os.getloadavg()[0], 2)},
@@ -850,12 +978,18 @@ class BenchRun:
             result.load_average["after"] = round(os.getloadavg()[0], 2)
         return result
 
-    def _worker(self, settings: Settings, index: int) -> Subject:
+    def _worker(self, settings: Settings, index: int, role: str = "worker") -> Subject:
         instance = settings.model_copy(update={"instance_id": f"bench-{index}"})
-        name = f"worker-{index}"
-        subject = start_worker(instance, self.workdir / f"{name}.log", name)
+        name = f"{role}-{index}"
+        log_path = self.workdir / f"{name}.log"
+        subject = start_worker(instance, log_path, name, self.options.worker_src)
         self.subjects.append(subject)
         return subject
+
+    def _probes(self, settings: Settings) -> list[CpuProbe]:
+        """Redis's CPU time and the broker's (its processes are children of this one)."""
+        brokers = child_pids("tansu" if self.options.broker == "bundled" else "java")
+        return [redis_probe(settings), lambda: sum(map(cpu_seconds, brokers))]
 
     async def _measure(
         self,
@@ -866,9 +1000,7 @@ class BenchRun:
         timeout_s: float,
     ) -> Throughput:
         """Sample until ``done``; the rate and CPU from count ``start`` to the last sample."""
-        brokers = child_pids("tansu" if self.options.broker == "bundled" else "java")
-        probes = [redis_probe(settings), lambda: sum(map(cpu_seconds, brokers))]
-        samples = await sample_until(subjects, done, timeout_s, probes)
+        samples = await sample_until(subjects, done, timeout_s, self._probes(settings))
         end = samples[-1].count
         w = window(samples, start, end) if done(samples[-1]) else None
         if w is None:
@@ -926,6 +1058,8 @@ class BenchRun:
         result.worker = worker  # the offered loads below run in fresh processes
         for w in workers:
             w.stop()
+        if o.cold_events:
+            result.cold = await self._cold_drain(settings, stream)
         if not o.latency:
             return
 
@@ -964,6 +1098,58 @@ class BenchRun:
             )
             naive.stop()
             self.say(f"naive: {result.naive.events_per_s:,.0f} events/s")
+
+    async def _cold_drain(self, settings: Settings, stream: Iterator[ReplayMessage]) -> ColdDrain:
+        """A backlog published with no worker running, then worker(s) started on it: from
+        their spawn to the last score record (topics and a consumer group of its own, the
+        same Redis state, as after an outage)."""
+        o = self.options
+        n = o.cold_events
+        phase = self._phase(settings, "-cold")
+        self.say(f"cold drain: publishing {n:,} transactions, no worker running")
+        backlog = [
+            dataclasses.replace(
+                m, topic=phase.topic_labels if m.is_label else phase.topic_transactions
+            )
+            for m in take_transactions(stream, n)
+        ]  # the stream names the first phase's topics
+        await replay(iter(backlog), phase, rate=0)
+        probes = self._probes(phase)
+        redis_before, broker_before = (probe() for probe in probes)
+        spawned = time.time()
+        workers = [self._worker(phase, i, "cold") for i in range(o.workers)]
+        try:
+            samples = await sample_until(
+                workers, lambda sample: sample.count >= n, 120 + n / 1000, probes
+            )
+            reached = _crossing(samples, n)
+            if reached is None:
+                raise ConfigError(
+                    f"cold drain: {samples[-1].count:,} of {n:,} events scored in "
+                    f"{120 + n / 1000:g} s; see {workers[0].log_path}"
+                )
+            worker_cpu, redis_cpu, broker_cpu = reached[1]
+            rss = sum(memory_mib(w.pid) for w in workers)
+        finally:
+            for w in workers:
+                w.stop()
+        first, last, _ = await score_record_times(phase, n)
+        cold = ColdDrain(
+            events=n,
+            startup_s=round(first - spawned, 2),
+            seconds=round(last - spawned, 2),
+            events_per_s=round(n / (last - spawned), 1),
+            scoring_events_per_s=round(n / (last - first), 1) if last > first else math.nan,
+            worker_cpu_s=round(worker_cpu, 2),
+            redis_cpu_s=round(redis_cpu - redis_before, 2),
+            broker_cpu_s=round(broker_cpu - broker_before, 2),
+            peak_rss_mib=round(rss, 1),
+        )
+        self.say(
+            f"cold drain: first score {cold.startup_s:.1f} s after spawn, last {cold.seconds:.1f}"
+            f" s: {cold.events_per_s:,.0f} events/s"
+        )
+        return cold
 
     def _phase(self, settings: Settings, phase: str) -> Settings:
         """Settings of a phase: topics and a consumer group of its own, the same Redis."""

@@ -17,7 +17,7 @@ import typer
 from training.stream_commands import BrokerChoice
 
 if TYPE_CHECKING:
-    from training.bench import BenchResult
+    from training.bench import BenchResult, Throughput
 
 
 class GuaranteeChoice(enum.StrEnum):
@@ -34,6 +34,8 @@ TARGET_P99_MS: Final = 20.0
 TARGET_P99_LOAD: Final = 2_000.0
 TARGET_VS_NAIVE: Final = 10.0
 TARGET_VS_LIMIT: Final = 0.25
+# A worker started on a backlog (start-up included) against the same worker already running.
+TARGET_COLD_VS_STEADY: Final = 0.85
 
 
 def cpu_us_per_event(cores: float, events_per_s: float) -> float:
@@ -90,7 +92,20 @@ def targets(result: BenchResult) -> list[Target]:
         out.append(
             Target(f">= {TARGET_VS_LIMIT:.0%} of limit", f"{share:.0%}", share >= TARGET_VS_LIMIT)
         )
+    if result.cold and result.worker:
+        share = result.cold.events_per_s / result.worker.events_per_s
+        out.append(
+            Target(
+                f"cold drain >= {TARGET_COLD_VS_STEADY:.0%} of the steady rate",
+                f"{share:.0%}",
+                share >= TARGET_COLD_VS_STEADY,
+            )
+        )
     return out
+
+
+def _share(w: Throughput, reference: Throughput | None) -> str:
+    return f"{w.events_per_s / reference.events_per_s:.0%}" if reference else "not measured"
 
 
 def _mark(met: bool | None) -> str:
@@ -124,6 +139,8 @@ def render_markdown(result: BenchResult) -> str:
         f"{s.get('batch_size')} events.",
         "",
     ]
+    if s.get("worker_src"):
+        lines += [f"The worker ran from `{s['worker_src']}` (`--worker-src`).", ""]
     if result.worker is not None:
         lines += [
             "| Path | Events measured | Events/s | CPU (cores) | CPU µs/event | Peak RSS (MiB) "
@@ -150,12 +167,33 @@ def render_markdown(result: BenchResult) -> str:
                 f"{cpu_us_per_event(t.redis_cpu_cores, t.events_per_s):,.1f} | "
                 f"{t.broker_cpu_cores:.2f} | {ratio:.2f}x |"
             )
+        c = result.cold
+        if c is not None:
+            lines.append(
+                f"| cold drain: {w.name} started on a backlog, spawn to last score record | "
+                f"{c.events:,} in {c.seconds:.1f} s | {c.events_per_s:,.0f} | "
+                f"{c.worker_cpu_s / c.seconds:.2f} | {c.us_per_event(c.worker_cpu_s):,.1f} | "
+                f"{c.peak_rss_mib:,.0f} | {c.redis_cpu_s / c.seconds:.2f} | "
+                f"{c.us_per_event(c.redis_cpu_s):,.1f} | {c.broker_cpu_s / c.seconds:.2f} | "
+                f"{w.events_per_s / c.events_per_s:.2f}x |"
+            )
         lines += [
             "",
             f"Meanwhile, Redis used {w.redis_cpu_cores:.2f} cores "
             f"({result.redis.get('script_us_per_event')} µs/event in the state script, "
             f"`INFO commandstats`) and the broker {w.broker_cpu_cores:.2f} cores.",
         ]
+        if c is not None:
+            lines.append(
+                f"Cold drain: {c.events:,} events published with no worker running, then "
+                f"{w.name} started on them (topics and a consumer group of their own, the "
+                f"same Redis state); its first score record came {c.startup_s:.1f} s after "
+                f"the spawn, its last {c.seconds:.1f} s after ({c.scoring_events_per_s:,.0f} "
+                "events/s between the two), timed by the score records' own timestamps; "
+                "CPU from the spawn, start-up included. Ratios in this run: worker ÷ limit "
+                f"{_share(w, result.limit)}, cold drain ÷ worker "
+                f"{c.events_per_s / w.events_per_s:.0%}."
+            )
         if len(result.partition_split) > 1:
             split = "; ".join(f"{k}: {', '.join(v)}" for k, v in result.partition_split.items())
             lines.append(f"Partition split: {split}.")
@@ -229,6 +267,23 @@ def bench_command(
         bool, typer.Option(help="Also measure the naive and limit references.")
     ] = True,
     naive_seconds: Annotated[float, typer.Option(help="Seconds the naive reference runs.")] = 30.0,
+    cold_events: Annotated[
+        int,
+        typer.Option(
+            help="Backlog of the cold drain (worker started on it, timed from spawn to the "
+            "last score record); 0: none.",
+            min=0,
+        ),
+    ] = 300_000,
+    worker_src: Annotated[
+        Path | None,
+        typer.Option(
+            help="Run the worker from this source tree (e.g. a git worktree of another "
+            "commit); load and references from this one: a before/after on one machine.",
+            exists=True,
+            file_okay=False,
+        ),
+    ] = None,
     partitions: Annotated[int, typer.Option(help="Partitions of the bench topics.", min=1)] = 4,
     redis_url: Annotated[
         str | None,
@@ -289,6 +344,8 @@ def bench_command(
         workers=workers,
         references=references,
         naive_seconds=naive_seconds,
+        cold_events=cold_events,
+        worker_src=worker_src,
         partitions=partitions,
         redis_url=redis_url,
         soak_seconds=soak_seconds if soak else 0.0,
