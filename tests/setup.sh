@@ -24,8 +24,13 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   pkill -x prometheus 2>/dev/null || true
 fi
 
-echo "== pip install -e .[demo,train,dev,console]"
-python3 -m pip install -q -e ".[demo,train,dev,console]"
+# Python packages: the dev lock (every extra's closure, each pinned: `python -m tests.lockfile`
+# writes it from one resolution), then the project itself, editable, with nothing resolved, so
+# what the tests run with does not depend on what the index serves today. The project builds
+# with the lock's setuptools (no build isolation: nothing unpinned is fetched).
+echo "== pip install -r tests/locks/dev.lock, then -e . (no deps)"
+python3 -m pip install -q -r tests/locks/dev.lock
+python3 -m pip install -q --no-deps --no-build-isolation -e .
 
 # Apache Kafka for the tests' second broker lane, the bench and `demo --broker kafka`: its
 # jars from Maven Central into ~/.cache/fraudstream (nothing is fetched when they are there).
