@@ -47,6 +47,15 @@ def control_message(settings: Settings, **fields: object) -> Message:
     return Message(settings.topic_controls, control.key.encode(), control.to_json())
 
 
+def terminal_block(
+    settings: Settings, terminal: str, *, active: bool = True, note: str = ""
+) -> Message:
+    """Put ``terminal`` on the block list (or lift it), as sue."""
+    return control_message(
+        settings, action="block", active=active, subject="terminal", subject_id=terminal, note=note
+    )
+
+
 def wait_in_force(worker: WorkerProcess, expected: dict[str, float]) -> float:
     """Seconds until ``fraudstream_controls_in_force`` shows ``expected`` (by kind)."""
     started = time.monotonic()
@@ -97,14 +106,7 @@ def test_lists_and_overrides_apply_within_seconds_without_a_restart(
         publish(
             settings,
             [
-                control_message(
-                    settings,
-                    action="block",
-                    active=True,
-                    subject="terminal",
-                    subject_id=blocked,
-                    note="skimmer found",
-                ),
+                terminal_block(settings, blocked, note="skimmer found"),
                 control_message(
                     settings, action="allow", active=True, subject="customer", subject_id=allowed
                 ),
@@ -129,9 +131,7 @@ def test_lists_and_overrides_apply_within_seconds_without_a_restart(
         publish(
             settings,
             [
-                control_message(
-                    settings, action="block", active=False, subject="terminal", subject_id=blocked
-                ),
+                terminal_block(settings, blocked, active=False),
                 control_message(settings, action="thresholds", active=False, model_version=version),
             ],
         )
@@ -140,19 +140,7 @@ def test_lists_and_overrides_apply_within_seconds_without_a_restart(
         worker.wait_for("fraudstream_offsets_committed_total", len(first) + len(second), 120)
 
         # Block again, then stop: a worker started later must apply it before scoring.
-        publish(
-            settings,
-            [
-                control_message(
-                    settings,
-                    action="block",
-                    active=True,
-                    subject="terminal",
-                    subject_id=blocked,
-                    note="second skimmer",
-                )
-            ],
-        )
+        publish(settings, [terminal_block(settings, blocked, note="second skimmer")])
         wait_in_force(worker, {"block_terminal": 1})
         assert worker.terminate() == 0, worker.log()
     publish(settings, third)
