@@ -239,7 +239,13 @@ async def _rebuild(
             sys.stdout.write(f"accepted the state as it is; new state epoch {epoch[:8]}\n")
             return 0
         if data is not None:
-            updates = _file_updates(data, labels_delay, settings.topic_labels)
+            try:
+                updates = _file_updates(data, labels_delay, settings.topic_labels)
+            except ImportError as exc:  # a worker-only install: no pandas to read the file
+                fail(
+                    f"rebuild-state --data needs {exc.name}, from the 'demo' extra: "
+                    'pip install "fraudstream[demo]" (or rebuild with --from-topics)'
+                )
         else:
             try:
                 updates = await topic_updates(settings, limits)

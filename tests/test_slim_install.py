@@ -31,8 +31,10 @@ import pytest
 
 from stream_app.model_card import load_card
 from stream_app.scoring import OnnxScorer
-from tests.kafka_fixtures import Broker, WorkerProcess, new_settings
+from tests.cleanup import issue_prefix
+from tests.kafka_fixtures import REDIS_URL, Broker, WorkerProcess, new_settings
 from tests.resilience_helpers import (
+    environment_without_settings,
     publish,
     read_records,
     score_records,
@@ -47,6 +49,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED_MODEL = ROOT / "onnx_models" / "default"
+WORKER_LOCK = ROOT / "tests" / "locks" / "worker.lock"
 INSTALL_TIMEOUT_S = 600
 # No labels are published: within the first 7 days every terminal window (which ends 7 days
 # before the event, the label delay) is empty offline and online alike, so the reference
@@ -103,7 +106,17 @@ def slim_install(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlimInsta
     started = time.monotonic()
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
     done = subprocess.run(
-        [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", str(project)],
+        # The worker image's pins as constraints: what PyPI serves today cannot change it.
+        [
+            str(venv / "bin" / "python"),
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "-c",
+            str(WORKER_LOCK),
+            str(project),
+        ],
         env=env,
         capture_output=True,
         text=True,
@@ -158,3 +171,32 @@ def test_its_worker_scores_with_the_shipped_model_as_the_reference(
     assert [by_id[t].decision.value for t in expected] == list(reference["decision"])
     assert {r.model_version for r in records} == {load_card(SHIPPED_MODEL).version}
     print(f"slim install: {slim_install.install_s} s; {len(records)} transactions scored")
+
+
+def test_offline_commands_name_their_extra_in_it(slim_install: SlimInstall) -> None:
+    """A command that needs what the slim install lacks says which extra to install
+    (exit code 2), never a traceback."""
+    fraudstream = str(slim_install.venv / "bin" / "fraudstream")
+    data = slim_install.workdir / "tx.parquet"
+    data.write_bytes(b"not read")
+    for argv, extra in (
+        (["simulate", "--out", str(data)], "demo"),
+        (["train", "--data", str(data), "--out", str(slim_install.workdir / "m")], "train"),
+        (["rebuild-state", "--data", str(data)], "demo"),
+    ):
+        done = subprocess.run(
+            [fraudstream, *argv],
+            cwd=slim_install.workdir,
+            env={
+                **environment_without_settings(),
+                "FRAUDSTREAM_REDIS_URL": REDIS_URL,
+                "FRAUDSTREAM_STATE_KEY_PREFIX": issue_prefix(),
+                "FRAUDSTREAM_MODEL_DIR": str(SHIPPED_MODEL),
+            },
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        said = done.stdout + done.stderr
+        assert done.returncode == 2, (argv, said)
+        assert f"fraudstream[{extra}]" in said and "Traceback" not in said, (argv, said)
