@@ -23,6 +23,7 @@ from typing import Final
 
 from training.bench import BenchResult, Latency, Throughput
 from training.bench_commands import (
+    TARGET_COLD_VS_STEADY,
     TARGET_P99_LOAD,
     TARGET_P99_MS,
     TARGET_VS_LIMIT,
@@ -68,8 +69,9 @@ def stream_worker(reports: Path = REPORTS) -> str:
     runs = [(key, report_stem(*key), _load(report_stem(*key), reports)) for key in BENCH_RUNS]
     lines = [
         "| Run (report) | Worker events/s | Worker CPU µs/event | Redis CPU µs/event "
-        "| Limit events/s | Worker ÷ limit | Naive events/s | Worker ÷ naive |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| Limit events/s | Worker ÷ limit | Naive events/s | Worker ÷ naive "
+        "| Cold drain events/s (start-up s) | Cold drain ÷ worker |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for key, stem, r in runs:
         w = r.worker
@@ -77,10 +79,13 @@ def stream_worker(reports: Path = REPORTS) -> str:
             continue
         limit = f"{w.events_per_s / r.limit.events_per_s:.0%}" if r.limit else "-"
         naive = f"{w.events_per_s / r.naive.events_per_s:.0f}x" if r.naive else "-"
+        c = r.cold
+        cold = f"{c.events_per_s:,.0f} ({c.startup_s:.1f})" if c else "-"
+        cold_share = f"{c.events_per_s / w.events_per_s:.0%}" if c else "-"
         lines.append(
             f"| {_RUN_NAMES[key]} (`{stem}.md`) | {_rate(w)} | "
             f"{_us(w.cpu_cores, w.events_per_s)} | {_us(w.redis_cpu_cores, w.events_per_s)} | "
-            f"{_rate(r.limit)} | {limit} | {_rate(r.naive)} | {naive} |"
+            f"{_rate(r.limit)} | {limit} | {_rate(r.naive)} | {naive} | {cold} | {cold_share} |"
         )
     lines += [
         "",
@@ -118,6 +123,13 @@ def stream_worker(reports: Path = REPORTS) -> str:
             lines.append(
                 f"| one worker >= {TARGET_VS_LIMIT:.0%} of the limit path, {_RUN_NAMES[key]} "
                 f"| {share:.0%} (`{stem}.md`) | {met} |"
+            )
+        if r.worker is not None and r.cold is not None:
+            share = r.cold.events_per_s / r.worker.events_per_s
+            met = "yes" if share >= TARGET_COLD_VS_STEADY else "**no**"
+            lines.append(
+                f"| cold drain (start-up included) >= {TARGET_COLD_VS_STEADY:.0%} of the "
+                f"worker's steady rate, {_RUN_NAMES[key]} | {share:.0%} (`{stem}.md`) | {met} |"
             )
     return "\n".join(lines)
 
