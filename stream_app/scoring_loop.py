@@ -189,6 +189,7 @@ class _Batch:
     rejected: list[Rejected]
     polled_at: float
     labels: list[Inbound] = field(default_factory=list)  # applied before the transactions
+    generation: int = -1  # the consumer group's generation when the batch was polled
     applied: LabelBatch | None = None  # the labels' outcome, once applied in Redis
     state: asyncio.Task[BatchState | None] | None = None
     unscorable: list[Rejected] = field(default_factory=list)  # dead-lettered after scoring
@@ -312,6 +313,8 @@ class ScoringLoop:
             },
             partition_assignment_strategy=(RangePartitionAssignor,),
         )
+        # The group generation and member id, read when needed (see _check_still_member).
+        self._group = group_metadata(self.consumer)
         transactional_id = kafka_config.scoring_transactional_id(s) if s.exactly_once else None
         self.producer = AIOKafkaProducer(
             **kafka_config.producer_kwargs(s, transactional_id=transactional_id)
@@ -356,7 +359,7 @@ class ScoringLoop:
         )
         if self.settings.exactly_once:
             # Offsets go with the group generation: a stale member's batch cannot commit.
-            fence_by_generation(self.producer, group_metadata(self.consumer))
+            fence_by_generation(self.producer, self._group)
 
     def _kafka_error(self, operation: str) -> Callable[[BaseException], None]:
         counter = self.metrics.kafka_errors.labels(operation)
@@ -817,6 +820,7 @@ class ScoringLoop:
             rejected,
             time.perf_counter(),
             list(labels),
+            self._group()[0],
         )
 
     def _dead_letter(self, rejected: Rejected, topic: str | None = None) -> Output:
@@ -964,12 +968,23 @@ class ScoringLoop:
         one, which needs no round trip: heartbeats run on this event loop, so a stall of
         the loop is what can cost the membership: the watchdog counts stalls, and a batch
         is committed only if none happened since the last commit and the batch itself is
-        younger than the session.
+        younger than the session. And a batch is committed only in the group generation it
+        was polled in: a member whose heartbeat found it expelled resets its generation to
+        -1 while it rejoins, and the broker takes transactional offsets of generation -1
+        from anyone (older clients send no generation).
 
         Raises:
             _StaleBatch: the batch must be aborted and the partitions re-read.
         """
         age = time.perf_counter() - batch.polled_at
+        generation, _ = self._group()
+        if generation < 0 or generation != batch.generation:
+            # The membership was lost (the broker takes offsets with generation -1 from
+            # anyone, for old clients) or a rebalance completed since the poll.
+            raise _StaleBatch(
+                f"the group generation is {generation}, the batch was polled in "
+                f"{batch.generation}: its partitions may belong to another member now"
+            )
         if self._stalls != self._stalls_settled:
             raise _StaleBatch(f"the worker stalled for over {self._stall_limit_s():.1f} s")
         if age > self.settings.consumer_session_timeout_s:
