@@ -17,7 +17,7 @@ from typer.core import TyperGroup
 
 if TYPE_CHECKING:
     from stream_app.config import Settings
-    from stream_app.state_guard import Updates
+    from stream_app.state.guard import Updates
 
 app = typer.Typer(
     name="fraudstream",
@@ -102,7 +102,7 @@ def worker_command() -> None:
 
     try:
         settings = load_settings()
-        from stream_app.worker import run_worker
+        from stream_app.worker.app import run_worker
 
         code = run_worker(settings)
     except ConfigError as exc:
@@ -196,17 +196,17 @@ async def _rebuild(
     from aiokafka.errors import KafkaError
     from redis.exceptions import RedisError
 
-    from stream_app.model_card import load_card
-    from stream_app.model_registry import resolve_model_dir
+    from stream_app.models.card import load_card
+    from stream_app.models.registry import resolve_model_dir
     from stream_app.records import ValidationLimits
-    from stream_app.runtime import check_redis_mode, state_store
-    from stream_app.state_guard import (
+    from stream_app.state.guard import (
         read_marker,
         rebuild_state,
         store_marker_key,
         topic_updates,
         write_marker,
     )
+    from stream_app.worker.runtime import check_redis_mode, state_store
 
     length = settings.state_sequence_length
     if length is None:
@@ -264,10 +264,10 @@ async def _rebuild(
 def _file_updates(path: Path, labels_delay: str, labels_topic: str) -> Updates:
     """A transactions file's transactions, and its frauds' labels ``labels_delay`` later,
     as the replay publishes them (ids as strings, epoch-ms times)."""
-    from stream_app.pipeline import Inbound, pack_source
-    from stream_app.state import LabelUpdate, TransactionUpdate
-    from stream_app.state_guard import Updates
-    from training.replay import label_payload, parse_duration
+    from stream_app.scoring.pipeline import Inbound, pack_source
+    from stream_app.state.guard import Updates
+    from stream_app.state.store import LabelUpdate, TransactionUpdate
+    from training.ops.replay import label_payload, parse_duration
     from training.transactions import read_transactions, to_arrays
 
     arrays = to_arrays(read_transactions(path))
@@ -345,7 +345,8 @@ def _register_training_commands() -> None:
     if _registered:
         return
     try:
-        from training import bench_commands, commands, stream_commands
+        from training import commands
+        from training.ops import bench_commands, stream_commands
     except ImportError:  # a serving-only install ships without the training package
         return
     commands.register(app)

@@ -27,8 +27,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from stream_app import features
 from stream_app.errors import ConfigError
 from stream_app.records import MAX_CLOCK_SKEW
-from stream_app.redis_cluster_state import DEFAULT_SHARDS
-from stream_app.state import DEFAULT_LABEL_WAIT_S
+from stream_app.state.redis_cluster import DEFAULT_SHARDS
+from stream_app.state.store import DEFAULT_LABEL_WAIT_S
 
 ENV_PREFIX: Final = "FRAUDSTREAM_"
 # Environment names that belong to other tools (the test suite's Redis, the review console's

@@ -11,7 +11,7 @@ Two paths compute the same numbers from the same functions:
 * **online** (:func:`online_features`): from a small state object per event, a
   :class:`HistoryBatch` holding each customer's retained recent transactions, each carrying
   the terminal counters as they stood when it was scored. The worker keeps that state in
-  Redis (see :mod:`stream_app.state`).
+  Redis (see :mod:`stream_app.state.store`).
 
 Definitions (times are integer epoch milliseconds, UTC; days are ``time // 86_400_000``):
 
@@ -33,7 +33,7 @@ Definitions (times are integer epoch milliseconds, UTC; days are ``time // 86_40
 * the time since the customer's previous transaction is capped at 30 days, so the online
   path needs no history older than 30 days before its oldest sequence element, nor more
   than ``K - 1`` transactions before it: ``T - 1 + K`` transactions in all
-  (:func:`stream_app.state.retained`).
+  (:func:`stream_app.state.store.retained`).
 """
 
 from __future__ import annotations

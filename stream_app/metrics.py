@@ -27,7 +27,7 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
 from stream_app.errors import RejectReason
-from stream_app.model_card import SCORE_BUCKET_EDGES
+from stream_app.models.card import SCORE_BUCKET_EDGES
 
 # End to end, producer CreateTime to the score's acknowledgement. The target is a p99 of
 # 20 ms at 2,000 events/s, so buckets are dense from 1 to 50 ms; the tail up to 30 s shows
@@ -55,7 +55,7 @@ LABEL_OUTCOMES: Final = ("fraud", "genuine", "duplicate", "dead_letter")
 ALERT_DECISIONS: Final = ("review", "decline")
 RELOAD_OUTCOMES: Final = ("loaded", "refused")
 KAFKA_OPERATIONS: Final = ("consume", "produce", "commit", "admin")
-# Operators' controls (stream_app.controls): records read, entries in force by kind, and
+# Operators' controls (stream_app.scoring.controls): records read, entries in force by kind, and
 # decisions a list set.
 CONTROL_OUTCOMES: Final = ("applied", "invalid")
 CONTROL_KINDS: Final = (

@@ -376,7 +376,7 @@ class Attribution(BaseModel):
     ``transaction``: an earlier transaction of the customer (``transactions_before`` 1 is
     the previous one), with its amount and how long before the alerted one it was;
     ``features``: a group of the alerted transaction's own features (``group``), set to an
-    unremarkable value. See :mod:`stream_app.reasons`.
+    unremarkable value. See :mod:`stream_app.scoring.reasons`.
     """
 
     model_config = ConfigDict(frozen=True)

@@ -35,7 +35,7 @@ REDIS_URL = os.environ.get("FRAUDSTREAM_TEST_REDIS_URL", "redis://127.0.0.1:6379
 @pytest.fixture(scope="session")
 def postgres_url() -> Iterator[str]:
     """A PostgreSQL server of its own for the session (initdb + pg_ctl, a free port)."""
-    from training.services.postgres import PostgresServer
+    from training.ops.services.postgres import PostgresServer
 
     with PostgresServer() as server:
         yield server.url

@@ -8,7 +8,7 @@ import numpy as np
 from hypothesis import strategies as st
 
 from stream_app import features as F
-from stream_app.state import LabelUpdate, StateStore, TransactionUpdate
+from stream_app.state.store import LabelUpdate, StateStore, TransactionUpdate
 
 BASE_MS = 1_522_540_800_000  # 2018-04-01T00:00:00Z, a Sunday
 

@@ -37,14 +37,14 @@ from aiokafka import AIOKafkaConsumer
 from aiokafka.structs import ConsumerRecord
 from prometheus_client.parser import text_string_to_metric_families
 
-from stream_app import kafka_config
 from stream_app.config import Settings, load_settings, settings_environment
-from stream_app.model_card import Thresholds
+from stream_app.kafka import config as kafka_config
+from stream_app.models.card import Thresholds
 from tests.cleanup import register_prefix
-from training.services.apache_kafka import ApacheKafka
-from training.services.brokers import BROKER_KINDS, BrokerKind, deployed_settings
-from training.services.bundled_broker import BundledBroker
-from training.services.net import free_port
+from training.ops.services.apache_kafka import ApacheKafka
+from training.ops.services.brokers import BROKER_KINDS, BrokerKind, deployed_settings
+from training.ops.services.bundled_broker import BundledBroker
+from training.ops.services.net import free_port
 
 if TYPE_CHECKING:
     from training.sequence_model import LstmScorer

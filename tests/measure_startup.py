@@ -22,8 +22,8 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
-from stream_app import worker as worker_module
 from stream_app.metrics import WorkerMetrics
+from stream_app.worker import app as worker_module
 from tests.kafka_fixtures import Broker, WorkerProcess, delete_state, new_settings
 from tests.resilience_helpers import (
     own_broker,

@@ -1,6 +1,6 @@
 """The session's Redis Cluster (3 primaries, 3 replicas) for the tests that need one.
 
-The launcher is :class:`training.services.redis_cluster.LocalRedisCluster`, shared with the
+The launcher is :class:`training.ops.services.redis_cluster.LocalRedisCluster`, shared with the
 bench; ``redis_cluster`` starts it once per session and always stops it.
 """
 
@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import pytest
 
 from stream_app.errors import ConfigError
-from training.services.redis_cluster import LocalRedisCluster
+from training.ops.services.redis_cluster import LocalRedisCluster
 
 
 @pytest.fixture(scope="session", name="redis_cluster")

@@ -33,16 +33,16 @@ import redis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.structs import ConsumerRecord
 
-from stream_app import kafka_config
 from stream_app.config import Settings, settings_environment
+from stream_app.kafka import config as kafka_config
 from stream_app.records import ScoreRecord
-from stream_app.redis_state import RedisStateStore
-from stream_app.state import TransactionUpdate
-from training.replay import replay_messages
-from training.services.apache_kafka import ApacheKafka
-from training.services.brokers import BrokerKind
-from training.services.bundled_broker import BundledBroker
-from training.services.net import LOOPBACK, free_port, wait_for_port
+from stream_app.state.redis import RedisStateStore
+from stream_app.state.store import TransactionUpdate
+from training.ops.replay import replay_messages
+from training.ops.services.apache_kafka import ApacheKafka
+from training.ops.services.brokers import BrokerKind
+from training.ops.services.bundled_broker import BundledBroker
+from training.ops.services.net import LOOPBACK, free_port, wait_for_port
 from training.simulator import SimulatorConfig, simulate
 from training.transactions import to_arrays
 
@@ -423,7 +423,7 @@ def uninterrupted_state(
     """
     import redis.asyncio as aioredis
 
-    from training.replay import replay_order
+    from training.ops.replay import replay_order
 
     arrays = to_arrays(frame)
     order = replay_order(frame)[:limit]

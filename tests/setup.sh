@@ -35,7 +35,7 @@ python3 -m pip install -q --no-deps --no-build-isolation -e .
 # Apache Kafka for the tests' second broker lane, the bench and `demo --broker kafka`: its
 # jars from Maven Central into ~/.cache/fraudstream (nothing is fetched when they are there).
 echo "== Apache Kafka (Maven Central)"
-python3 -m training.services.apache_kafka install
+python3 -m training.ops.services.apache_kafka install
 
 if ! redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then
   echo "== starting redis-server on 127.0.0.1:6379"

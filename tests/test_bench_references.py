@@ -16,17 +16,17 @@ import redis.asyncio as aioredis
 from aiokafka import AIOKafkaProducer
 
 from stream_app import features as F
-from stream_app import kafka_config
 from stream_app.config import Settings
 from stream_app.errors import ConfigError
-from stream_app.kafka_config import ensure_topics
+from stream_app.kafka import config as kafka_config
+from stream_app.kafka.config import ensure_topics
 from stream_app.records import TransactionEvent
-from stream_app.state import MemoryStateStore, TransactionUpdate
+from stream_app.state.store import MemoryStateStore, TransactionUpdate
 from tests.feature_cases import BASE_MS
 from tests.kafka_fixtures import read_topic
-from training.bench import BenchResult, ColdDrain, Throughput, score_record_times, wait_scoring
-from training.bench_commands import render_markdown
-from training.bench_references import NaiveState, start_reference
+from training.ops.bench import BenchResult, ColdDrain, Throughput, score_record_times, wait_scoring
+from training.ops.bench_commands import render_markdown
+from training.ops.bench_references import NaiveState, start_reference
 
 pytestmark = [pytest.mark.integration]
 

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 from sklearn.metrics import brier_score_loss
 
-from stream_app.model_card import load_card
+from stream_app.models.card import load_card
 from tests.test_model_families import train_family
 from tests.test_training_export import _run
 from training.calibration import reliability

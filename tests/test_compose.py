@@ -164,7 +164,7 @@ def _kafka_property(env_name: str) -> str:
 
 
 def test_the_tests_kafka_runs_what_compose_deploys() -> None:
-    from training.services.apache_kafka import COMPOSE_SETTINGS, ApacheKafka, kafka_version
+    from training.ops.services.apache_kafka import COMPOSE_SETTINGS, ApacheKafka, kafka_version
 
     kafka = SERVICES["kafka"]
     assert kafka["image"] == f"apache/kafka:{kafka_version()}"
@@ -190,7 +190,7 @@ def test_the_tests_kafka_runs_what_compose_deploys() -> None:
 
 
 def _single_node(broker: Any) -> Any:
-    from training.services.apache_kafka import _Node
+    from training.ops.services.apache_kafka import _Node
 
     node = _Node(1, Path("/nonexistent"), {"PLAINTEXT": 9092, "CONTROLLER": 9093})
     broker._nodes.append(node)
@@ -226,7 +226,7 @@ def test_the_console_runs_the_workers_image_with_its_kafka_settings() -> None:
 def test_the_consoles_database_is_the_postgres_service() -> None:
     from urllib.parse import urlsplit
 
-    from training.services.postgres import postgres_bin
+    from training.ops.services.postgres import postgres_bin
 
     console_env = _environment(SERVICES["console"])
     url = urlsplit(console_env["FRAUDSTREAM_CONSOLE_DATABASE_URL"])
@@ -238,7 +238,7 @@ def test_the_consoles_database_is_the_postgres_service() -> None:
     assert url.path == "/" + pg_env["POSTGRES_DB"]
     image, tag = postgres["image"].split(":")
     assert image == "postgres"
-    # The major version the console's PostgreSQL tests run (training/services/postgres.py).
+    # The major version the console's PostgreSQL tests run (training/ops/services/postgres.py).
     assert tag.split("-")[0].split(".")[0] == postgres_bin().parent.name
     assert "pg_isready" in postgres["healthcheck"]["test"]
     volume = postgres["volumes"][0].split(":")

@@ -21,7 +21,7 @@ from stream_app.config import (
     unknown_environment,
 )
 from stream_app.errors import ConfigError
-from stream_app.kafka_config import client_kwargs, consumer_kwargs, producer_kwargs
+from stream_app.kafka.config import client_kwargs, consumer_kwargs, producer_kwargs
 
 SECRET = "s3cr3t-do-not-print"
 

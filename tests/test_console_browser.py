@@ -30,12 +30,12 @@ import pandas as pd
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from stream_app import kafka_config
 from stream_app.config import Settings, settings_environment
 from stream_app.console import auth
 from stream_app.console.store import CaseStore
+from stream_app.kafka import config as kafka_config
+from stream_app.models.scorer import OnnxScorer
 from stream_app.records import Decision, ScoreRecord, iso_utc_millis, parse_label
-from stream_app.scoring import OnnxScorer
 from tests.conftest import new_database
 from tests.kafka_fixtures import Broker, Dataset, WorkerProcess, new_settings, read_topic
 from tests.resilience_helpers import (
@@ -48,9 +48,9 @@ from tests.resilience_helpers import (
 from tests.resilience_helpers import (
     publish as publish_messages,
 )
-from training.replay import replay_order
+from training.ops.replay import replay_order
+from training.ops.services.net import LOOPBACK, free_port, wait_for_port
 from training.score_file import score_table
-from training.services.net import LOOPBACK, free_port, wait_for_port
 
 pytestmark = pytest.mark.integration
 

@@ -20,7 +20,6 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from prometheus_client import CollectorRegistry
 from starlette.testclient import TestClient
 
-from stream_app import kafka_config
 from stream_app.config import Settings
 from stream_app.console import auth
 from stream_app.console.ingest import AlertIngest, console_group_id
@@ -29,6 +28,7 @@ from stream_app.console.outbox import label_publisher
 from stream_app.console.service import build
 from stream_app.console.settings import load_console_settings
 from stream_app.console.store import CaseStore, Outcome, QueueFilter
+from stream_app.kafka import config as kafka_config
 from stream_app.records import Decision, ScoreRecord, iso_utc_millis, parse_label
 from tests.kafka_fixtures import Broker, new_settings, read_topic
 
@@ -242,7 +242,7 @@ async def test_an_alert_reaches_the_queue_and_its_verdict_the_labels_topic(
     if database == "sqlite":
         figures = await _serve_one_case(settings, f"sqlite:///{tmp_path / 'console.db'}")
     else:
-        from training.services.postgres import PostgresServer
+        from training.ops.services.postgres import PostgresServer
 
         server = PostgresServer()
         await asyncio.to_thread(server.start)
@@ -266,7 +266,7 @@ def test_fraudstream_console_serves_pages_and_metrics_and_stops_on_sigterm(
     import urllib.request
 
     from stream_app.config import settings_environment
-    from training.services.net import LOOPBACK, free_port, wait_for_port
+    from training.ops.services.net import LOOPBACK, free_port, wait_for_port
 
     settings = new_settings(bundled_broker)
     port, metrics_port = free_port(), free_port()

@@ -20,8 +20,8 @@ import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
-from stream_app import kafka_config
 from stream_app.config import Settings
+from stream_app.kafka import config as kafka_config
 from tests.kafka_fixtures import WorkerProcess
 from tests.resilience_helpers import (
     BackgroundPublisher,

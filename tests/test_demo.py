@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from stream_app.model_card import load_card
-from training.demo import (
+from stream_app.models.card import load_card
+from training.ops.demo import (
     DemoOptions,
     DemoSummary,
     demo_transactions,
@@ -25,14 +25,14 @@ from training.demo import (
     rate_note,
     summarise,
 )
-from training.services.brokers import BROKER_KINDS, BrokerKind, describe
-from training.services.console import ConsoleLogin, console_extra_missing
+from training.ops.services.brokers import BROKER_KINDS, BrokerKind, describe
+from training.ops.services.console import ConsoleLogin, console_extra_missing
 from training.simulator import SimulatorConfig, simulate
 
 # The demo command through a fresh Typer app: training.commands wires it into the
 # `fraudstream` CLI; this test does not depend on that wiring.
 RUN_DEMO = (
-    "import typer; from training.stream_commands import register_stream_commands; "
+    "import typer; from training.ops.stream_commands import register_stream_commands; "
     "app = typer.Typer(); register_stream_commands(app); app()"
 )
 

@@ -1,4 +1,4 @@
-"""The error policy (``stream_app/error_policy.py``) says what the code does, checked cheaply.
+"""The error policy (``stream_app/worker/error_policy.py``) says what the code does, cheaply.
 
 What can be checked without running a worker is: every rejection reason has the rule that
 dead-letters it; every metric, alert and code location a rule names exists; every log line
@@ -23,9 +23,9 @@ from aiokafka.errors import ClusterAuthorizationFailedError, KafkaError
 from prometheus_client import CollectorRegistry
 
 from stream_app.backoff import FATAL_KAFKA_ERRORS, fatal_kafka_fix
-from stream_app.error_policy import POLICY, Handling, Rule, Stage, policy_table
 from stream_app.errors import RejectReason
 from stream_app.metrics import WorkerMetrics
+from stream_app.worker.error_policy import POLICY, Handling, Rule, Stage, policy_table
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = re.compile(r'^(?P<name>[a-z_]+)(\{(?P<label>[a-z_]+)="(?P<value>[a-z_]+)"\})?$')

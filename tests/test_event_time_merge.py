@@ -21,10 +21,10 @@ from pathlib import Path
 import orjson
 import pytest
 
-from stream_app import kafka_config
 from stream_app.config import Settings, load_settings
 from stream_app.errors import RejectedEvent, RejectReason
-from stream_app.publisher import key_partition
+from stream_app.kafka import config as kafka_config
+from stream_app.kafka.publisher import key_partition
 from stream_app.records import ScoreRecord, ValidationLimits, parse_transaction
 from tests.kafka_fixtures import WorkerProcess
 from tests.resilience_helpers import (

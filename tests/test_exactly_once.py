@@ -42,7 +42,7 @@ from tests.resilience_helpers import (
     simulated,
     transaction_ids,
 )
-from training.replay import parse_duration, replay_messages
+from training.ops.replay import parse_duration, replay_messages
 
 pytestmark = [pytest.mark.integration, pytest.mark.resilience, pytest.mark.slow]
 

@@ -21,10 +21,10 @@ import pytest
 import redis.asyncio as aioredis
 
 from stream_app import features
-from stream_app.pipeline import ScoringPipeline
+from stream_app.models.scorer import OnnxScorer
 from stream_app.records import Decision
-from stream_app.redis_state import RedisStateStore
-from stream_app.scoring import OnnxScorer
+from stream_app.scoring.pipeline import ScoringPipeline
+from stream_app.state.redis import RedisStateStore
 from tests.kafka_fixtures import REDIS_URL
 from tests.test_pipeline import _events_in_replay_order, _registry, _replay
 from training.simulator import SimulatorConfig, simulate

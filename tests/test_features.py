@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from stream_app import features as F
-from stream_app.state import TRIM_SLACK, MemoryStateStore, max_history
+from stream_app.state.store import TRIM_SLACK, MemoryStateStore, max_history
 from tests.feature_cases import (
     BASE_MS,
     Tx,

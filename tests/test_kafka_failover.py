@@ -26,8 +26,8 @@ import pytest
 from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient
 
-from stream_app import kafka_config
 from stream_app.config import Settings
+from stream_app.kafka import config as kafka_config
 from tests.kafka_fixtures import Broker, WorkerProcess, delete_state, new_settings
 from tests.resilience_helpers import (
     BackgroundPublisher,
@@ -43,7 +43,7 @@ from tests.test_exactly_once import (
     labelled_stream,
     replay_frame,
 )
-from training.services.apache_kafka import ApacheKafka
+from training.ops.services.apache_kafka import ApacheKafka
 
 pytestmark = [pytest.mark.integration, pytest.mark.resilience, pytest.mark.slow]
 

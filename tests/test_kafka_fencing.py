@@ -18,7 +18,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.structs import OffsetAndMetadata
 
-from stream_app.kafka_fencing import GroupFencedError, fence_by_generation, group_metadata
+from stream_app.kafka.fencing import GroupFencedError, fence_by_generation, group_metadata
 from tests.kafka_fixtures import Broker
 
 pytestmark = [pytest.mark.integration]

@@ -62,9 +62,9 @@ from tests.resilience_helpers import (
     score_records,
     transaction_ids,
 )
-from training.replay import replay_messages
-from training.services.apache_kafka import ApacheKafka, TlsFiles
-from training.services.net import free_port
+from training.ops.replay import replay_messages
+from training.ops.services.apache_kafka import ApacheKafka, TlsFiles
+from training.ops.services.net import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.resilience]
 

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 from stream_app import features
-from stream_app.model_card import CARD_FILE, MODEL_FILE, ModelCard
-from stream_app.scoring import OnnxScorer, probe_batch
+from stream_app.models.card import CARD_FILE, MODEL_FILE, ModelCard
+from stream_app.models.scorer import OnnxScorer, probe_batch
 
 MODELS_ROOT = Path(__file__).resolve().parents[1] / "onnx_models"
 MODEL_DIRS = sorted(p.parent for p in MODELS_ROOT.glob(f"*/{CARD_FILE}"))

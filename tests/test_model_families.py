@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from stream_app.model_card import load_card
-from stream_app.scoring import OnnxScorer
+from stream_app.models.card import load_card
+from stream_app.models.scorer import OnnxScorer
 from tests.test_training_export import CONTRACT_CHECKS, _run
 from training.export import load_trained
 from training.families import FAMILIES

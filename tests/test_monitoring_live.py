@@ -25,14 +25,14 @@ import pytest
 import yaml
 from aiokafka import AIOKafkaProducer
 
-from stream_app import kafka_config
 from stream_app.config import Settings
+from stream_app.kafka import config as kafka_config
 from tests.cleanup import keep_for_fixture
 from tests.kafka_fixtures import Dataset, WorkerProcess, delete_state, new_settings
 from tests.test_monitoring import MONITORING, dashboard_queries
-from training.replay import replay, replay_messages
-from training.services.console import LocalConsole
-from training.services.net import free_port, wait_for_port
+from training.ops.replay import replay, replay_messages
+from training.ops.services.console import LocalConsole
+from training.ops.services.net import free_port, wait_for_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -23,9 +23,16 @@ from prometheus_client import CollectorRegistry, generate_latest
 from stream_app import features as F
 from stream_app.errors import ModelError, RejectReason
 from stream_app.metrics import ScoreDrift, WorkerMetrics, population_stability_index
-from stream_app.model_card import CARD_FILE, SCORE_BUCKET_EDGES
-from stream_app.model_registry import ModelOptions, ModelRegistry, load_model, resolve_model_dir
-from stream_app.pipeline import (
+from stream_app.models.card import CARD_FILE, SCORE_BUCKET_EDGES
+from stream_app.models.registry import ModelOptions, ModelRegistry, load_model, resolve_model_dir
+from stream_app.records import (
+    DEFAULT_LIMITS,
+    Decision,
+    ScoreRecord,
+    TransactionEvent,
+    iso_utc_millis,
+)
+from stream_app.scoring.pipeline import (
     Inbound,
     ScoringPipeline,
     apply_labels,
@@ -35,24 +42,17 @@ from stream_app.pipeline import (
     utc_millis,
     validate_transactions,
 )
-from stream_app.reasons import (
+from stream_app.scoring.reasons import (
     FEATURE_GROUPS,
     MIN_CONTRIBUTION,
     AlertContext,
     explain,
     fallback_reason,
 )
-from stream_app.records import (
-    DEFAULT_LIMITS,
-    Decision,
-    ScoreRecord,
-    TransactionEvent,
-    iso_utc_millis,
-)
-from stream_app.redis_state import RedisStateStore
-from stream_app.state import TransactionUpdate
+from stream_app.state.redis import RedisStateStore
+from stream_app.state.store import TransactionUpdate
 from tests.kafka_fixtures import POISON_AMOUNT, REDIS_URL, TEST_SEQUENCE_LENGTH, Dataset
-from training.replay import label_payload
+from training.ops.replay import label_payload
 from training.score_file import score_table
 from training.transactions import event_payload, to_arrays
 

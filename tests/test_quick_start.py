@@ -7,7 +7,7 @@ test reads the screen: the install ends, the demo's live view appears (its panel
 latest alerts with their reasons), then its closing summary, its explanation and the next
 steps, and the command exits 0. Then ``fraudstream train``, which needs the training
 extra, names the install that brings it and exits 2. pip's cache is used when it has the
-wheels (CI installed them a moment before); ``python -m training.install_report`` measures
+wheels (CI installed them a moment before); ``python -m training.ops.install_report`` measures
 a cold install.
 """
 
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from training.install_report import copy_project
+from training.ops.install_report import copy_project
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

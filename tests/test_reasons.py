@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 import redis.asyncio as aioredis
 
-from stream_app.pipeline import ScoringPipeline
-from stream_app.reasons import fallback_reason, money, plural, times
 from stream_app.records import Decision, ScoreRecord
-from stream_app.redis_state import RedisStateStore
+from stream_app.scoring.pipeline import ScoringPipeline
+from stream_app.scoring.reasons import fallback_reason, money, plural, times
+from stream_app.state.redis import RedisStateStore
 from tests.kafka_fixtures import REDIS_URL
 from tests.test_pipeline import _events_in_replay_order, _registry, _replay
 from training.simulator import SimulatorConfig, simulate

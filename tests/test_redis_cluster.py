@@ -27,18 +27,18 @@ from redis.asyncio.cluster import RedisCluster
 from stream_app import features as F
 from stream_app.config import Settings, load_settings
 from stream_app.errors import ConfigError
+from stream_app.models.scorer import OnnxScorer
 from stream_app.records import parse_label
-from stream_app.redis_cluster_state import _Found
-from stream_app.redis_state import RedisStateStore
-from stream_app.runtime import check_redis_mode, redis_client
-from stream_app.scoring import OnnxScorer
-from stream_app.state import (
+from stream_app.state.redis import RedisStateStore
+from stream_app.state.redis_cluster import _Found
+from stream_app.state.store import (
     ENTRY_DTYPE,
     LabelOutcome,
     LabelUpdate,
     MemoryStateStore,
     TransactionUpdate,
 )
+from stream_app.worker.runtime import check_redis_mode, redis_client
 from tests.cleanup import issue_prefix
 from tests.feature_cases import BASE_MS, Tx, replay_online, run_offline, transactions
 from tests.kafka_fixtures import (
@@ -60,9 +60,9 @@ from tests.test_worker_replay import (
     scores_by_id,
     stream,
 )
-from training.replay import replay_order
+from training.ops.replay import replay_order
+from training.ops.services.redis_cluster import LocalRedisCluster
 from training.score_file import score_table
-from training.services.redis_cluster import LocalRedisCluster
 from training.transactions import to_arrays
 
 pytestmark = pytest.mark.integration

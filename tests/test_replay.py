@@ -18,8 +18,8 @@ from stream_app.config import Settings
 from stream_app.errors import ConfigError
 from stream_app.records import parse_label, parse_transaction
 from tests.kafka_fixtures import Dataset, read_topic
-from training.replay import parse_duration, replay, replay_messages
-from training.stream_commands import register_stream_commands
+from training.ops.replay import parse_duration, replay, replay_messages
+from training.ops.stream_commands import register_stream_commands
 from training.transactions import event_payload
 
 
@@ -175,7 +175,7 @@ def test_the_replay_command_refuses_a_missing_file(tmp_path: object) -> None:
 
 def test_the_replay_command_names_a_broker_it_cannot_reach(tmp_path: Path) -> None:
     # A one-shot tool does not wait for a broker: it says where it looked and what to set.
-    from training.services.net import LOOPBACK, free_port
+    from training.ops.services.net import LOOPBACK, free_port
     from training.transactions import write_transactions
 
     data = tmp_path / "tx.parquet"

@@ -28,8 +28,8 @@ from stream_app import features
 from stream_app.config import Settings
 from stream_app.errors import RejectReason
 from stream_app.records import DeadLetterHeaders, ScoreRecord
-from stream_app.redis_state import RedisStateStore
-from stream_app.state import TransactionUpdate
+from stream_app.state.redis import RedisStateStore
+from stream_app.state.store import TransactionUpdate
 from tests.kafka_fixtures import Dataset, WorkerProcess
 from tests.resilience_helpers import (
     Message,

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from stream_app.config import Settings
-from stream_app.scoring import file_sha256
+from stream_app.models.scorer import file_sha256
 from tests.kafka_fixtures import Dataset, WorkerProcess
 from tests.resilience_helpers import (
     account,

@@ -23,8 +23,8 @@ from typing import Any
 import pytest
 import redis
 
-from stream_app import kafka_config
 from stream_app.config import Settings, load_settings
+from stream_app.kafka import config as kafka_config
 from tests.kafka_fixtures import Dataset, WorkerProcess
 from tests.resilience_helpers import (
     OwnedRedis,

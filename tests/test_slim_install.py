@@ -29,8 +29,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from stream_app.model_card import load_card
-from stream_app.scoring import OnnxScorer
+from stream_app.models.card import load_card
+from stream_app.models.scorer import OnnxScorer
 from tests.cleanup import issue_prefix
 from tests.kafka_fixtures import REDIS_URL, Broker, WorkerProcess, new_settings
 from tests.resilience_helpers import (
@@ -42,7 +42,7 @@ from tests.resilience_helpers import (
     transaction_ids,
     transaction_messages,
 )
-from training.install_report import copy_project
+from training.ops.install_report import copy_project
 from training.score_file import score_table
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -136,7 +136,7 @@ def test_the_install_has_neither_torch_nor_pandas(slim_install: SlimInstall) -> 
     # The worker's whole import graph loads without them (what `worker` runs, and the CLI).
     loaded = slim_install.run_python(
         "import sys; import stream_app.cli as cli; cli.register_commands(); "
-        "import stream_app.worker, stream_app.scoring_loop; "
+        "import stream_app.worker.app, stream_app.worker.loop; "
         "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'pandas'}))"
     )
     assert loaded.returncode == 0 and loaded.stdout.strip() == "[]", loaded

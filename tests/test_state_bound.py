@@ -6,7 +6,7 @@ trim to that (plus ``TRIM_SLACK``) besides the 30-day cutoff. Checked here on bu
 customer longer than ``K`` (tests.feature_cases.bursts): on one Redis and on a Redis
 Cluster (whose script shares ``append_record`` with the single-Redis one), online features
 equal offline ones and every customer key stays within the bound; and the Lua trim gives
-byte for byte the history of :func:`stream_app.state.retained`, out-of-order times included.
+byte for byte the history of :func:`stream_app.state.store.retained`, out-of-order times included.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from stream_app import features as F
-from stream_app.redis_state import RedisStateStore
-from stream_app.state import (
+from stream_app.state.redis import RedisStateStore
+from stream_app.state.store import (
     ENTRY_SIZE,
     TRIM_SLACK,
     MemoryStateStore,
@@ -32,7 +32,7 @@ from tests.cleanup import issue_prefix
 from tests.conftest import REDIS_URL
 from tests.feature_cases import BASE_MS, Tx, bursts, replay_online, run_offline
 from tests.test_redis_cluster import _replay_on_cluster
-from training.services.redis_cluster import LocalRedisCluster
+from training.ops.services.redis_cluster import LocalRedisCluster
 
 pytestmark = pytest.mark.integration
 

@@ -21,13 +21,13 @@ from prometheus_client import CollectorRegistry
 from redis.asyncio.cluster import RedisCluster
 
 from stream_app.metrics import WorkerMetrics
-from stream_app.redis_state import RedisStateStore
-from stream_app.state import TransactionUpdate
-from stream_app.state_guard import StateGuard, Updates, rebuild_state, write_marker
+from stream_app.state.guard import StateGuard, Updates, rebuild_state, write_marker
+from stream_app.state.redis import RedisStateStore
+from stream_app.state.store import TransactionUpdate
 from tests.cleanup import issue_prefix
 from tests.conftest import REDIS_URL
 from tests.resilience_helpers import environment_without_settings
-from training.services.redis_cluster import LocalRedisCluster
+from training.ops.services.redis_cluster import LocalRedisCluster
 
 pytestmark = pytest.mark.integration
 

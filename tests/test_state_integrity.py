@@ -17,8 +17,8 @@ from hypothesis import strategies as st
 from redis.asyncio.cluster import RedisCluster
 
 from stream_app import features as F
-from stream_app.redis_state import RedisStateStore
-from stream_app.state import (
+from stream_app.state.redis import RedisStateStore
+from stream_app.state.store import (
     LabelOutcome,
     LabelUpdate,
     MemoryStateStore,
@@ -28,7 +28,7 @@ from stream_app.state import (
 from tests.cleanup import issue_prefix
 from tests.conftest import REDIS_URL
 from tests.feature_cases import BASE_MS
-from training.services.redis_cluster import LocalRedisCluster
+from training.ops.services.redis_cluster import LocalRedisCluster
 
 pytestmark = pytest.mark.integration
 

@@ -32,8 +32,8 @@ import pytest
 import redis
 
 from stream_app.config import Settings, settings_environment
+from stream_app.models.scorer import OnnxScorer
 from stream_app.records import ScoreRecord
-from stream_app.scoring import OnnxScorer
 from tests.kafka_fixtures import Broker, Dataset, WorkerProcess, new_settings
 from tests.resilience_helpers import (
     Message,
@@ -45,7 +45,7 @@ from tests.resilience_helpers import (
     score_records,
     wait_until,
 )
-from training.replay import parse_duration, replay_messages, replay_order
+from training.ops.replay import parse_duration, replay_messages, replay_order
 from training.score_file import score_table
 from training.transactions import write_transactions
 

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from stream_app import kafka_config
 from stream_app.config import Settings
+from stream_app.kafka import config as kafka_config
 from tests.kafka_fixtures import WorkerProcess
 from tests.resilience_helpers import (
     account,

@@ -20,8 +20,8 @@ from typer.testing import CliRunner
 
 import tests.test_model_contract as contract
 from stream_app.cli import _register_training_commands, app
-from stream_app.model_card import CARD_FILE
-from stream_app.scoring import OnnxScorer
+from stream_app.models.card import CARD_FILE
+from stream_app.models.scorer import OnnxScorer
 from training.export import WEIGHTS_FILE
 
 _register_training_commands()

@@ -18,7 +18,7 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 from typer.testing import CliRunner
 
 from stream_app.cli import _register_training_commands, app
-from stream_app.scoring import OnnxScorer, file_sha256
+from stream_app.models.scorer import OnnxScorer, file_sha256
 from training.evaluation import MODEL_KINDS
 
 pytestmark = pytest.mark.slow

@@ -7,8 +7,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from stream_app.decisions import decide
 from stream_app.records import Decision
+from stream_app.scoring.decisions import decide
 from training.thresholds import choose_thresholds, decline_threshold, review_threshold
 
 

@@ -6,7 +6,7 @@ within the 30-day customer window, so before customer windows counted at most
 event) grew without bound. Here a burst of a few thousand rides in the small simulated
 dataset: the card's key never exceeds ``(T - 1 + K + TRIM_SLACK)`` records, and every
 event's score equals ``score-file``'s on the same data (the offline path applies the same
-bound). Speed is measured by ``python -m training.bench_burst``, not here.
+bound). Speed is measured by ``python -m training.ops.bench_burst``, not here.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ import redis
 
 from stream_app import features
 from stream_app.config import Settings
-from stream_app.scoring import OnnxScorer
-from stream_app.state import ENTRY_SIZE, TRIM_SLACK, max_history
+from stream_app.models.scorer import OnnxScorer
+from stream_app.state.store import ENTRY_SIZE, TRIM_SLACK, max_history
 from tests.kafka_fixtures import (
     REDIS_URL,
     TEST_SEQUENCE_LENGTH,
@@ -33,7 +33,7 @@ from tests.kafka_fixtures import (
     read_topic,
 )
 from tests.resilience_helpers import publish, score_records, transaction_messages
-from training.replay import ensure_input_topics
+from training.ops.replay import ensure_input_topics
 from training.score_file import score_table
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

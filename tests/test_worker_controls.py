@@ -20,9 +20,9 @@ import numpy as np
 import pytest
 
 from stream_app.config import Settings
-from stream_app.decisions import decide
-from stream_app.model_card import Thresholds, load_card
+from stream_app.models.card import Thresholds, load_card
 from stream_app.records import Control, Decision, ScoreRecord
+from stream_app.scoring.decisions import decide
 from tests.kafka_fixtures import Dataset, WorkerProcess
 from tests.resilience_helpers import (
     Message,

@@ -25,8 +25,8 @@ import pytest
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
-from stream_app import kafka_config
 from stream_app.config import Settings
+from stream_app.kafka import config as kafka_config
 from tests.kafka_fixtures import Broker, WorkerProcess, new_settings
 from tests.resilience_helpers import Message, publish, run_worker_to_exit, wait_until
 

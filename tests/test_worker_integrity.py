@@ -22,9 +22,9 @@ import redis
 
 from stream_app.config import Settings
 from stream_app.errors import RejectReason
-from stream_app.reasons import STATE_RESET_REASON
 from stream_app.records import DeadLetterHeaders, ScoreRecord
-from stream_app.redis_state import RedisStateStore
+from stream_app.scoring.reasons import STATE_RESET_REASON
+from stream_app.state.redis import RedisStateStore
 from tests.kafka_fixtures import (
     REDIS_URL,
     Broker,

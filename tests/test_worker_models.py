@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from stream_app.config import Settings
+from stream_app.models.scorer import OnnxScorer
 from stream_app.records import ScoreRecord
-from stream_app.scoring import OnnxScorer
 from tests.kafka_fixtures import Dataset, WorkerProcess, read_topic
 from tests.test_worker_replay import probe_labels, publish, stream
 from training.score_file import score_table

@@ -28,11 +28,11 @@ from aiokafka import TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.coordinator.protocol import ConsumerProtocolMemberMetadata
 
-from stream_app import kafka_config
 from stream_app.config import Settings
-from stream_app.pipeline import Inbound, label_update
+from stream_app.kafka import config as kafka_config
 from stream_app.records import ValidationLimits
-from stream_app.redis_state import RedisStateStore
+from stream_app.scoring.pipeline import Inbound, label_update
+from stream_app.state.redis import RedisStateStore
 from tests.kafka_fixtures import TEST_SEQUENCE_LENGTH, WorkerProcess
 from tests.resilience_helpers import (
     Message,

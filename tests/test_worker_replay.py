@@ -23,12 +23,12 @@ import redis
 from aiokafka import AIOKafkaProducer
 from aiokafka.structs import ConsumerRecord
 
-from stream_app import kafka_config
 from stream_app.config import Settings
 from stream_app.errors import VALIDATION_REASONS, RejectReason
-from stream_app.publisher import key_partition
+from stream_app.kafka import config as kafka_config
+from stream_app.kafka.publisher import key_partition
+from stream_app.models.scorer import OnnxScorer
 from stream_app.records import DeadLetterHeaders, Decision, ScoreRecord
-from stream_app.scoring import OnnxScorer
 from tests.cleanup import keep_for_fixture
 from tests.kafka_fixtures import (
     REDIS_URL,
@@ -39,7 +39,7 @@ from tests.kafka_fixtures import (
     read_topic,
 )
 from tests.resilience_helpers import redis_state
-from training.replay import label_payload, parse_duration, replay_messages
+from training.ops.replay import label_payload, parse_duration, replay_messages
 from training.score_file import score_table
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

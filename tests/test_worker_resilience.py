@@ -14,12 +14,12 @@ import pytest
 import redis
 
 from stream_app.config import Settings
+from stream_app.models.scorer import OnnxScorer
 from stream_app.records import ScoreRecord
-from stream_app.scoring import OnnxScorer
 from tests.kafka_fixtures import Dataset, WorkerProcess, read_topic
 from tests.test_worker_replay import probe_labels, publish, stream
+from training.ops.services.net import LOOPBACK, free_port, wait_for_port
 from training.score_file import score_table
-from training.services.net import LOOPBACK, free_port, wait_for_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.resilience, pytest.mark.slow]
 

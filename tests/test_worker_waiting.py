@@ -16,8 +16,8 @@ import pytest
 
 from stream_app.backoff import STILL_WAITING_AFTER_S
 from tests.kafka_fixtures import WorkerProcess, delete_state, new_settings
-from training.services.bundled_broker import BundledBroker
-from training.services.net import LOOPBACK, free_port
+from training.ops.services.bundled_broker import BundledBroker
+from training.ops.services.net import LOOPBACK, free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -25,8 +25,8 @@ from typing import Any, Final
 import numpy as np
 import numpy.typing as npt
 
-from stream_app.model_card import load_card
-from stream_app.scoring import OnnxScorer, file_sha256
+from stream_app.models.card import load_card
+from stream_app.models.scorer import OnnxScorer, file_sha256
 from training.dataset import Period, file_features
 from training.transactions import read_transactions
 

@@ -32,7 +32,7 @@ import torch
 
 from stream_app import features
 from stream_app.errors import ConfigError, ModelError
-from stream_app.model_card import (
+from stream_app.models.card import (
     CARD_FILE,
     INPUT_NAME,
     MODEL_FILE,
@@ -44,7 +44,7 @@ from stream_app.model_card import (
     Thresholds,
     load_card,
 )
-from stream_app.scoring import OnnxScorer, file_sha256, probe_batch
+from stream_app.models.scorer import OnnxScorer, file_sha256, probe_batch
 from training.dataset import FileFeatures, IntArray, Period, file_features, iso_day
 from training.evaluation import DELTA_DAYS, Split, assessment_rows
 from training.onnx_graph import OPSET, write_onnx

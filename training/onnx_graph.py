@@ -15,7 +15,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from stream_app.model_card import INPUT_NAME, OUTPUT_NAME
+from stream_app.models.card import INPUT_NAME, OUTPUT_NAME
 from training.sequence_model import SequenceScorer
 
 OPSET: Final = 17

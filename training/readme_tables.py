@@ -21,8 +21,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Final
 
-from training.bench import BenchResult, Latency, Throughput
-from training.bench_commands import (
+from training.ops.bench import BenchResult, Latency, Throughput
+from training.ops.bench_commands import (
     TARGET_COLD_VS_STEADY,
     TARGET_P99_LOAD,
     TARGET_P99_MS,
@@ -258,7 +258,7 @@ def console_metrics() -> str:
 
 def error_policy() -> str:
     """The worker's error policy per stage, from its one definition."""
-    from stream_app.error_policy import policy_table
+    from stream_app.worker.error_policy import policy_table
 
     return policy_table()
 

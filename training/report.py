@@ -15,7 +15,7 @@ from typing import Any, Final
 
 import numpy as np
 
-from stream_app.scoring import file_sha256
+from stream_app.models.scorer import file_sha256
 from training.dataset import FileFeatures, iso_day
 from training.evaluation import (
     LSTM,

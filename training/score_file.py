@@ -15,9 +15,9 @@ import numpy.typing as npt
 import pandas as pd
 
 from stream_app import features
-from stream_app.decisions import decide
-from stream_app.model_card import Thresholds
-from stream_app.scoring import OnnxScorer
+from stream_app.models.card import Thresholds
+from stream_app.models.scorer import OnnxScorer
+from stream_app.scoring.decisions import decide
 from training.transactions import output_format, read_transactions, to_arrays
 
 SCORE_COLUMNS = (

@@ -18,7 +18,7 @@ import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
 
-from stream_app.model_card import INPUT_NAME, OUTPUT_NAME
+from stream_app.models.card import INPUT_NAME, OUTPUT_NAME
 from training.onnx_graph import write_onnx
 from training.sequence_model import SequenceScorer
 

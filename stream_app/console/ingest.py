@@ -24,10 +24,10 @@ from aiokafka import AIOKafkaConsumer, ConsumerRecord
 from aiokafka.errors import KafkaError
 from pydantic import ValidationError
 
-from stream_app import kafka_config
 from stream_app.config import Settings
 from stream_app.console.metrics import ConsoleMetrics
 from stream_app.console.store import CaseStore
+from stream_app.kafka import config as kafka_config
 from stream_app.records import ScoreRecord
 
 log = logging.getLogger(__name__)
@@ -130,7 +130,7 @@ class TopicIngest:
 
     async def _topics_ready(self) -> bool:
         """Make sure the worker's topics exist, as the worker does at its start-up
-        (:func:`~stream_app.kafka_config.ensure_topics`), so a console started before the
+        (:func:`~stream_app.kafka.config.ensure_topics`), so a console started before the
         worker waits for no one. A broker that does not answer is waited for; a topic that
         may not be created raises :class:`~stream_app.errors.ConfigError`. False if stopped.
         """

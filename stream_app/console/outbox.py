@@ -21,10 +21,10 @@ from typing import Final, Protocol
 from aiokafka import AIOKafkaProducer
 from prometheus_client import Counter
 
-from stream_app import kafka_config
 from stream_app.config import Settings
 from stream_app.console.metrics import ConsoleMetrics
 from stream_app.console.store import CaseStore
+from stream_app.kafka import config as kafka_config
 
 log = logging.getLogger(__name__)
 

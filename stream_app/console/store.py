@@ -34,9 +34,9 @@ from typing import Any, Final, Protocol
 
 import orjson
 
-from stream_app.controls import Controls
 from stream_app.errors import ConfigError, FraudStreamError
 from stream_app.records import Control, Label, ScoreRecord
+from stream_app.scoring.controls import Controls
 
 
 class StoreError(FraudStreamError):
@@ -840,7 +840,7 @@ class CaseStore:
 
     def controls_in_force(self) -> Controls:
         """The controls the workers apply: the trail folded the way a worker folds the
-        topic (:meth:`stream_app.controls.Controls.updated`)."""
+        topic (:meth:`stream_app.scoring.controls.Controls.updated`)."""
         controls = Controls()
         for change in self.control_changes():
             controls = controls.updated(change.control)

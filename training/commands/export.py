@@ -16,7 +16,7 @@ from training.commands.options import fail
 if TYPE_CHECKING:  # annotations only: the command imports these when it runs
     from rich.console import Console
 
-    from stream_app.model_card import ModelCard
+    from stream_app.models.card import ModelCard
 
 # The contract's tolerance, a literal so that `--help` imports nothing heavy;
 # tests/test_training_commands.py checks it against training.export.PARITY_TOLERANCE.

@@ -35,7 +35,7 @@ from training.commands.progress import EpochBars
 from training.families import DEFAULT_FAMILY
 
 if TYPE_CHECKING:  # annotations only: the command imports these when it runs
-    from stream_app.model_card import ModelCard
+    from stream_app.models.card import ModelCard
     from training.train import AugmentConfig, EpochLog, TrainConfig
 
 
@@ -171,7 +171,7 @@ def _train_and_export(
     import time
 
     from stream_app.errors import ConfigError
-    from stream_app.scoring import file_sha256
+    from stream_app.models.scorer import file_sha256
     from training import dataset, evaluation, thresholds
     from training.export import export_model, parity_rows, score_histogram
     from training.periods import file_days, train_periods

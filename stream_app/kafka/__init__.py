@@ -1,0 +1,1 @@
+"""Kafka: client configuration, start-up checks, the producer's outputs, zombie fencing."""

@@ -1,0 +1,1 @@
+"""The models that serve: ONNX Runtime scoring, model cards, the champion and its challenger."""

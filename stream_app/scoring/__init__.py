@@ -1,0 +1,1 @@
+"""One micro-batch scored: the pipeline, decisions, operators' controls and alert reasons."""

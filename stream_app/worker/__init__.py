@@ -1,0 +1,1 @@
+"""``fraudstream worker``: the Faust application, its one Kafka path, and its error policy."""

@@ -1,0 +1,1 @@
+"""Running the service locally: bench, demo, replay, and the services they start."""
