@@ -182,7 +182,7 @@ class WorkerProcess:
     """``fraudstream worker`` as a subprocess, so a test can SIGTERM or SIGKILL it for real.
 
     Its metrics endpoint (on a free port) tells when it is ready. ``command`` runs another
-    install's worker (``tests/test_slim_install.py``: a fresh virtual environment's
+    install's worker (``tests/stream_app/test_slim_install.py``: a fresh virtual environment's
     ``fraudstream worker``, from ``cwd`` outside the checkout).
     """
 

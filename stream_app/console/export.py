@@ -10,8 +10,8 @@ The file's columns are defined once, here (:class:`LabelColumn`), and both sides
 them. They live in the serving package rather than in ``training/`` because the console
 writes the file without the training stack (``training`` imports ``stream_app``, never the
 reverse); the names of the transaction columns are those of a transactions table
-(``training.transactions.TRANSACTION_COLUMNS``), which ``tests/test_labels_export.py`` holds
-them to.
+(``training.transactions.TRANSACTION_COLUMNS``), which
+``tests/stream_app/console/test_export.py`` holds them to.
 
 The analyst's name is left out on purpose: a training file is copied to notebooks and
 model cards, and who decided is personal data that no model needs; it stays in the

@@ -9,10 +9,11 @@ message's original bytes with ``dlq.*`` headers naming the reason and its source
 partition and offset; the rest of the batch goes on), *fatal* (the worker stops with an
 exit code and a message naming what to fix) or *recovered* in place (logged and counted).
 The table describes what the code does; the code stays where it is, and each rule names it
-(``where``). ``tests/test_error_policy.py`` keeps the two together: every rejection reason
-has its rule, every metric and alert named exists, every log line quoted is in the code
-named, and a Kafka error no retry can fix says what the operator must do. The README's
-table is rendered from here (:func:`policy_table`, ``python -m training.readme_tables``).
+(``where``). ``tests/stream_app/worker/test_error_policy.py`` keeps the two together: every
+rejection reason has its rule, every metric and alert named exists, every log line quoted is
+in the code named, and a Kafka error no retry can fix says what the operator must do. The
+README's table is rendered from here (:func:`policy_table`, ``python -m
+training.readme_tables``).
 
 What is wrong with one event is dead-lettered, and the rest of its batch goes on. What
 stops the worker is configuration (exit code 2, before anything is consumed) or a fault

@@ -19,7 +19,7 @@ if TYPE_CHECKING:  # annotations only: the command imports these when it runs
     from stream_app.models.card import ModelCard
 
 # The contract's tolerance, a literal so that `--help` imports nothing heavy;
-# tests/test_training_commands.py checks it against training.export.PARITY_TOLERANCE.
+# tests/training/test_commands.py checks it against training.export.PARITY_TOLERANCE.
 _TOLERANCE = 1e-5
 
 

@@ -1,7 +1,7 @@
 """What the offline commands share: option declarations, settings, errors, the command line.
 
 Defaults are literals so that ``--help`` imports nothing heavy;
-tests/test_training_commands.py checks them against TrainConfig, GanConfig and the rest.
+tests/training/test_commands.py checks them against TrainConfig, GanConfig and the rest.
 """
 
 from __future__ import annotations

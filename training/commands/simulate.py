@@ -8,8 +8,8 @@ from typing import Annotated, Final
 import typer
 
 # The simulator's defaults are repeated in the option declarations so that `--help` shows
-# them without importing numpy and pandas; tests/test_simulator.py checks they stay equal to
-# SimulatorConfig's.
+# them without importing numpy and pandas; tests/training/test_simulator.py checks they stay
+# equal to SimulatorConfig's.
 _FRAUD = "Fraud scenarios"
 
 DEFAULT_CUSTOMERS: Final = 5000  # the Handbook's population

@@ -34,7 +34,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final
 
-ROOT: Final = Path(__file__).resolve().parents[1]
+ROOT: Final = Path(__file__).resolve().parents[2]
 REPORT: Final = ROOT / "training" / "reports" / "install.json"
 # flavour -> the extras of `pip install -e ".[...]"` (empty: the worker alone).
 FLAVOURS: Final = {"serving": "", "demo": "demo", "train": "train"}
