@@ -240,7 +240,7 @@ POLICY: Final[tuple[Rule, ...]] = (
         "an input partition has no committed offset (a new consumer group)",
         Handling.RECOVERED,
         "reads it from its beginning (labels: from where the former labels group committed)",
-        (f"{_LOOP}._start_uncommitted",),
+        ("stream_app.worker.offsets:Offsets.start_uncommitted",),
         exceptions=(NoOffsetForPartitionError,),
     ),
     Rule(
@@ -249,7 +249,7 @@ POLICY: Final[tuple[Rule, ...]] = (
         Handling.RECOVERED,
         "FRAUDSTREAM_OFFSET_RESET_POLICY earliest or latest: re-reads the partition from "
         "its start, or skips to its end",
-        (f"{_LOOP}._reset_offsets",),
+        ("stream_app.worker.offsets:Offsets.reset",),
         ("ERROR", "is out of range: the partition now holds offsets"),
         exceptions=(OffsetOutOfRangeError,),
         metrics=("fraudstream_offset_resets_total",),
@@ -259,7 +259,10 @@ POLICY: Final[tuple[Rule, ...]] = (
         "an input offset is out of range, with FRAUDSTREAM_OFFSET_RESET_POLICY=fail",
         Handling.FATAL,
         "stops once the batches before it are committed",
-        (f"{_LOOP}._reset_offsets", "stream_app.worker.app:ScoringService._guarded"),
+        (
+            "stream_app.worker.offsets:Offsets.reset",
+            "stream_app.worker.app:ScoringService._guarded",
+        ),
         ("ERROR", "stopping, as FRAUDSTREAM_OFFSET_RESET_POLICY"),
         exceptions=(OffsetOutOfRangeError, FraudStreamError),
         metrics=("fraudstream_offset_resets_total",),
@@ -455,7 +458,11 @@ POLICY: Final[tuple[Rule, ...]] = (
         "an output topic does not exist (deleted while running)",
         Handling.RETRIED,
         "holds the batch, uncommitted, and sends it again once the topic is back",
-        (f"{_LOOP}._check_outputs_exist", f"{_LOOP}._watch_outputs", f"{_LOOP}._acknowledged"),
+        (
+            "stream_app.worker.output_topics:OutputTopics.check_exist",
+            "stream_app.worker.output_topics:OutputTopics.watch",
+            f"{_LOOP}._acknowledged",
+        ),
         ("ERROR", "do not exist"),
         exceptions=(UnknownTopicOrPartitionError,),
         metrics=('fraudstream_kafka_errors_total{operation="produce"}', "fraudstream_ready"),
