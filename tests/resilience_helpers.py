@@ -1,8 +1,8 @@
 """What the resilience tests share: services they own, a paced publisher, and an accounting.
 
-* :class:`OwnedRedis` and :func:`own_broker`: a ``redis-server`` and a broker of the
-  test's own, which it may kill, restart, SIGSTOP and SIGCONT without disturbing the session
-  services other tests use;
+* :func:`own_broker`: a broker of the test's own, which it may kill, restart, SIGSTOP and
+  SIGCONT without disturbing the session services other tests use (a Redis server of its
+  own: :class:`training.ops.services.redis_server.RedisServer`);
 * :class:`BackgroundPublisher`: publishes at a set rate from a thread, so the test's main
   thread can kill and restart workers meanwhile;
 * :func:`account`: the end of every resilience test, every transaction accounted for:
@@ -17,7 +17,6 @@ import asyncio
 import os
 import shutil
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -33,7 +32,7 @@ import redis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.structs import ConsumerRecord
 
-from stream_app.config import Settings, settings_environment
+from stream_app.config import Settings
 from stream_app.kafka import config as kafka_config
 from stream_app.records import ScoreRecord
 from stream_app.state.redis import RedisStateStore
@@ -42,88 +41,9 @@ from training.ops.replay import replay_messages
 from training.ops.services.apache_kafka import ApacheKafka
 from training.ops.services.brokers import BrokerKind
 from training.ops.services.bundled_broker import BundledBroker
-from training.ops.services.net import LOOPBACK, free_port, wait_for_port
+from training.ops.services.worker_process import worker_command, worker_environment
 from training.simulator import SimulatorConfig, simulate
 from training.transactions import to_arrays
-
-
-def redis_server_binary() -> str:
-    """The ``redis-server`` executable, or skip the test."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.skip("redis-server is not installed")
-    return binary
-
-
-class OwnedRedis:
-    """A ``redis-server`` owned by one test, on a free loopback port.
-
-    With ``durable`` (the default) it runs with ``--appendonly yes --appendfsync always``
-    in ``directory``: every write acknowledged to a client is on disk before the reply, so
-    a SIGKILL and a restart on the same directory keep every acknowledged write, which is
-    what a production Redis with persistence promises (and what the worker's retry relies
-    on: a batch either applied entirely, or not at all, and retried).
-    """
-
-    def __init__(
-        self,
-        directory: Path,
-        *,
-        durable: bool = True,
-        password: str | None = None,
-        tls: tuple[Path, Path, Path] | None = None,
-    ) -> None:
-        self.directory = directory
-        self.port = free_port()
-        self.durable = durable
-        self.password = password
-        self.tls = tls  # (CA, certificate, key): TLS only, clients not authenticated
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        """``redis://`` (``rediss://`` with TLS) URL of the server, without the password."""
-        return f"{'rediss' if self.tls else 'redis'}://{LOOPBACK}:{self.port}/0"
-
-    def start(self) -> OwnedRedis:
-        """Start (or restart, on the same port and directory) and wait until it answers."""
-        self.directory.mkdir(parents=True, exist_ok=True)
-        persistence = (
-            ["--appendonly", "yes", "--appendfsync", "always", "--save", ""]
-            if self.durable
-            else ["--appendonly", "no", "--save", ""]
-        )
-        listen = ["--port", str(self.port)]
-        if self.tls is not None:
-            ca, cert, key = self.tls
-            listen = ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", str(cert),
-                      "--tls-key-file", str(key), "--tls-ca-cert-file", str(ca),
-                      "--tls-auth-clients", "no"]  # fmt: skip
-        if self.password is not None:
-            listen += ["--requirepass", self.password]
-        command = [redis_server_binary(), "--bind", LOOPBACK, "--dir", str(self.directory),
-                   *persistence, *listen]  # fmt: skip
-        with (self.directory / "redis.log").open("ab") as log:
-            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-        if not wait_for_port(LOOPBACK, self.port, 10.0):
-            raise AssertionError(f"redis-server did not start on port {self.port}")
-        return self
-
-    def kill(self) -> None:
-        """SIGKILL: a crash, no shutdown save."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(timeout=10)
-
-    def stop(self) -> None:
-        """Terminate if running."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(timeout=10)
-
-    def client(self) -> redis.Redis:
-        """A plain client (only without TLS)."""
-        return redis.Redis(host=LOOPBACK, port=self.port)
 
 
 def own_broker(kind: BrokerKind, work_dir: Path) -> BundledBroker | ApacheKafka:
@@ -503,11 +423,10 @@ def run_worker_to_exit(settings: Settings, timeout_s: float) -> tuple[int, str]:
 
     A worker still running after ``timeout_s`` fails the test: it did not fail fast.
     """
-    env = {**environment_without_settings(), **settings_environment(settings)}
     try:
         done = subprocess.run(
-            [sys.executable, "-m", "stream_app.cli", "worker"],
-            env=env,
+            worker_command()[0],
+            env=worker_environment(settings, settings.metrics_port),
             capture_output=True,
             timeout=timeout_s,
         )

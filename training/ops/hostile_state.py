@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import subprocess
 import tempfile
 import time
 from collections.abc import Sequence
@@ -39,7 +38,8 @@ from stream_app.records import DEFAULT_LIMITS, TransactionEvent
 from stream_app.scoring.pipeline import Inbound, ScoringPipeline, validate_transactions
 from stream_app.state.redis import RedisStateStore
 from stream_app.state.store import LabelUpdate
-from training.ops.services.net import LOOPBACK, free_port, wait_for_port
+from training.ops.services.net import LOOPBACK
+from training.ops.services.redis_server import RedisServer
 from training.simulator import SimulatorConfig, simulate
 from training.transactions import event_payload, to_arrays
 
@@ -128,20 +128,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=Path("onnx_models/default"))
     args = parser.parse_args(argv)
-    port = free_port()
-    with tempfile.TemporaryDirectory() as work:
-        server = subprocess.Popen(
-            ["redis-server", "--port", str(port), "--bind", LOOPBACK, "--save", "", "--dir", work],
-            stdout=subprocess.DEVNULL,
-        )
-        try:
-            wait_for_port(LOOPBACK, port, 10.0)
-            started = time.monotonic()
-            result = asyncio.run(_measure(args.model.resolve(), port))
-            result["seconds"] = round(time.monotonic() - started, 1)
-        finally:
-            server.terminate()
-            server.wait(10)
+    with tempfile.TemporaryDirectory() as work, RedisServer(Path(work), durable=False) as server:
+        started = time.monotonic()
+        result = asyncio.run(_measure(args.model.resolve(), server.port))
+        result["seconds"] = round(time.monotonic() - started, 1)
     print(json.dumps(result, indent=1))
 
 
