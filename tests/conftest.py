@@ -22,10 +22,12 @@ from tests.kafka_fixtures import (  # noqa: F401  (fixtures, re-exported for eve
     bundled_broker,
     kafka_broker,
     make_settings,
+    small_transactions,
+)
+from tests.model_fixtures import (  # noqa: F401  (fixtures, re-exported for every test)
     poisoned_model,
     second_model,
     served_model,
-    small_transactions,
 )
 from tests.redis_cluster import redis_cluster_fixture  # noqa: F401  (one cluster a session)
 

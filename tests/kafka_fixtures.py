@@ -8,8 +8,8 @@
   consumer group and Redis key prefix no other test uses (keys deleted afterwards);
 * :class:`WorkerProcess`: the worker as a real subprocess (SIGTERM, SIGKILL), and
   :func:`read_topic` to read what it published;
-* ``small_transactions`` / ``served_model`` / ``second_model``: a small simulated dataset
-  and real exported ONNX models, built once per session.
+* ``small_transactions``: a small simulated dataset, built once per session (the models
+  the worker tests serve are in ``tests/model_fixtures.py``).
 
 ``tests/conftest.py`` re-exports the fixtures, so any test module can ask for them.
 """
@@ -23,13 +23,11 @@ import sys
 import time
 import urllib.request
 import uuid
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import numpy as np
 import pandas as pd
 import pytest
 import redis
@@ -39,18 +37,13 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from stream_app.config import Settings, load_settings, settings_environment
 from stream_app.kafka import config as kafka_config
-from stream_app.models.card import Thresholds
 from tests.cleanup import register_prefix
 from training.ops.services.apache_kafka import ApacheKafka
 from training.ops.services.brokers import BROKER_KINDS, BrokerKind, deployed_settings
 from training.ops.services.bundled_broker import BundledBroker
 from training.ops.services.net import free_port
 
-if TYPE_CHECKING:
-    from training.sequence_model import LstmScorer
-
 REDIS_URL = os.environ.get("FRAUDSTREAM_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-TEST_SEQUENCE_LENGTH = 5
 
 
 @dataclass(frozen=True)
@@ -348,125 +341,3 @@ def small_transactions(tmp_path_factory: pytest.TempPathFactory) -> Dataset:
     path = tmp_path_factory.mktemp("data") / "transactions.parquet"
     write_transactions(frame, path)
     return Dataset(frame, path)
-
-
-def build_model(
-    directory: Path,
-    frame: pd.DataFrame,
-    *,
-    version: str,
-    seed: int,
-    epochs: int = 25,
-    sequence_length: int = TEST_SEQUENCE_LENGTH,
-    scorer_class: type[LstmScorer] | None = None,
-    family: str = "lstm",
-) -> Path:
-    """Train a tiny scorer of ``family`` (or ``scorer_class``) for a few seconds and export
-    it with a card; returns ``directory``.
-
-    The thresholds put about 7% of the rows up for review and 2% declined, so every test
-    replay has alerts of both kinds.
-    """
-    import torch
-
-    from stream_app import features
-    from training.export import export_model, score_histogram
-    from training.sequence_model import ModelConfig, build_scorer, feature_statistics, predict
-    from training.transactions import to_arrays
-
-    torch.manual_seed(seed)
-    arrays = to_arrays(frame)
-    offline = features.offline_features(
-        arrays.customer_ids,
-        arrays.terminal_ids,
-        arrays.times_ms,
-        arrays.amounts,
-        arrays.is_fraud,
-    )
-    sequences = offline.sequences(sequence_length)
-    mean, std = feature_statistics(sequences)
-    config = ModelConfig(family=family, hidden_size=16, head_size=16, dropout=0.0)
-    model = scorer_class(mean, std, config) if scorer_class else build_scorer(mean, std, config)
-    optimiser = torch.optim.Adam(model.parameters(), lr=0.03)
-    # A subsample trains well enough to make scores respond to the features, in seconds.
-    rows = np.random.default_rng(seed).choice(len(sequences), min(1500, len(sequences)), False)
-    x = torch.from_numpy(sequences[rows])
-    labels = torch.as_tensor(arrays.is_fraud[offline.order][rows], dtype=torch.float32)
-    loss_fn = torch.nn.BCEWithLogitsLoss()
-    model.train()
-    for _ in range(epochs):
-        optimiser.zero_grad()
-        loss = loss_fn(model.logits(x), labels)
-        loss.backward()
-        optimiser.step()
-    model.eval()
-    scores = predict(model, sequences)
-    review, decline = np.quantile(scores, [0.93, 0.98])
-    with warnings.catch_warnings():  # torch's tracer chatters about the LSTM
-        warnings.simplefilter("ignore")
-        export_model(
-            model,
-            directory,
-            version=version,
-            parity_sequences=sequences,
-            thresholds=Thresholds(review=float(review), decline=float(decline)),
-            reference=score_histogram(scores, "tests: simulated training rows"),
-            training={"epochs": epochs, "seed": seed},
-            metrics={},
-            overwrite=True,
-        )
-    return directory
-
-
-# Amounts above this (within the event contract) make the poisoned model output NaN.
-POISON_AMOUNT = 1_000_000.0
-
-
-def build_poisoned_model(directory: Path, frame: pd.DataFrame) -> Path:
-    """A real exported model that outputs NaN for a current amount above
-    :data:`POISON_AMOUNT`: a model fault no validation can foresee, for the tests that show
-    one event can never stop scoring. It passes every check a model must pass to serve
-    (export parity, probe scores): those inputs hold no such amount.
-    """
-    import torch
-
-    from training.sequence_model import LstmScorer
-
-    class PoisonedScorer(LstmScorer):
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            scores = super().forward(x)
-            poisoned = x[:, -1, 0] > POISON_AMOUNT  # TX_AMOUNT of the current transaction
-            return torch.where(poisoned, torch.full_like(scores, float("nan")), scores)
-
-    return build_model(
-        directory, frame, version="test-poisoned", seed=3, epochs=5, scorer_class=PoisonedScorer
-    )
-
-
-@pytest.fixture(scope="session")
-def served_model(tmp_path_factory: pytest.TempPathFactory, small_transactions: Dataset) -> Path:
-    """A real exported model (version ``test-a``) for the worker tests."""
-    directory = tmp_path_factory.mktemp("models") / "test-a"
-    return build_model(directory, small_transactions.frame, version="test-a", seed=1)
-
-
-@pytest.fixture(scope="session")
-def second_model(tmp_path_factory: pytest.TempPathFactory, small_transactions: Dataset) -> Path:
-    """Another real model (version ``test-b``) of another family, the Transformer encoder:
-    swaps and shadow scoring, which the worker does with no family-specific code."""
-    directory = tmp_path_factory.mktemp("models") / "test-b"
-    return build_model(
-        directory,
-        small_transactions.frame,
-        version="test-b",
-        seed=2,
-        epochs=30,
-        family="transformer",
-    )
-
-
-@pytest.fixture(scope="session")
-def poisoned_model(tmp_path_factory: pytest.TempPathFactory, small_transactions: Dataset) -> Path:
-    """A real model that outputs NaN past :data:`POISON_AMOUNT` (see build_poisoned_model)."""
-    directory = tmp_path_factory.mktemp("models") / "test-poisoned"
-    return build_poisoned_model(directory, small_transactions.frame)

@@ -51,7 +51,8 @@ from stream_app.scoring.reasons import (
 )
 from stream_app.state.redis import RedisStateStore
 from stream_app.state.store import TransactionUpdate
-from tests.kafka_fixtures import POISON_AMOUNT, REDIS_URL, TEST_SEQUENCE_LENGTH, Dataset
+from tests.kafka_fixtures import REDIS_URL, Dataset
+from tests.model_fixtures import POISON_AMOUNT, TEST_SEQUENCE_LENGTH
 from training.ops.replay import label_payload
 from training.score_file import score_table
 from training.transactions import event_payload, to_arrays

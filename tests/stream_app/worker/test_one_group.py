@@ -33,7 +33,8 @@ from stream_app.kafka import config as kafka_config
 from stream_app.records import ValidationLimits
 from stream_app.scoring.pipeline import Inbound, label_update
 from stream_app.state.redis import RedisStateStore
-from tests.kafka_fixtures import TEST_SEQUENCE_LENGTH, WorkerProcess
+from tests.kafka_fixtures import WorkerProcess
+from tests.model_fixtures import TEST_SEQUENCE_LENGTH
 from tests.resilience_helpers import (
     Message,
     OwnedRedis,

@@ -19,7 +19,8 @@ import pytest
 from stream_app.config import Settings
 from stream_app.errors import RejectReason
 from stream_app.records import DeadLetterHeaders
-from tests.kafka_fixtures import POISON_AMOUNT, Dataset, WorkerProcess
+from tests.kafka_fixtures import Dataset, WorkerProcess
+from tests.model_fixtures import POISON_AMOUNT
 from tests.resilience_helpers import (
     Message,
     account,
