@@ -344,7 +344,7 @@ POLICY: Final[tuple[Rule, ...]] = (
         "a transaction id already used for another transaction",
         Handling.DEAD_LETTERED,
         "publishes it to transactions.dlq; no score record, no state change",
-        (f"{_LOOP}._refuse_scored",),
+        ("stream_app.worker.outputs:OutputRecords.refused",),
         ("WARNING", "refused (%s): dead-lettered"),
         reasons=(RejectReason.CONFLICTING_DUPLICATE,),
         metrics=('fraudstream_dead_letters_total{reason="conflicting_duplicate"}',),
@@ -409,7 +409,10 @@ POLICY: Final[tuple[Rule, ...]] = (
         Handling.DEAD_LETTERED,
         "bisects the batch to the events at fault, publishes them to transactions.dlq and "
         "scores the rest",
-        ("stream_app.scoring.pipeline:checked_scores", f"{_LOOP}._refuse_scored"),
+        (
+            "stream_app.scoring.pipeline:checked_scores",
+            "stream_app.worker.outputs:OutputRecords.refused",
+        ),
         ("WARNING", "refused (%s): dead-lettered"),
         reasons=(RejectReason.UNSCORABLE,),
         metrics=(

@@ -26,6 +26,7 @@ to it, one concern a module:
 - :mod:`~stream_app.worker.labels_backlog`: labels before a backlog, after an assignment;
 - :mod:`~stream_app.worker.offsets`: where a partition starts (no commit, out of range);
 - :mod:`~stream_app.worker.membership`: rebalances, stalls, the group generation check;
+- :mod:`~stream_app.worker.outputs`: the records a batch publishes, and their partitions;
 - :mod:`~stream_app.worker.output_topics`: output topics that disappear;
 - :mod:`~stream_app.worker.lag`: the consumer lag gauges.
 """
@@ -55,12 +56,12 @@ from aiokafka.errors import (
 from redis.exceptions import RedisError
 
 from stream_app.backoff import BACKOFF_START_S, Backoff, describe_error, fatal_kafka_error
-from stream_app.errors import FraudStreamError, RejectedEvent, RejectReason
+from stream_app.errors import FraudStreamError
 from stream_app.kafka import config as kafka_config
 from stream_app.kafka.fencing import GroupFencedError, fence_by_generation
-from stream_app.kafka.publisher import Output, Publisher, key_partition
+from stream_app.kafka.publisher import Output, Publisher
 from stream_app.metrics import observe_many
-from stream_app.records import TransactionEvent, dead_letter_headers
+from stream_app.records import TransactionEvent
 from stream_app.scoring.controls import ControlsFeed
 from stream_app.scoring.pipeline import (
     Accepted,
@@ -80,6 +81,7 @@ from stream_app.worker.membership import Membership, RebalanceListener, StaleBat
 from stream_app.worker.merge import EventTimeMerge, Polled
 from stream_app.worker.offsets import Offsets
 from stream_app.worker.output_topics import OutputTopics
+from stream_app.worker.outputs import OutputRecords
 from stream_app.worker.runtime import WorkerRuntime
 
 log = logging.getLogger(__name__)
@@ -147,7 +149,7 @@ class ScoringLoop:
             controls=lambda: self.controls.current,
         )
         self.backoff = Backoff(runtime.metrics, s.retry_backoff_max_s)
-        self.source_partitions = runtime.partitions[s.topic_transactions]
+        self.records = OutputRecords(s, runtime.partitions)
         self._lock = asyncio.Lock()
         self._pending: _Batch | None = None
         self._unsettled: asyncio.Queue[_Batch] = asyncio.Queue(maxsize=_MAX_UNSETTLED)
@@ -179,7 +181,7 @@ class ScoringLoop:
             self.merge,
             self.process_now,
         )
-        self.labels = LabelsBacklog(
+        self.labels_backlog = LabelsBacklog(
             s, runtime.partitions, runtime.metrics, self.admin, self.offsets
         )
         self.output_topics = OutputTopics(s, runtime.metrics, self.admin)
@@ -255,16 +257,16 @@ class ScoringLoop:
             while not self._stopping.is_set():
                 if self._settler.done():  # it only ends by failing: surface its error
                     self._settler.result()
-                if self.labels.pending:
-                    self.labels.pending = False
+                if self.labels_backlog.pending:
+                    self.labels_backlog.pending = False
                     # Every partition without a commit starts now, all together: waiting
                     # for each one's NoOffsetForPartitionError would start them one by
                     # one, and the event-time merge would run ahead on the first ones.
                     await self.offsets.start_uncommitted(None)
-                    await self.labels.measure()
+                    await self.labels_backlog.measure()
                 if self.offsets.out_of_range:
                     await self.offsets.reset(dict(self.offsets.out_of_range), confirmed=False)
-                labels_only = await self.labels.waiting()
+                labels_only = await self.labels_backlog.waiting()
                 # With a batch in flight, take only what is already fetched: never wait.
                 # Waiting for the labels backlog, wait as long as between two checks.
                 idle_ms = int(LABELS_POLL_S * 1000) if labels_only else wait_ms
@@ -325,7 +327,6 @@ class ScoringLoop:
 
     def _prepare(self, polled: Sequence[Polled], labels: Sequence[Inbound] = ()) -> _Batch:
         """Route a polled batch and build its dead letters: no I/O."""
-        s = self.settings
         offsets: dict[TopicPartition, int] = {}
         for label in labels:
             tp = TopicPartition(label.topic, label.partition)
@@ -338,27 +339,8 @@ class ScoringLoop:
                 accepted.append(item.outcome)
             else:
                 rejected.append(item.outcome)
-        local: list[Accepted] = []
-        forwards: list[Output] = []
-        for valid in accepted:
-            message = valid.message
-            key = valid.event.customer_id.encode()
-            home = key_partition(key, self.source_partitions)
-            # Events read from the repartition topic are processed wherever they are, so a
-            # partition-count change can never bounce an event between the two topics.
-            if message.topic == s.topic_repartition or message.partition == home:
-                local.append(valid)
-            else:
-                forwards.append(
-                    Output(
-                        s.topic_repartition,
-                        home,
-                        key,
-                        message.value or b"",
-                        timestamp_ms=message.timestamp_ms,
-                    )
-                )
-        dead_letters = [self._dead_letter(r) for r in rejected]
+        local, forwards = self.records.route(accepted)
+        dead_letters = [self.records.dead_letter(r) for r in rejected]
         return _Batch(
             offsets,
             len(polled) + len(labels),
@@ -421,10 +403,15 @@ class ScoringLoop:
             self._scoring_thread, self._score, events, state
         )
         if scored.unscorable or scored.conflicting:
-            self._refuse_scored(batch, scored)
+            version = self.runtime.models.champion.version
+            refused = self.records.refused(batch.local, scored, version)
+            batch.unscorable += refused
+            batch.dead_letters += [self.records.dead_letter(r) for r in refused]
         if batch.applied is not None:
             label_dlq = self.settings.topic_label_dead_letters
-            batch.dead_letters += [self._dead_letter(r, label_dlq) for r in batch.applied.rejected]
+            batch.dead_letters += [
+                self.records.dead_letter(r, label_dlq) for r in batch.applied.rejected
+            ]
         batch.outputs = [*batch.dead_letters, *batch.forwards, *outputs]
         if self.settings.exactly_once:
             await self.backoff.run(
@@ -452,73 +439,7 @@ class ScoringLoop:
     ) -> tuple[list[Output], ScoredBatch]:
         """Features, model calls and records of a batch (in the scoring thread)."""
         scored = self.pipeline.score(events, state) if state is not None else _NOTHING_SCORED
-        return self._outputs(scored), scored
-
-    def _outputs(self, scored: ScoredBatch) -> list[Output]:
-        s = self.settings
-        scores_n = self.runtime.partitions[s.topic_scores]
-        alerts_n = self.runtime.partitions[s.topic_alerts]
-        shadow_n = self.runtime.partitions[s.topic_shadow_scores]
-        keys = scored.keys
-        outputs = [
-            Output(s.topic_scores, key_partition(key, scores_n), key, payload)
-            for key, payload in zip(keys, scored.payloads, strict=True)
-        ]
-        for i in scored.alerts:
-            key = keys[i]
-            outputs.append(
-                Output(s.topic_alerts, key_partition(key, alerts_n), key, scored.payloads[i])
-            )
-        for key, payload in zip(scored.shadow_keys, scored.shadow_payloads, strict=True):
-            shadow = key_partition(key, shadow_n)
-            outputs.append(Output(s.topic_shadow_scores, shadow, key, payload))
-        return outputs
-
-    def _refuse_scored(self, batch: _Batch, scored: ScoredBatch) -> None:
-        """Dead-letter the events the batch could not score: those the champion gave no
-        probability for, and conflicting duplicates (see ``ScoredBatch``)."""
-        version = self.runtime.models.champion.version
-        refusals = [
-            (
-                i,
-                RejectReason.UNSCORABLE,
-                f"model {version} gave no probability for this transaction",
-            )
-            for i in scored.unscorable
-        ] + [
-            (
-                i,
-                RejectReason.CONFLICTING_DUPLICATE,
-                f"transaction id {batch.local[i].event.transaction_id!r} was already used "
-                "for another transaction (amount, time, terminal or customer differ)",
-            )
-            for i in scored.conflicting
-        ]
-        for i, reason, detail in refusals:
-            rejected = Rejected(batch.local[i].message, RejectedEvent(reason, detail))
-            batch.unscorable.append(rejected)
-            batch.dead_letters.append(self._dead_letter(rejected))
-            log.warning(
-                "transaction at %s[%d] offset %d refused (%s): dead-lettered",
-                rejected.message.topic,
-                rejected.message.partition,
-                rejected.message.offset,
-                reason,
-            )
-
-    def _dead_letter(self, rejected: Rejected, topic: str | None = None) -> Output:
-        """The dead letter of a message: its original bytes, and why, in headers; on the
-        transactions' dead-letter topic unless ``topic`` says another."""
-        m = rejected.message
-        topic = topic or self.settings.topic_dead_letters
-        return Output(
-            topic,
-            # Source order kept per partition.
-            m.partition % self.runtime.partitions[topic],
-            m.key,
-            m.value or b"",
-            dead_letter_headers(rejected.error, m.topic, m.partition, m.offset),
-        )
+        return self.records.scored(scored), scored
 
     async def _transaction(self, batch: _Batch) -> None:
         try:
@@ -676,7 +597,7 @@ class ScoringLoop:
     def _assigned(self) -> None:
         """Partitions were assigned: the labels published so far go first (see
         :mod:`stream_app.worker.labels_backlog`), and partitions without a commit start."""
-        self.labels.pending = True
+        self.labels_backlog.pending = True
 
     async def finish_in_flight(self) -> None:
         """Score, publish and commit everything polled (before a rebalance or a stop)."""
@@ -702,7 +623,7 @@ class ScoringLoop:
             KafkaError: some dead letter was not acknowledged (the caller retries later).
         """
         topic = self.settings.topic_label_dead_letters
-        outputs = [self._dead_letter(r, topic) for r in rejected]
+        outputs = [self.records.dead_letter(r, topic) for r in rejected]
         async with self._lock:
             if self.settings.exactly_once:
                 async with self.producer.transaction():
