@@ -22,6 +22,7 @@ import tests.stream_app.models.test_contract as contract
 from stream_app.cli import _register_training_commands, app
 from stream_app.models.card import CARD_FILE
 from stream_app.models.scorer import OnnxScorer
+from tests.training.test_shipped_weights import onnx_equals_pytorch
 from training.export import WEIGHTS_FILE
 
 _register_training_commands()
@@ -34,7 +35,8 @@ CONTRACT_CHECKS: tuple[Callable[[OnnxScorer], None], ...] = (
     contract.test_outputs_are_probabilities,
     contract.test_scoring_is_deterministic,
     contract.test_batch_of_one_equals_batch_of_many,
-    contract.test_onnx_equals_pytorch,
+    contract.test_the_card_records_onnx_equal_to_pytorch,
+    onnx_equals_pytorch,
 )
 
 

@@ -26,9 +26,14 @@ def test_the_default_model_ships_its_weights() -> None:
     assert any(d.name == "default" for d in WITH_WEIGHTS)
 
 
+def onnx_equals_pytorch(scorer: OnnxScorer) -> None:
+    """ONNX Runtime scores as the PyTorch model rebuilt from the directory's ``model.pt``
+    (also one of the contract checks ``tests/training/test_export.py`` runs on an export)."""
+    model, card = load_trained(scorer.directory)
+    batch = contract_inputs(card)
+    np.testing.assert_allclose(scorer.score(batch), predict(model, batch), rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("directory", WITH_WEIGHTS, ids=[d.name for d in WITH_WEIGHTS])
 def test_onnx_equals_pytorch(directory: Path) -> None:
-    model, card = load_trained(directory)
-    batch = contract_inputs(card)
-    expected = predict(model, batch)
-    np.testing.assert_allclose(OnnxScorer(directory).score(batch), expected, rtol=0, atol=1e-5)
+    onnx_equals_pytorch(OnnxScorer(directory))
