@@ -11,7 +11,7 @@ score as a probability::
     python -m training.calibration --model-dir onnx_models/default --data data/tx.parquet
 
 Writes ``calibration.json``, ``calibration.md`` and ``calibration.png`` to ``--out``
-(default ``training/reports``).
+(default ``runs/reports``; the README's is ``training/reports``).
 """
 
 from __future__ import annotations
@@ -28,12 +28,12 @@ import numpy.typing as npt
 from stream_app.models.card import load_card
 from stream_app.models.scorer import OnnxScorer, file_sha256
 from training.dataset import Period, file_features
+from training.outputs import REPORTS
 from training.transactions import read_transactions
 
 # Score edges of the reliability curve's bins (and the ECE's): finer towards 1, where the
 # alerts are; equal-count bins would put every fraud in the last one at a 1 % fraud rate.
 EDGES: Final = (0.0, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 0.9, 1.0)
-REPORTS: Final = Path(__file__).resolve().parent / "reports"
 FloatArray = npt.NDArray[np.float64]
 
 

@@ -31,6 +31,7 @@ from training.commands.options import (
 )
 from training.commands.progress import EpochBars
 from training.families import FAMILIES
+from training.outputs import REPORTS
 
 if TYPE_CHECKING:  # annotations only: the command imports these when it runs
     from rich.console import Console
@@ -45,7 +46,7 @@ def evaluate_command(
     data: DataOption = Path("data/tx.parquet"),
     out: Annotated[
         Path, typer.Option(help="Report directory (JSON, Markdown, PNG).", file_okay=False)
-    ] = Path("training/reports"),
+    ] = REPORTS,
     models: Annotated[
         str,
         typer.Option(

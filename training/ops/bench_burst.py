@@ -22,7 +22,8 @@ HEAD``) against the same harness, so one command measures before and after::
     python -m training.ops.bench_burst --label before --worker-src /tmp/before
     python -m training.ops.bench_burst --label after
 
-Each run replaces its label's entry in ``--out`` (default ``training/reports/burst.json``).
+Each run replaces its label's entry in ``--out`` (default ``runs/reports/burst.json``; the
+README's is ``training/reports/burst.json``).
 Every wait is bounded (``--drain-timeout``); processes and keys go at the end.
 """
 
@@ -67,8 +68,9 @@ from training.ops.bench import (
 )
 from training.ops.replay import ReplayMessage, ensure_input_topics, replay_messages
 from training.ops.services.brokers import local_broker
+from training.outputs import REPORTS
 
-DEFAULT_OUT: Final = Path("training/reports/burst.json")
+DEFAULT_OUT: Final = REPORTS / "burst.json"
 _GAP_MS: Final = 1_500  # mean time between a burst card's transactions (event time)
 
 

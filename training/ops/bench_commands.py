@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Annotated, Final
 import typer
 
 from training.ops.stream_commands import BrokerChoice
+from training.outputs import REPORTS
 
 if TYPE_CHECKING:
     from training.ops.bench import BenchResult, Throughput
@@ -318,7 +319,7 @@ def bench_command(
             help="Folder for the report: bench-BROKER-GUARANTEE[-Nworkers][-redis_cluster].md "
             "and .json (soak.md, soak.json)."
         ),
-    ] = Path("training/reports"),
+    ] = REPORTS,
 ) -> None:
     """End-to-end throughput and latency of the worker against a local broker and Redis.
 

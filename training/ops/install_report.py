@@ -8,7 +8,8 @@ distributions installed and whether PyTorch came with it. For the demo flavour i
 ``fraudstream demo`` in that environment, with output piped, and records how long it took
 and its closing figures, which shows the demo needs nothing from the training stack.
 
-Writes ``training/reports/install.json``, which the README's quick start table is
+Writes ``runs/reports/install.json`` (``--out training/reports/install.json`` for the
+README's), which the README's quick start table is
 generated from (``python -m training.readme_tables``)::
 
     python -m training.ops.install_report              # all flavours (downloads several GB)
@@ -34,8 +35,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final
 
+from training.outputs import REPORTS
+
 ROOT: Final = Path(__file__).resolve().parents[2]
-REPORT: Final = ROOT / "training" / "reports" / "install.json"
+REPORT: Final = REPORTS / "install.json"
 # flavour -> the extras of `pip install -e ".[...]"` (empty: the worker alone).
 FLAVOURS: Final = {"serving": "", "demo": "demo", "train": "train"}
 DEMO_TIMEOUT_S: Final = 600
@@ -177,7 +180,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     else:
         demo_entry = asdict(demo) if demo is not None else None
     report = {
-        "command": "python -m training.ops.install_report",
+        "command": f"python -m training.ops.install_report --out {args.out}",
         "measured_at": _now(),
         "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores, "
         f"Python {platform.python_version()}, pip cache off, network to PyPI as found",
