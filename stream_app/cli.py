@@ -7,8 +7,10 @@ command runs, so ``fraudstream worker --help`` works in a slim serving install.
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Final, NoReturn
 
@@ -31,20 +33,53 @@ app = typer.Typer(
 )
 
 
-# What each command imports from an extra when it runs (module names): a command run
-# without its extra says which install brings it, instead of a traceback.
-COMMAND_EXTRAS: Final[dict[str, tuple[str, tuple[str, ...]]]] = {
-    "simulate": ("demo", ("pandas", "pyarrow")),
-    "replay": ("demo", ("pandas", "pyarrow")),
-    "score-file": ("demo", ("pandas", "pyarrow")),
-    "demo": ("demo", ("pandas", "pyarrow")),
-    "bench": ("demo", ("pandas", "pyarrow")),
-    "train": ("train", ("torch", "onnx", "onnxscript", "sklearn")),
-    "evaluate": ("train", ("torch", "sklearn", "xgboost", "matplotlib")),
-    "export": ("train", ("torch", "onnx", "onnxscript")),
-    "console": ("console", ("starlette", "jinja2", "uvicorn", "argon2")),
+@dataclass(frozen=True)
+class CommandSpec:
+    """A command defined outside this module: where it lives and what it needs.
+
+    Args:
+        target: ``module:attribute``, a command function or a ``typer.Typer`` group.
+        extra: The extra that brings what it imports when it runs.
+        modules: Those modules: a command run without its extra says which install brings
+            it, instead of a traceback.
+    """
+
+    target: str
+    extra: str
+    modules: tuple[str, ...]
+
+
+_DATA = ("pandas", "pyarrow")
+# Every command not defined in this module, in ``--help`` order: the one place commands are
+# registered (by :func:`register_commands`). The worker, ``rebuild-state`` and ``settings``
+# are defined below.
+COMMANDS: Final[dict[str, CommandSpec]] = {
+    "simulate": CommandSpec("training.commands.simulate:simulate_command", "demo", _DATA),
+    "replay": CommandSpec("training.ops.stream_commands:replay_command", "demo", _DATA),
+    "score-file": CommandSpec("training.commands.score_file:score_file_command", "demo", _DATA),
+    "demo": CommandSpec("training.ops.stream_commands:demo_command", "demo", _DATA),
+    "bench": CommandSpec("training.ops.bench_commands:bench_command", "demo", _DATA),
+    "train": CommandSpec(
+        "training.commands.train:train_command", "train", ("torch", "onnx", "onnxscript", "sklearn")
+    ),
+    "evaluate": CommandSpec(
+        "training.commands.evaluate:evaluate_command",
+        "train",
+        ("torch", "sklearn", "xgboost", "matplotlib"),
+    ),
+    "export": CommandSpec(
+        "training.commands.export:export_command", "train", ("torch", "onnx", "onnxscript")
+    ),
+    "console": CommandSpec(
+        "stream_app.console.commands:console_app",
+        "console",
+        ("starlette", "jinja2", "uvicorn", "argon2"),
+    ),
     # reads the console's case store (PostgreSQL through psycopg); Parquet asks for pyarrow
-    "labels": ("console", ("psycopg",)),
+    "labels": CommandSpec("stream_app.console.export:labels_app", "console", ("psycopg",)),
+}
+COMMAND_EXTRAS: Final[dict[str, tuple[str, tuple[str, ...]]]] = {
+    name: (spec.extra, spec.modules) for name, spec in COMMANDS.items()
 }
 
 
@@ -339,37 +374,28 @@ def settings_command(
 _registered = False
 
 
-def _register_training_commands() -> None:
-    """Add the offline, replay/demo and bench commands (once) when ``training`` is there."""
+def register_commands() -> None:
+    """Add every command of :data:`COMMANDS` to the application (once).
+
+    The offline commands come with the ``training`` package, which a serving-only install
+    (the worker image) does not have: then they are left out. Otherwise a command whose
+    module fails to import raises: a broken command is an error, never a silently missing
+    one. Each module imports only typer at module level, so this stays fast.
+    """
     global _registered
     if _registered:
         return
-    try:
-        from training import commands
-        from training.ops import bench_commands, stream_commands
-    except ImportError:  # a serving-only install ships without the training package
-        return
-    commands.register(app)
-    stream_commands.register_stream_commands(app)
-    bench_commands.register_bench_command(app)
+    offline = importlib.util.find_spec("training") is not None
+    for name, spec in COMMANDS.items():
+        module_name, _, attribute = spec.target.partition(":")
+        if module_name.split(".")[0] == "training" and not offline:
+            continue
+        target = getattr(importlib.import_module(module_name), attribute)
+        if isinstance(target, typer.Typer):
+            app.add_typer(target, name=name)
+        else:
+            app.command(name)(target)
     _registered = True
-
-
-def _register_console_commands() -> None:
-    """Add ``fraudstream console`` (the review console; its web stack loads when it runs)
-    and ``fraudstream labels`` (its verdicts as a label file for ``train --labels``)."""
-    from stream_app.console.commands import console_app
-    from stream_app.console.export import labels_app
-
-    for name, group in (("console", console_app), ("labels", labels_app)):
-        if not any(registered.name == name for registered in app.registered_groups):
-            app.add_typer(group, name=name)
-
-
-def register_commands() -> None:
-    """Every command: the serving ones (defined here), the console's and the offline ones."""
-    _register_console_commands()
-    _register_training_commands()
 
 
 def main() -> None:

@@ -6,8 +6,8 @@
   the settings ``docker-compose.yml`` deploys (exactly-once, idempotent producer);
 * ``make_settings``: worker :class:`Settings` on that broker and the real Redis, with topics,
   consumer group and Redis key prefix no other test uses (keys deleted afterwards);
-* :class:`WorkerProcess`: the worker as a real subprocess (SIGTERM, SIGKILL), and
-  :func:`read_topic` to read what it published;
+* :func:`read_topic`: what a worker published (the worker subprocess itself is
+  :class:`training.ops.services.worker_process.WorkerProcess`);
 * ``small_transactions``: a small simulated dataset, built once per session (the models
   the worker tests serve are in ``tests/model_fixtures.py``).
 
@@ -17,13 +17,9 @@
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
 import time
-import urllib.request
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,15 +29,13 @@ import pytest
 import redis
 from aiokafka import AIOKafkaConsumer
 from aiokafka.structs import ConsumerRecord
-from prometheus_client.parser import text_string_to_metric_families
 
-from stream_app.config import Settings, load_settings, settings_environment
+from stream_app.config import Settings, load_settings
 from stream_app.kafka import config as kafka_config
 from tests.cleanup import register_prefix
 from training.ops.services.apache_kafka import ApacheKafka
 from training.ops.services.brokers import BROKER_KINDS, BrokerKind, deployed_settings
 from training.ops.services.bundled_broker import BundledBroker
-from training.ops.services.net import free_port
 
 REDIS_URL = os.environ.get("FRAUDSTREAM_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
@@ -169,115 +163,6 @@ def make_settings(kafka_broker: Broker) -> Iterator[Callable[..., Settings]]:
     yield factory
     for settings in made:
         delete_state(settings.state_key_prefix)
-
-
-class WorkerProcess:
-    """``fraudstream worker`` as a subprocess, so a test can SIGTERM or SIGKILL it for real.
-
-    Its metrics endpoint (on a free port) tells when it is ready. ``command`` runs another
-    install's worker (``tests/stream_app/test_slim_install.py``: a fresh virtual environment's
-    ``fraudstream worker``, from ``cwd`` outside the checkout).
-    """
-
-    def __init__(
-        self,
-        settings: Settings,
-        log_path: Path,
-        command: Sequence[str] = (sys.executable, "-m", "stream_app.cli", "worker"),
-        cwd: Path | None = None,
-    ) -> None:
-        self.settings = settings
-        self.log_path = log_path
-        self.command = list(command)
-        self.cwd = cwd
-        self.metrics_port = free_port()
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def metrics_url(self) -> str:
-        """Where the worker serves its metrics."""
-        return f"http://127.0.0.1:{self.metrics_port}/metrics"
-
-    def start(
-        self, timeout_s: float = 90.0, until: tuple[str, float] = ("fraudstream_ready", 1.0)
-    ) -> WorkerProcess:
-        """Start the worker and wait until its scoring consumer has partitions (or, with
-        ``until``, until another metric has a value: a worker held not ready)."""
-        env = {
-            **{k: v for k, v in os.environ.items() if not k.startswith("FRAUDSTREAM_")},
-            **settings_environment(self.settings),
-            "FRAUDSTREAM_METRICS_PORT": str(self.metrics_port),
-        }
-        with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(
-                self.command,
-                cwd=self.cwd,
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise AssertionError(f"the worker exited early:\n{self.log()}")
-            if self.metric(until[0]) == until[1]:
-                return self
-            time.sleep(0.2)
-        self.process.kill()  # the caller's `with` has not begun: nothing else would stop it
-        self.process.wait(timeout=30)
-        raise AssertionError(f"the worker was not {until} in {timeout_s} s:\n{self.log()}")
-
-    def log(self) -> str:
-        """The worker's output so far (the end of it)."""
-        return self.log_path.read_text(errors="replace")[-6000:]
-
-    def scrape(self) -> dict[str, float]:
-        """Every sample of the metrics endpoint, ``name{labels}`` -> value ({} if down)."""
-        try:
-            with urllib.request.urlopen(self.metrics_url, timeout=2) as response:
-                text = response.read().decode()
-        except OSError:
-            return {}
-        samples: dict[str, float] = {}
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
-                samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
-        return samples
-
-    def metric(self, name: str) -> float | None:
-        """One sample's value, None when absent or the endpoint is down."""
-        return self.scrape().get(name)
-
-    def wait_for(self, name: str, at_least: float, timeout_s: float = 60.0) -> None:
-        """Wait until a metric reaches ``at_least``."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            value = self.metric(name)
-            if value is not None and value >= at_least:
-                return
-            time.sleep(0.2)
-        raise AssertionError(f"{name} stayed below {at_least}:\n{self.log()}")
-
-    def terminate(self, timeout_s: float = 60.0) -> int:
-        """SIGTERM, then wait; returns the exit code."""
-        assert self.process is not None
-        self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(timeout=timeout_s)
-
-    def kill(self) -> None:
-        """SIGKILL: no drain, no commit, no goodbye."""
-        assert self.process is not None
-        self.process.kill()
-        self.process.wait(timeout=30)
-
-    def __enter__(self) -> WorkerProcess:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(timeout=30)
 
 
 async def read_topic(

@@ -24,7 +24,7 @@ from prometheus_client import CollectorRegistry
 
 from stream_app.metrics import WorkerMetrics
 from stream_app.worker import app as worker_module
-from tests.kafka_fixtures import Broker, WorkerProcess, delete_state, new_settings
+from tests.kafka_fixtures import Broker, delete_state, new_settings
 from tests.resilience_helpers import (
     own_broker,
     publish,
@@ -32,6 +32,7 @@ from tests.resilience_helpers import (
     simulated,
     transaction_messages,
 )
+from training.ops.services.worker_process import WorkerProcess
 
 MODEL_DIR = Path(__file__).resolve().parents[1] / "onnx_models" / "default"
 PUBLISHED = 20

@@ -28,11 +28,12 @@ from aiokafka import AIOKafkaProducer
 from stream_app.config import Settings
 from stream_app.kafka import config as kafka_config
 from tests.cleanup import keep_for_fixture
-from tests.kafka_fixtures import Dataset, WorkerProcess, delete_state, new_settings
+from tests.kafka_fixtures import Dataset, delete_state, new_settings
 from tests.monitoring.test_monitoring import MONITORING, dashboard_queries
 from training.ops.replay import replay, replay_messages
 from training.ops.services.console import LocalConsole
 from training.ops.services.net import free_port, wait_for_port
+from training.ops.services.worker_process import WorkerProcess
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -1,8 +1,9 @@
 """A command run without its extra names the install that brings it.
 
-``stream_app.cli.COMMAND_EXTRAS`` says which modules each command imports from which
-extra; these tests hold it to ``pyproject.toml`` (every module listed comes from a
-distribution that extra requires) and to the commands that exist. The quick start test
+``stream_app.cli.COMMANDS`` says where each command lives and which modules it imports from
+which extra; these tests hold it to ``pyproject.toml`` (every module listed comes from a
+distribution that extra requires) and to the commands that exist, and show that a command
+whose module cannot be imported stops the CLI instead of going missing. The quick start test
 runs ``fraudstream train`` in an environment with the demo extra only and reads the
 message (``tests/test_quick_start.py``).
 """
@@ -10,6 +11,7 @@ message (``tests/test_quick_start.py``).
 from __future__ import annotations
 
 import re
+import subprocess
 import sys
 import tomllib
 from importlib.metadata import packages_distributions
@@ -68,3 +70,18 @@ def test_labels_export_without_its_extra_names_it(
     assert result.exit_code == 2, result.output
     assert "fraudstream[console]" in result.output and "psycopg" in result.output
     assert not out.exists()
+
+
+def test_a_command_whose_module_fails_to_import_is_an_error_not_a_missing_command() -> None:
+    # An offline command of a broken module (here one that does not exist), registered the
+    # one way commands are: the CLI stops with the import error instead of leaving it out.
+    code = (
+        "import stream_app.cli as cli; "
+        "cli.COMMANDS['broken'] = cli.CommandSpec('training.no_such_module:command', 'demo', ()); "
+        "cli.main()"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode != 0, done.stdout
+    assert "No module named 'training.no_such_module'" in done.stderr, done.stderr

@@ -26,9 +26,8 @@ from urllib.parse import quote, quote_plus
 import pytest
 
 from stream_app.config import settings_environment
-from tests.kafka_fixtures import Broker, Dataset, WorkerProcess, new_settings
+from tests.kafka_fixtures import Broker, Dataset, new_settings
 from tests.resilience_helpers import (
-    OwnedRedis,
     account,
     environment_without_settings,
     publish,
@@ -38,6 +37,8 @@ from tests.resilience_helpers import (
     transaction_messages,
     wait_until,
 )
+from training.ops.services.redis_server import RedisServer
+from training.ops.services.worker_process import WorkerProcess
 
 pytestmark = [pytest.mark.integration, pytest.mark.resilience]
 
@@ -66,9 +67,9 @@ def _assert_no_password(text: str) -> None:
 
 
 @pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[OwnedRedis]:
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     """A password-protected redis-server, not started: each test starts it when it wants."""
-    server = OwnedRedis(tmp_path / "redis", durable=False, password=PASSWORD)
+    server = RedisServer(tmp_path / "redis", durable=False, password=PASSWORD)
     yield server
     server.stop()
 
@@ -77,7 +78,7 @@ def test_a_percent_encoded_password_works_and_never_shows_across_retries(
     bundled_broker: Broker,
     served_model: Path,
     small_transactions: Dataset,
-    redis_server: OwnedRedis,
+    redis_server: RedisServer,
     tmp_path: Path,
 ) -> None:
     encoded = quote(PASSWORD, safe="")
@@ -133,7 +134,7 @@ def test_a_percent_encoded_password_works_and_never_shows_across_retries(
     ],
 )
 def test_an_unencoded_password_is_refused_at_start_up_without_echo(
-    url: str, bundled_broker: Broker, served_model: Path, redis_server: OwnedRedis
+    url: str, bundled_broker: Broker, served_model: Path, redis_server: RedisServer
 ) -> None:
     redis_server.start()
     base = new_settings(bundled_broker, model_dir=served_model, log_level="DEBUG")

@@ -32,7 +32,7 @@ import pytest
 from stream_app.models.card import load_card
 from stream_app.models.scorer import OnnxScorer
 from tests.cleanup import issue_prefix
-from tests.kafka_fixtures import REDIS_URL, Broker, WorkerProcess, new_settings
+from tests.kafka_fixtures import REDIS_URL, Broker, new_settings
 from tests.resilience_helpers import (
     environment_without_settings,
     publish,
@@ -43,6 +43,7 @@ from tests.resilience_helpers import (
     transaction_messages,
 )
 from training.ops.install_report import copy_project
+from training.ops.services.worker_process import WorkerProcess
 from training.score_file import score_table
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

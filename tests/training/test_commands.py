@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from stream_app.cli import _register_training_commands, app
+from stream_app.cli import app, register_commands
 from training import evaluation, thresholds
 from training.commands.evaluate import evaluate_command
 from training.commands.export import export_command
@@ -22,7 +22,7 @@ from training.gan import GanConfig
 from training.sequence_model import ModelConfig
 from training.train import AugmentConfig, TrainConfig
 
-_register_training_commands()
+register_commands()
 runner = CliRunner()
 
 
@@ -166,8 +166,8 @@ def test_help_needs_no_heavy_package(name: str) -> None:
         "import sys\n"
         "for heavy in ('torch', 'pandas', 'sklearn', 'xgboost', 'onnx', 'matplotlib'):\n"
         "    sys.modules[heavy] = None  # any import of them now fails\n"
-        "from stream_app.cli import _register_training_commands, app\n"
-        "_register_training_commands()\n"
+        "from stream_app.cli import register_commands, app\n"
+        "register_commands()\n"
         f"app([{name!r}, '--help'])\n"
     )
     result = subprocess.run(

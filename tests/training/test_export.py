@@ -19,13 +19,13 @@ import torch
 from typer.testing import CliRunner
 
 import tests.stream_app.models.test_contract as contract
-from stream_app.cli import _register_training_commands, app
+from stream_app.cli import app, register_commands
 from stream_app.models.card import CARD_FILE
 from stream_app.models.scorer import OnnxScorer
 from tests.training.test_shipped_weights import onnx_equals_pytorch
 from training.export import WEIGHTS_FILE
 
-_register_training_commands()
+register_commands()
 runner = CliRunner()
 
 # The model contract every shipped model keeps (tests/stream_app/models/test_contract.py),

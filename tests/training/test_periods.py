@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from stream_app.cli import _register_training_commands, app
+from stream_app.cli import app, register_commands
 from training.evaluation import PREQUENTIAL_START, SINGLE_SPLIT_START
 from training.periods import FileDays, evaluate_periods, train_periods
 
 runner = CliRunner()
-_register_training_commands()
+register_commands()
 
 
 @pytest.fixture(scope="module")

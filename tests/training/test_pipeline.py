@@ -17,13 +17,13 @@ import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
 from typer.testing import CliRunner
 
-from stream_app.cli import _register_training_commands, app
+from stream_app.cli import app, register_commands
 from stream_app.models.scorer import OnnxScorer, file_sha256
 from training.evaluation import MODEL_KINDS
 
 pytestmark = pytest.mark.slow
 
-_register_training_commands()
+register_commands()
 runner = CliRunner()
 # One thread: on data this small a second one only waits, and CI machines are shared.
 FAST = ["--epochs", "2", "--patience", "1", "--gan-steps", "60", "--threads", "1"]

@@ -15,7 +15,7 @@ import pytest
 import typer
 from typer.testing import CliRunner, Result
 
-from stream_app.cli import _register_training_commands, app
+from stream_app.cli import app, register_commands
 from stream_app.errors import FraudStreamError
 from training import simulator
 from training.simulator import STAGES, SimulationSummary, SimulatorConfig, simulate, summarise
@@ -372,7 +372,7 @@ def test_bad_settings_are_refused(changes: dict[str, object], message: str) -> N
 def fraudstream() -> Callable[[list[str]], Result]:
     """Run ``fraudstream ARGS...`` on the real application, output 200 columns wide."""
     if not any(command.name == "simulate" for command in app.registered_commands):
-        _register_training_commands()
+        register_commands()
     # Nested under a throwaway parent, `simulate` stays a subcommand even while it is the
     # application's only command (Typer would otherwise promote it to the root command).
     shell = typer.Typer()

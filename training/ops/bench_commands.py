@@ -1,7 +1,7 @@
 """The ``bench`` command of the ``fraudstream`` CLI, and the table it prints.
 
-:func:`register_bench_command` adds it to the application. Only typer is imported at
-module level; the command imports :mod:`training.ops.bench` when it runs.
+``stream_app.cli.COMMANDS`` registers it. Only typer is imported at module level; the
+command imports :mod:`training.ops.bench` when it runs.
 """
 
 from __future__ import annotations
@@ -379,8 +379,3 @@ def bench_command(
     (out / f"{stem}.md").write_text(table)
     (out / f"{stem}.json").write_text(result.to_json())
     console.print(f"wrote {out / (stem + '.md')} and {out / (stem + '.json')}")
-
-
-def register_bench_command(app: typer.Typer) -> None:
-    """Add ``bench`` to the ``fraudstream`` application."""
-    app.command("bench")(bench_command)

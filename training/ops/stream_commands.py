@@ -1,7 +1,7 @@
 """The ``replay`` and ``demo`` commands of the ``fraudstream`` CLI.
 
-:func:`register_stream_commands` adds them to the application (``training.commands``
-calls it). Only typer is imported here; each command imports what it needs when it runs.
+``stream_app.cli.COMMANDS`` registers them. Only typer is imported here; each command
+imports what it needs when it runs.
 """
 
 from __future__ import annotations
@@ -206,9 +206,3 @@ def demo_command(
         # Everything was stopped on the way out (run_demo's context managers); the shell
         # convention for "ended by Ctrl-C" is 128 + SIGINT.
         raise typer.Exit(code=130) from None
-
-
-def register_stream_commands(app: typer.Typer) -> None:
-    """Add ``replay`` and ``demo`` to the ``fraudstream`` application."""
-    app.command("replay")(replay_command)
-    app.command("demo")(demo_command)

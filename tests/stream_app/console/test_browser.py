@@ -37,7 +37,7 @@ from stream_app.kafka import config as kafka_config
 from stream_app.models.scorer import OnnxScorer
 from stream_app.records import Decision, ScoreRecord, iso_utc_millis, parse_label
 from tests.conftest import new_database
-from tests.kafka_fixtures import Broker, Dataset, WorkerProcess, new_settings, read_topic
+from tests.kafka_fixtures import Broker, Dataset, new_settings, read_topic
 from tests.resilience_helpers import (
     BackgroundPublisher,
     Message,
@@ -50,6 +50,7 @@ from tests.resilience_helpers import (
 )
 from training.ops.replay import replay_order
 from training.ops.services.net import LOOPBACK, free_port, wait_for_port
+from training.ops.services.worker_process import WorkerProcess
 from training.score_file import score_table
 
 pytestmark = pytest.mark.integration

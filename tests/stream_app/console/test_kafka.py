@@ -329,7 +329,7 @@ async def test_the_workers_label_counters_take_a_console_verdict(
     letter): the label's keys and event time are those the worker scored."""
     import orjson
 
-    from tests.kafka_fixtures import WorkerProcess
+    from training.ops.services.worker_process import WorkerProcess
 
     settings = new_settings(bundled_broker, model_dir=served_model)
     with WorkerProcess(settings, tmp_path / "worker.log") as worker:

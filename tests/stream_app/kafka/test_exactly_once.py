@@ -29,7 +29,7 @@ import redis
 
 from stream_app.config import Settings
 from stream_app.records import Decision, ScoreRecord
-from tests.kafka_fixtures import REDIS_URL, Broker, WorkerProcess, delete_state, new_settings
+from tests.kafka_fixtures import REDIS_URL, Broker, delete_state, new_settings
 from tests.resilience_helpers import (
     Accounting,
     BackgroundPublisher,
@@ -43,6 +43,7 @@ from tests.resilience_helpers import (
     transaction_ids,
 )
 from training.ops.replay import parse_duration, replay_messages
+from training.ops.services.worker_process import WorkerProcess
 
 pytestmark = [pytest.mark.integration, pytest.mark.resilience, pytest.mark.slow]
 

@@ -28,7 +28,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 
 from stream_app.config import Settings
 from stream_app.kafka import config as kafka_config
-from tests.kafka_fixtures import Broker, WorkerProcess, delete_state, new_settings
+from tests.kafka_fixtures import Broker, delete_state, new_settings
 from tests.resilience_helpers import (
     BackgroundPublisher,
     read_records,
@@ -44,6 +44,7 @@ from tests.stream_app.kafka.test_exactly_once import (
     replay_frame,
 )
 from training.ops.services.apache_kafka import ApacheKafka
+from training.ops.services.worker_process import WorkerProcess
 
 pytestmark = [pytest.mark.integration, pytest.mark.resilience, pytest.mark.slow]
 

@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
-import subprocess
-import sys
 import time
 import urllib.request
 import uuid
@@ -50,12 +48,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from stream_app.config import Settings, settings_environment
-from tests.kafka_fixtures import Broker, Dataset, WorkerProcess, delete_state, new_settings
+from stream_app.config import Settings
+from tests.kafka_fixtures import Broker, Dataset, delete_state, new_settings
 from tests.resilience_helpers import (
     Message,
     account,
-    environment_without_settings,
     publish,
     read_records,
     run_worker_to_exit,
@@ -65,6 +62,7 @@ from tests.resilience_helpers import (
 from training.ops.replay import replay_messages
 from training.ops.services.apache_kafka import ApacheKafka, TlsFiles
 from training.ops.services.net import free_port
+from training.ops.services.worker_process import WorkerProcess
 
 pytestmark = [pytest.mark.integration, pytest.mark.resilience]
 
@@ -511,20 +509,9 @@ def test_a_session_timeout_the_broker_refuses_stops_the_worker_at_start_up(
 
 def run_worker_for(settings: Settings, seconds: float, log_path: Path) -> tuple[bool, str]:
     """Run the worker for ``seconds``, then kill it; returns (was it still running, output)."""
-    env = {**environment_without_settings(), **settings_environment(settings)}
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "stream_app.cli", "worker"],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        try:
-            time.sleep(seconds)
-            still_running = process.poll() is None
-        finally:
-            process.kill()
-            process.wait(timeout=30)
+    with WorkerProcess(settings, log_path).spawn() as worker:
+        time.sleep(seconds)
+        still_running = worker.running()
     return still_running, log_path.read_text(errors="replace")
 
 

@@ -21,7 +21,6 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from stream_app.config import Settings
 from stream_app.kafka import config as kafka_config
-from tests.kafka_fixtures import WorkerProcess
 from tests.resilience_helpers import (
     account,
     publish,
@@ -33,6 +32,7 @@ from tests.resilience_helpers import (
     transaction_messages,
     wait_until,
 )
+from training.ops.services.worker_process import WorkerProcess
 
 pytestmark = [pytest.mark.integration, pytest.mark.resilience, pytest.mark.slow]
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from stream_app.config import Settings
-from tests.kafka_fixtures import Broker, Dataset, WorkerProcess, delete_state, new_settings
+from tests.kafka_fixtures import Broker, Dataset, delete_state, new_settings
 from tests.resilience_helpers import (
     publish,
     read_records,
@@ -32,6 +32,7 @@ from tests.resilience_helpers import (
     transaction_messages,
     wait_until,
 )
+from training.ops.services.worker_process import WorkerProcess
 
 pytestmark = [pytest.mark.integration, pytest.mark.resilience]
 

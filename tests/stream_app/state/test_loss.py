@@ -34,10 +34,9 @@ import redis
 from stream_app.config import Settings, settings_environment
 from stream_app.models.scorer import OnnxScorer
 from stream_app.records import ScoreRecord
-from tests.kafka_fixtures import Broker, Dataset, WorkerProcess, new_settings
+from tests.kafka_fixtures import Broker, Dataset, new_settings
 from tests.resilience_helpers import (
     Message,
-    OwnedRedis,
     environment_without_settings,
     publish,
     read_records,
@@ -46,6 +45,8 @@ from tests.resilience_helpers import (
     wait_until,
 )
 from training.ops.replay import parse_duration, replay_messages, replay_order
+from training.ops.services.redis_server import RedisServer
+from training.ops.services.worker_process import WorkerProcess
 from training.score_file import score_table
 from training.transactions import write_transactions
 
@@ -134,7 +135,7 @@ def test_lost_state_is_reported_and_rebuilt(
     small_transactions: Dataset,
     tmp_path: Path,
 ) -> None:
-    redis_server = OwnedRedis(tmp_path / "redis", durable=False).start()
+    redis_server = RedisServer(tmp_path / "redis", durable=False).start()
     try:
         settings = new_settings(
             kafka_broker,

@@ -42,9 +42,9 @@ from stream_app.state.store import (
 from stream_app.worker.runtime import check_redis_mode, redis_client
 from tests.cleanup import issue_prefix
 from tests.feature_cases import BASE_MS, Tx, replay_online, run_offline, transactions
-from tests.kafka_fixtures import REDIS_URL, Broker, Dataset, WorkerProcess, new_settings, read_topic
+from tests.kafka_fixtures import REDIS_URL, Broker, Dataset, new_settings, read_topic
 from tests.model_fixtures import TEST_SEQUENCE_LENGTH
-from tests.resilience_helpers import OwnedRedis, run_worker_to_exit, simulated
+from tests.resilience_helpers import run_worker_to_exit, simulated
 from tests.stream_app.state.test_redis import _random_updates
 from tests.stream_app.worker.test_replay import (
     LABELS_DELAY,
@@ -56,6 +56,8 @@ from tests.stream_app.worker.test_replay import (
 )
 from training.ops.replay import replay_order
 from training.ops.services.redis_cluster import LocalRedisCluster
+from training.ops.services.redis_server import RedisServer
+from training.ops.services.worker_process import WorkerProcess
 from training.score_file import score_table
 from training.transactions import to_arrays
 
@@ -361,7 +363,7 @@ def test_each_primary_spends_less_state_cpu_an_event_than_one_redis(
         for i in replay_order(frame)
     ]
     n = len(updates)
-    single = OwnedRedis(tmp_path / "redis").start()
+    single = RedisServer(tmp_path / "redis").start()
     try:
         before = _node_counters([single.port])
         asyncio.run(_replay_state(aioredis.Redis(host="127.0.0.1", port=single.port), updates))

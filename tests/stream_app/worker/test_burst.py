@@ -25,10 +25,11 @@ from stream_app import features
 from stream_app.config import Settings
 from stream_app.models.scorer import OnnxScorer
 from stream_app.state.store import ENTRY_SIZE, TRIM_SLACK, max_history
-from tests.kafka_fixtures import REDIS_URL, Dataset, WorkerProcess, read_topic
+from tests.kafka_fixtures import REDIS_URL, Dataset, read_topic
 from tests.model_fixtures import TEST_SEQUENCE_LENGTH
 from tests.resilience_helpers import publish, score_records, transaction_messages
 from training.ops.replay import ensure_input_topics
+from training.ops.services.worker_process import WorkerProcess
 from training.score_file import score_table
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

@@ -22,16 +22,16 @@ from aiokafka.admin import AIOKafkaAdminClient
 
 from stream_app.config import Settings
 from stream_app.kafka import config as kafka_config
-from tests.kafka_fixtures import WorkerProcess
 from tests.resilience_helpers import (
     BackgroundPublisher,
-    OwnedRedis,
     label_messages,
     publish,
     simulated,
     transaction_messages,
     wait_until,
 )
+from training.ops.services.redis_server import RedisServer
+from training.ops.services.worker_process import WorkerProcess
 
 pytestmark = [pytest.mark.integration, pytest.mark.resilience, pytest.mark.slow]
 
@@ -78,7 +78,7 @@ async def _broker_backlog(settings: Settings, group: str, topic: str) -> int:
 def test_the_lag_gauge_grows_with_the_backlog_during_a_redis_outage(
     make_settings: Callable[..., Settings], served_model: Path, tmp_path: Path
 ) -> None:
-    server = OwnedRedis(tmp_path / "redis").start()
+    server = RedisServer(tmp_path / "redis").start()
     try:
         settings = make_settings(
             model_dir=served_model,

@@ -23,7 +23,7 @@ from stream_app.config import Settings
 from stream_app.models.card import Thresholds, load_card
 from stream_app.records import Control, Decision, ScoreRecord
 from stream_app.scoring.decisions import decide
-from tests.kafka_fixtures import Dataset, WorkerProcess
+from tests.kafka_fixtures import Dataset
 from tests.resilience_helpers import (
     Message,
     publish,
@@ -32,6 +32,7 @@ from tests.resilience_helpers import (
     transaction_ids,
     transaction_messages,
 )
+from training.ops.services.worker_process import WorkerProcess
 
 pytestmark = [pytest.mark.integration]
 

@@ -26,7 +26,6 @@ from stream_app.errors import RejectedEvent, RejectReason
 from stream_app.kafka import config as kafka_config
 from stream_app.kafka.publisher import key_partition
 from stream_app.records import ScoreRecord, ValidationLimits, parse_transaction
-from tests.kafka_fixtures import WorkerProcess
 from tests.resilience_helpers import (
     Message,
     publish,
@@ -37,6 +36,7 @@ from tests.resilience_helpers import (
     transaction_ids,
     transaction_messages,
 )
+from training.ops.services.worker_process import WorkerProcess
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -27,8 +27,9 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from stream_app.config import Settings
 from stream_app.kafka import config as kafka_config
-from tests.kafka_fixtures import Broker, WorkerProcess, new_settings
+from tests.kafka_fixtures import Broker, new_settings
 from tests.resilience_helpers import Message, publish, run_worker_to_exit, wait_until
+from training.ops.services.worker_process import WorkerProcess
 
 pytestmark = [pytest.mark.integration, pytest.mark.resilience]
 

@@ -25,14 +25,7 @@ from stream_app.errors import RejectReason
 from stream_app.records import DeadLetterHeaders, ScoreRecord
 from stream_app.scoring.reasons import STATE_RESET_REASON
 from stream_app.state.redis import RedisStateStore
-from tests.kafka_fixtures import (
-    REDIS_URL,
-    Broker,
-    Dataset,
-    WorkerProcess,
-    delete_state,
-    new_settings,
-)
+from tests.kafka_fixtures import REDIS_URL, Broker, Dataset, delete_state, new_settings
 from tests.resilience_helpers import (
     Message,
     publish,
@@ -41,6 +34,7 @@ from tests.resilience_helpers import (
     score_records,
     transaction_messages,
 )
+from training.ops.services.worker_process import WorkerProcess
 
 pytestmark = [pytest.mark.integration, pytest.mark.resilience]
 

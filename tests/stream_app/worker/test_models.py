@@ -14,8 +14,9 @@ import pytest
 from stream_app.config import Settings
 from stream_app.models.scorer import OnnxScorer
 from stream_app.records import ScoreRecord
-from tests.kafka_fixtures import Dataset, WorkerProcess, read_topic
+from tests.kafka_fixtures import Dataset, read_topic
 from tests.stream_app.worker.test_replay import probe_labels, publish, stream
+from training.ops.services.worker_process import WorkerProcess
 from training.score_file import score_table
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

@@ -33,11 +33,9 @@ from stream_app.kafka import config as kafka_config
 from stream_app.records import ValidationLimits
 from stream_app.scoring.pipeline import Inbound, label_update
 from stream_app.state.redis import RedisStateStore
-from tests.kafka_fixtures import WorkerProcess
 from tests.model_fixtures import TEST_SEQUENCE_LENGTH
 from tests.resilience_helpers import (
     Message,
-    OwnedRedis,
     label_messages,
     publish,
     redis_state,
@@ -46,6 +44,8 @@ from tests.resilience_helpers import (
     uninterrupted_state,
     wait_until,
 )
+from training.ops.services.redis_server import RedisServer
+from training.ops.services.worker_process import WorkerProcess
 
 pytestmark = [pytest.mark.integration, pytest.mark.resilience, pytest.mark.slow]
 
@@ -132,7 +132,7 @@ def _apply_labels(url: str, prefix: str, labels: list[Message]) -> None:
 def test_labels_held_by_a_redis_outage_are_applied_once_it_is_back(
     make_settings: Callable[..., Settings], served_model: Path, tmp_path: Path
 ) -> None:
-    server = OwnedRedis(tmp_path / "redis").start()
+    server = RedisServer(tmp_path / "redis").start()
     try:
         settings = make_settings(
             model_dir=served_model,

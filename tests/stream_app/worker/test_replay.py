@@ -30,16 +30,10 @@ from stream_app.kafka.publisher import key_partition
 from stream_app.models.scorer import OnnxScorer
 from stream_app.records import DeadLetterHeaders, Decision, ScoreRecord
 from tests.cleanup import keep_for_fixture
-from tests.kafka_fixtures import (
-    REDIS_URL,
-    Dataset,
-    WorkerProcess,
-    delete_state,
-    new_settings,
-    read_topic,
-)
+from tests.kafka_fixtures import REDIS_URL, Dataset, delete_state, new_settings, read_topic
 from tests.resilience_helpers import redis_state
 from training.ops.replay import label_payload, parse_duration, replay_messages
+from training.ops.services.worker_process import WorkerProcess
 from training.score_file import score_table
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

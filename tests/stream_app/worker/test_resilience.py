@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import shutil
-import subprocess
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,9 +14,10 @@ import redis
 from stream_app.config import Settings
 from stream_app.models.scorer import OnnxScorer
 from stream_app.records import ScoreRecord
-from tests.kafka_fixtures import Dataset, WorkerProcess, read_topic
+from tests.kafka_fixtures import Dataset, read_topic
 from tests.stream_app.worker.test_replay import probe_labels, publish, stream
-from training.ops.services.net import LOOPBACK, free_port, wait_for_port
+from training.ops.services.redis_server import RedisServer
+from training.ops.services.worker_process import WorkerProcess
 from training.score_file import score_table
 
 pytestmark = [pytest.mark.integration, pytest.mark.resilience, pytest.mark.slow]
@@ -27,22 +26,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.resilience, pytest.mark.slow]
 @pytest.fixture
 def private_redis(tmp_path: Path) -> Iterator[str]:
     """A redis-server of this test's own: pausing the shared one would stall other tests."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.skip("redis-server is not installed")
-    port = free_port()
-    with (tmp_path / "redis.log").open("wb") as log:
-        process = subprocess.Popen(
-            [binary, "--port", str(port), "--bind", LOOPBACK, "--save", "", "--appendonly", "no"],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        assert wait_for_port(LOOPBACK, port, 10.0)
-        yield f"redis://{LOOPBACK}:{port}/0"
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
+    with RedisServer(tmp_path / "redis", durable=False) as server:
+        yield server.url
 
 
 def test_a_redis_stall_is_retried_and_nothing_is_lost(

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from stream_app.config import Settings
-from tests.kafka_fixtures import Broker, WorkerProcess
+from tests.kafka_fixtures import Broker
 from tests.resilience_helpers import (
     BackgroundPublisher,
     account,
@@ -27,6 +27,7 @@ from tests.resilience_helpers import (
     transaction_messages,
     wait_until,
 )
+from training.ops.services.worker_process import WorkerProcess
 
 pytestmark = [pytest.mark.integration, pytest.mark.resilience, pytest.mark.slow]
 

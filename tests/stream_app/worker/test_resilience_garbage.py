@@ -30,7 +30,7 @@ from stream_app.errors import RejectReason
 from stream_app.records import DeadLetterHeaders, ScoreRecord
 from stream_app.state.redis import RedisStateStore
 from stream_app.state.store import TransactionUpdate
-from tests.kafka_fixtures import Dataset, WorkerProcess
+from tests.kafka_fixtures import Dataset
 from tests.resilience_helpers import (
     Message,
     account,
@@ -40,6 +40,7 @@ from tests.resilience_helpers import (
     score_records,
     transaction_messages,
 )
+from training.ops.services.worker_process import WorkerProcess
 
 pytestmark = [pytest.mark.integration, pytest.mark.resilience, pytest.mark.slow]
 

@@ -24,7 +24,7 @@ import pytest
 
 from stream_app.config import Settings
 from stream_app.models.scorer import file_sha256
-from tests.kafka_fixtures import Dataset, WorkerProcess
+from tests.kafka_fixtures import Dataset
 from tests.resilience_helpers import (
     account,
     chunks,
@@ -35,6 +35,7 @@ from tests.resilience_helpers import (
     transaction_messages,
     wait_until,
 )
+from training.ops.services.worker_process import WorkerProcess
 
 pytestmark = [pytest.mark.integration, pytest.mark.resilience, pytest.mark.slow]
 

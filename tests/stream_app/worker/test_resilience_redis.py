@@ -18,10 +18,8 @@ from pathlib import Path
 import pytest
 
 from stream_app.config import Settings
-from tests.kafka_fixtures import WorkerProcess
 from tests.resilience_helpers import (
     BackgroundPublisher,
-    OwnedRedis,
     account,
     read_records,
     redis_state,
@@ -32,6 +30,8 @@ from tests.resilience_helpers import (
     uninterrupted_state,
     wait_until,
 )
+from training.ops.services.redis_server import RedisServer
+from training.ops.services.worker_process import WorkerProcess
 
 pytestmark = [pytest.mark.integration, pytest.mark.resilience, pytest.mark.slow]
 
@@ -43,7 +43,7 @@ OUTAGE_S = 10.0
 def test_a_redis_outage_is_retried_and_the_worker_recovers_alone(
     make_settings: Callable[..., Settings], served_model: Path, tmp_path: Path
 ) -> None:
-    server = OwnedRedis(tmp_path / "redis").start()
+    server = RedisServer(tmp_path / "redis").start()
     try:
         settings = make_settings(
             model_dir=served_model,

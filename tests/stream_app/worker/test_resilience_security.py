@@ -25,9 +25,8 @@ import redis
 
 from stream_app.config import Settings, load_settings
 from stream_app.kafka import config as kafka_config
-from tests.kafka_fixtures import Dataset, WorkerProcess
+from tests.kafka_fixtures import Dataset
 from tests.resilience_helpers import (
-    OwnedRedis,
     account,
     environment_without_settings,
     make_certificates,
@@ -38,6 +37,8 @@ from tests.resilience_helpers import (
     transaction_ids,
     transaction_messages,
 )
+from training.ops.services.redis_server import RedisServer
+from training.ops.services.worker_process import WorkerProcess
 
 pytestmark = [pytest.mark.integration, pytest.mark.resilience]
 
@@ -67,8 +68,8 @@ def certificates(tmp_path_factory: pytest.TempPathFactory) -> Certificates:
 
 
 @pytest.fixture
-def tls_redis(tmp_path: Path, certificates: Certificates) -> Iterator[OwnedRedis]:
-    server = OwnedRedis(
+def tls_redis(tmp_path: Path, certificates: Certificates) -> Iterator[RedisServer]:
+    server = RedisServer(
         tmp_path / "redis",
         durable=False,
         password=REDIS_PASSWORD,
@@ -91,7 +92,7 @@ def test_the_worker_scores_with_redis_over_tls_with_a_password(
     served_model: Path,
     small_transactions: Dataset,
     certificates: Certificates,
-    tls_redis: OwnedRedis,
+    tls_redis: RedisServer,
     tmp_path: Path,
 ) -> None:
     settings = make_settings(
@@ -135,7 +136,7 @@ def test_wrong_redis_credentials_stop_the_worker_at_start_up(
     make_settings: Callable[..., Settings],
     served_model: Path,
     certificates: Certificates,
-    tls_redis: OwnedRedis,
+    tls_redis: RedisServer,
 ) -> None:
     cases: dict[str, dict[str, Any]] = {
         "wrong password": {"redis_password": WRONG_PASSWORD, "redis_ssl_ca_file": certificates.ca},
@@ -191,7 +192,7 @@ def test_no_secret_in_the_log_of_a_worker_refused_by_redis(
     make_settings: Callable[..., Settings],
     served_model: Path,
     certificates: Certificates,
-    tls_redis: OwnedRedis,
+    tls_redis: RedisServer,
     tmp_path: Path,
 ) -> None:
     # At DEBUG: Kafka is fine, the Redis URL carries a wrong password and the right one is

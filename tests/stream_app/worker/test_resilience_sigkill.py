@@ -16,7 +16,7 @@ import pytest
 import redis
 
 from stream_app.config import Settings
-from tests.kafka_fixtures import REDIS_URL, WorkerProcess
+from tests.kafka_fixtures import REDIS_URL
 from tests.resilience_helpers import (
     BackgroundPublisher,
     account,
@@ -29,6 +29,7 @@ from tests.resilience_helpers import (
     transaction_messages,
     uninterrupted_state,
 )
+from training.ops.services.worker_process import WorkerProcess
 
 pytestmark = [pytest.mark.integration, pytest.mark.resilience, pytest.mark.slow]
 

@@ -19,7 +19,7 @@ import pytest
 from stream_app.config import Settings
 from stream_app.errors import RejectReason
 from stream_app.records import DeadLetterHeaders
-from tests.kafka_fixtures import Dataset, WorkerProcess
+from tests.kafka_fixtures import Dataset
 from tests.model_fixtures import POISON_AMOUNT
 from tests.resilience_helpers import (
     Message,
@@ -29,6 +29,7 @@ from tests.resilience_helpers import (
     score_records,
     transaction_messages,
 )
+from training.ops.services.worker_process import WorkerProcess
 
 pytestmark = [pytest.mark.integration, pytest.mark.resilience]
 

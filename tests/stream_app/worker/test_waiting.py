@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 
 from stream_app.backoff import STILL_WAITING_AFTER_S
-from tests.kafka_fixtures import WorkerProcess, delete_state, new_settings
+from tests.kafka_fixtures import delete_state, new_settings
 from training.ops.services.bundled_broker import BundledBroker
 from training.ops.services.net import LOOPBACK, free_port
+from training.ops.services.worker_process import WorkerProcess
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -29,12 +29,8 @@ from training.ops.services.brokers import BROKER_KINDS, BrokerKind, describe
 from training.ops.services.console import ConsoleLogin, console_extra_missing
 from training.simulator import SimulatorConfig, simulate
 
-# The demo command through a fresh Typer app: training.commands wires it into the
-# `fraudstream` CLI; this test does not depend on that wiring.
-RUN_DEMO = (
-    "import typer; from training.ops.stream_commands import register_stream_commands; "
-    "app = typer.Typer(); register_stream_commands(app); app()"
-)
+# The demo command as the `fraudstream` CLI runs it.
+RUN_DEMO = "from stream_app.cli import main; main()"
 
 
 def _fresh_environment(tmpdir: Path, *, without_redis_server: bool = False) -> dict[str, str]:

@@ -11,15 +11,14 @@ from pathlib import Path
 import orjson
 import pandas as pd
 import pytest
-import typer
 from typer.testing import CliRunner
 
+from stream_app.cli import app, register_commands
 from stream_app.config import Settings
 from stream_app.errors import ConfigError
 from stream_app.records import parse_label, parse_transaction
 from tests.kafka_fixtures import Dataset, read_topic
 from training.ops.replay import parse_duration, replay, replay_messages
-from training.ops.stream_commands import register_stream_commands
 from training.transactions import event_payload
 
 
@@ -136,8 +135,7 @@ def test_the_replay_command(
     make_settings: Callable[..., Settings], small_transactions: Dataset
 ) -> None:
     settings = make_settings()
-    app = typer.Typer()
-    register_stream_commands(app)
+    register_commands()
     result = CliRunner().invoke(
         app,
         [
@@ -166,8 +164,7 @@ def test_the_replay_command(
 
 
 def test_the_replay_command_refuses_a_missing_file(tmp_path: object) -> None:
-    app = typer.Typer()
-    register_stream_commands(app)
+    register_commands()
     result = CliRunner().invoke(app, ["replay", "--data", "/nonexistent/tx.parquet"])
     assert result.exit_code == 2
     assert "does not exist" in result.output
@@ -181,8 +178,7 @@ def test_the_replay_command_names_a_broker_it_cannot_reach(tmp_path: Path) -> No
     data = tmp_path / "tx.parquet"
     write_transactions(_frame(), data)
     address = f"{LOOPBACK}:{free_port()}"
-    app = typer.Typer()
-    register_stream_commands(app)
+    register_commands()
     result = CliRunner().invoke(
         app, ["replay", "--data", str(data), "--bootstrap", address], terminal_width=400
     )
