@@ -299,10 +299,11 @@ async def _rebuild(
 def _file_updates(path: Path, labels_delay: str, labels_topic: str) -> Updates:
     """A transactions file's transactions, and its frauds' labels ``labels_delay`` later,
     as the replay publishes them (ids as strings, epoch-ms times)."""
+    from stream_app.records import label_json
     from stream_app.scoring.pipeline import Inbound, pack_source
     from stream_app.state.guard import Updates
     from stream_app.state.store import LabelUpdate, TransactionUpdate
-    from training.ops.replay import label_payload, parse_duration
+    from training.ops.replay import parse_duration
     from training.transactions import read_transactions, to_arrays
 
     arrays = to_arrays(read_transactions(path))
@@ -323,7 +324,7 @@ def _file_updates(path: Path, labels_delay: str, labels_topic: str) -> Updates:
         )
         if fraud:
             reported = time_ms + delay_ms
-            payload = label_payload(tx, customer, terminal, time_ms, True, reported)
+            payload = label_json(tx, customer, terminal, time_ms, True, reported)
             # Its source, as if it had come from the labels topic (offset -1: it did not).
             source = pack_source(
                 Inbound(labels_topic, 0, -1, str(customer).encode(), payload, reported)

@@ -22,6 +22,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -278,6 +279,51 @@ class Label(BaseModel):
         return self.reported_at.timestamp()
 
 
+def transaction_json(
+    transaction_id: str | int,
+    customer_id: str | int,
+    terminal_id: str | int,
+    timestamp_ms: int,
+    amount: float,
+) -> bytes:
+    """The JSON of one :class:`TransactionEvent` as a producer writes it (ids as strings,
+    an epoch-millisecond timestamp): what replay, the bench and the tests publish.
+
+    >>> transaction_json(1, 7, 2, 1522573200000, 20.5)
+    b'{"transaction_id":"1","customer_id":"7","terminal_id":"2","amount":20.5,"timestamp":1522573200000}'
+    """
+    return orjson.dumps(
+        {
+            "transaction_id": str(transaction_id),
+            "customer_id": str(customer_id),
+            "terminal_id": str(terminal_id),
+            "amount": amount,
+            "timestamp": timestamp_ms,
+        }
+    )
+
+
+def label_json(
+    transaction_id: str | int,
+    customer_id: str | int,
+    terminal_id: str | int,
+    event_time_ms: int,
+    is_fraud: bool,
+    reported_at_ms: int,
+) -> bytes:
+    """The JSON of one :class:`Label` (ids as strings, epoch-millisecond times)."""
+    return orjson.dumps(
+        {
+            "transaction_id": str(transaction_id),
+            "customer_id": str(customer_id),
+            "terminal_id": str(terminal_id),
+            "is_fraud": is_fraud,
+            "event_time": event_time_ms,
+            "reported_at": reported_at_ms,
+        }
+    )
+
+
 class ControlAction(enum.StrEnum):
     """What an operator's control does: a list entry, or a threshold override."""
 
@@ -413,21 +459,19 @@ class ScoreRecord(BaseModel):
     scored_at: UtcMillis
 
     def to_json(self) -> bytes:
-        """Serialise for the scores topic: a plain dict through orjson, no pydantic (hot path)."""
-        return orjson.dumps(
-            {
-                "transaction_id": self.transaction_id,
-                "customer_id": self.customer_id,
-                "terminal_id": self.terminal_id,
-                "amount": self.amount,
-                "event_time": self.event_time,
-                "score": self.score,
-                "decision": self.decision.value,
-                "reasons": self.reasons,
-                "attributions": [a.as_dict() for a in self.attributions],
-                "model_version": self.model_version,
-                "scored_at": self.scored_at,
-            }
+        """Serialise for the scores topic (see :func:`score_record_json`)."""
+        return score_record_json(
+            transaction_id=self.transaction_id,
+            customer_id=self.customer_id,
+            terminal_id=self.terminal_id,
+            amount=self.amount,
+            event_time=self.event_time,
+            score=self.score,
+            decision=self.decision,
+            reasons=self.reasons,
+            attributions=[a.as_dict() for a in self.attributions],
+            model_version=self.model_version,
+            scored_at=self.scored_at,
         )
 
     @classmethod
@@ -440,6 +484,43 @@ class ScoreRecord(BaseModel):
 
 
 _M = TypeVar("_M", bound=BaseModel)
+
+
+def score_record_json(
+    *,
+    transaction_id: str,
+    customer_id: str,
+    terminal_id: str,
+    amount: float,
+    event_time: str,
+    score: float,
+    decision: Decision,
+    reasons: Sequence[str],
+    attributions: Sequence[dict[str, Any]],
+    model_version: str,
+    scored_at: str,
+) -> bytes:
+    """The JSON of one :class:`ScoreRecord`: every field, in its order, through orjson.
+
+    The worker writes its records with this, not through the model: every value was
+    computed and bounded by the worker itself, and validating 20,000 models a second would
+    be wasted (``tests/stream_app/test_records.py`` reads the bytes back through the model).
+    """
+    return orjson.dumps(
+        {
+            "transaction_id": transaction_id,
+            "customer_id": customer_id,
+            "terminal_id": terminal_id,
+            "amount": amount,
+            "event_time": event_time,
+            "score": score,
+            "decision": decision.value,
+            "reasons": reasons,
+            "attributions": attributions,
+            "model_version": model_version,
+            "scored_at": scored_at,
+        }
+    )
 
 
 def _rejection(exc: ValidationError) -> RejectedEvent:

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
-import orjson
 import pandas as pd
 
 from stream_app.errors import ConfigError
@@ -139,19 +138,4 @@ def to_arrays(df: pd.DataFrame) -> TransactionArrays:
         times_ms=epoch_ms(df["TX_DATETIME"]),
         amounts=df["TX_AMOUNT"].to_numpy(dtype=np.float64),
         is_fraud=df["TX_FRAUD"].to_numpy(dtype=np.int64),
-    )
-
-
-def event_payload(
-    transaction_id: int, customer_id: int, terminal_id: int, time_ms: int, amount: float
-) -> bytes:
-    """The ``TransactionEvent`` JSON for one row (ids as strings, epoch-ms timestamp)."""
-    return orjson.dumps(
-        {
-            "transaction_id": str(transaction_id),
-            "customer_id": str(customer_id),
-            "terminal_id": str(terminal_id),
-            "amount": amount,
-            "timestamp": time_ms,
-        }
     )

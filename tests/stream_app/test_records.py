@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -33,9 +34,11 @@ from stream_app.records import (
     dead_letter_headers,
     iso_utc_millis,
     json_schemas,
+    label_json,
     parse_label,
     parse_transaction,
     render_json_schema,
+    transaction_json,
     write_json_schemas,
 )
 
@@ -480,3 +483,28 @@ def test_schemas_agree_with_the_parsers() -> None:
     score_schema.validate(orjson.loads(score_record(reasons=[]).to_json()))
     assert not score_schema.is_valid({**orjson.loads(score_record().to_json()), "score": 1.5})
     assert DEFAULT_LIMITS.max_payload_bytes == 16 * 1024
+
+
+def test_the_contract_module_writes_transactions_and_labels_the_parsers_read_back() -> None:
+    event = parse_transaction(transaction_json(17, 7, 2, T0_S * 1000, 20.5))
+    assert (event.transaction_id, event.customer_id, event.terminal_id) == ("17", "7", "2")
+    assert (event.amount, event.event_time_s) == (20.5, T0_S)
+    label = parse_label(label_json(17, 7, 2, T0_S * 1000, True, (T0_S + 60) * 1000))
+    assert (label.transaction_id, label.customer_id, label.terminal_id) == ("17", "7", "2")
+    assert (label.is_fraud, label.event_time_s, label.reported_at_s) == (True, T0_S, T0_S + 60)
+
+
+def test_records_are_written_only_by_the_contract_module() -> None:
+    # A dict with a "transaction_id" key, outside records.py, is a record written by hand:
+    # the JSON of ScoreRecord, TransactionEvent and Label has one writer each.
+    root = Path(__file__).resolve().parents[2]
+    pattern = re.compile(r"""["']transaction_id["']\s*:""")
+    written_by_hand = [
+        f"{path.relative_to(root)}:{number}"
+        for package in ("stream_app", "training")
+        for path in sorted((root / package).rglob("*.py"))
+        if path != root / "stream_app" / "records.py"
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if pattern.search(line)
+    ]
+    assert not written_by_hand, written_by_hand

@@ -34,21 +34,21 @@ from prometheus_client import CollectorRegistry
 
 from stream_app.metrics import WorkerMetrics
 from stream_app.models.registry import ModelOptions, ModelRegistry
-from stream_app.records import DEFAULT_LIMITS, TransactionEvent
+from stream_app.records import DEFAULT_LIMITS, TransactionEvent, transaction_json
 from stream_app.scoring.pipeline import Inbound, ScoringPipeline, validate_transactions
 from stream_app.state.redis import RedisStateStore
 from stream_app.state.store import LabelUpdate
 from training.ops.services.net import LOOPBACK
 from training.ops.services.redis_server import RedisServer
 from training.simulator import SimulatorConfig, simulate
-from training.transactions import event_payload, to_arrays
+from training.transactions import to_arrays
 
 _DAY_MS: Final = 86_400_000
 Row = tuple[int, int, int, int, float]  # transaction, customer, terminal, time_ms, amount
 
 
 def _events(rows: Sequence[Row]) -> list[TransactionEvent]:
-    inbound = [Inbound("tx", 0, i, None, event_payload(*r), 0) for i, r in enumerate(rows)]
+    inbound = [Inbound("tx", 0, i, None, transaction_json(*r), 0) for i, r in enumerate(rows)]
     accepted, rejected = validate_transactions(inbound, DEFAULT_LIMITS)
     if rejected:
         raise ValueError(f"the simulated events should be valid: {rejected[0].error}")

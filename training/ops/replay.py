@@ -1,7 +1,7 @@
 """``fraudstream replay``: publish a transactions file to Kafka as a live stream would.
 
 Rows go out in event-time order (``TX_DATETIME``, then ``TRANSACTION_ID``), each as the
-``TransactionEvent`` JSON of :func:`training.transactions.event_payload`, keyed by customer
+``TransactionEvent`` JSON of :func:`stream_app.records.transaction_json`, keyed by customer
 id, at a set rate or as fast as the producer goes. With a label delay, each fraud's label
 is published when it would become known (event time + delay), interleaved in event-time
 order with the transactions; genuine transactions get a label too with ``all_labels``.
@@ -26,7 +26,6 @@ from typing import Final
 
 import numpy as np
 import numpy.typing as npt
-import orjson
 import pandas as pd
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -35,7 +34,8 @@ from aiokafka.errors import TopicAlreadyExistsError
 from stream_app.config import Settings
 from stream_app.errors import ConfigError
 from stream_app.kafka import config as kafka_config
-from training.transactions import event_payload, to_arrays
+from stream_app.records import label_json, transaction_json
+from training.transactions import to_arrays
 
 _DURATION: Final = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
 _UNIT_S: Final = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86_400}
@@ -68,27 +68,6 @@ class ReplayMessage:
     key: bytes
     value: bytes
     is_label: bool
-
-
-def label_payload(
-    transaction_id: int,
-    customer_id: int,
-    terminal_id: int,
-    time_ms: int,
-    is_fraud: bool,
-    reported_ms: int,
-) -> bytes:
-    """The ``Label`` JSON of one row (ids as strings, epoch-ms times)."""
-    return orjson.dumps(
-        {
-            "transaction_id": str(transaction_id),
-            "customer_id": str(customer_id),
-            "terminal_id": str(terminal_id),
-            "is_fraud": is_fraud,
-            "event_time": time_ms,
-            "reported_at": reported_ms,
-        }
-    )
 
 
 def replay_order(frame: pd.DataFrame) -> npt.NDArray[np.int64]:
@@ -128,7 +107,7 @@ def replay_messages(
 
     def label(row: int) -> ReplayMessage:
         reported = times[row] + (delay_ms or 0)
-        value = label_payload(
+        value = label_json(
             tx_ids[row], customers[row], terminals[row], times[row], frauds[row], reported
         )
         return ReplayMessage(labels_topic, str(customers[row]).encode(), value, True)
@@ -139,7 +118,7 @@ def replay_messages(
         yield ReplayMessage(
             transactions_topic,
             str(customers[row]).encode(),
-            event_payload(tx_ids[row], customers[row], terminals[row], times[row], amounts[row]),
+            transaction_json(tx_ids[row], customers[row], terminals[row], times[row], amounts[row]),
             False,
         )
         if delay_ms is not None and (frauds[row] or all_labels):

@@ -31,6 +31,8 @@ from stream_app.records import (
     ScoreRecord,
     TransactionEvent,
     iso_utc_millis,
+    label_json,
+    transaction_json,
 )
 from stream_app.scoring.pipeline import (
     Inbound,
@@ -53,9 +55,8 @@ from stream_app.state.redis import RedisStateStore
 from stream_app.state.store import TransactionUpdate
 from tests.kafka_fixtures import REDIS_URL, Dataset
 from tests.model_fixtures import POISON_AMOUNT, TEST_SEQUENCE_LENGTH
-from training.ops.replay import label_payload
 from training.score_file import score_table
-from training.transactions import event_payload, to_arrays
+from training.transactions import to_arrays
 
 LABEL_DELAY_MS = 86_400_000  # one day: well inside the features' seven
 
@@ -69,7 +70,7 @@ def _events_in_replay_order(frame: pd.DataFrame) -> tuple[list[TransactionEvent]
     a = to_arrays(frame)
     order = np.lexsort((a.transaction_ids, a.times_ms))
     payloads = [
-        event_payload(
+        transaction_json(
             int(a.transaction_ids[i]),
             int(a.customer_ids[i]),
             int(a.terminal_ids[i]),
@@ -81,7 +82,7 @@ def _events_in_replay_order(frame: pd.DataFrame) -> tuple[list[TransactionEvent]
     accepted, rejected = validate_transactions(_inbound(payloads), DEFAULT_LIMITS)
     assert not rejected
     labels = [
-        label_payload(
+        label_json(
             int(a.transaction_ids[i]),
             int(a.customer_ids[i]),
             int(a.terminal_ids[i]),
@@ -338,11 +339,11 @@ async def test_labels_count_once_and_invalid_ones_are_rejected(
     await store.apply_transactions(
         [TransactionUpdate(tx, "2", "3", at, 10.0) for tx in ("1", "4", "5")]
     )
-    fraud = label_payload(1, 2, 3, at, True, 1_522_627_392_000)
-    genuine = label_payload(4, 2, 3, at, False, 1_522_627_392_000)
+    fraud = label_json(1, 2, 3, at, True, 1_522_627_392_000)
+    genuine = label_json(4, 2, 3, at, False, 1_522_627_392_000)
     broken = b'{"transaction_id": "9", "is_fraud": "yes"}'
-    elsewhere = label_payload(5, 2, 7, at, True, 1_522_627_392_000)
-    unknown = label_payload(6, 2, 3, at, True, 1_522_627_392_000)
+    elsewhere = label_json(5, 2, 7, at, True, 1_522_627_392_000)
+    unknown = label_json(6, 2, 3, at, True, 1_522_627_392_000)
     outcome = await apply_labels(
         _inbound([fraud, genuine, broken, fraud, elsewhere, unknown]),
         store,
@@ -377,7 +378,7 @@ async def test_a_label_whose_transaction_never_comes_is_dead_lettered_as_it_came
 ) -> None:
     metrics = WorkerMetrics(CollectorRegistry(), process_collectors=False)
     store = RedisStateStore(redis_client, prefix=redis_prefix, label_wait_s=0.0)
-    unknown = label_payload(6, 2, 3, 1_522_540_992_000, True, 1_522_627_392_000)
+    unknown = label_json(6, 2, 3, 1_522_540_992_000, True, 1_522_627_392_000)
     [message] = _inbound([unknown])
     await apply_labels([message], store, DEFAULT_LIMITS, metrics)
     rejected, ids = await expired_labels(store, 0.0, metrics)

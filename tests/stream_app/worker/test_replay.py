@@ -28,11 +28,11 @@ from stream_app.errors import VALIDATION_REASONS, RejectReason
 from stream_app.kafka import config as kafka_config
 from stream_app.kafka.publisher import key_partition
 from stream_app.models.scorer import OnnxScorer
-from stream_app.records import DeadLetterHeaders, Decision, ScoreRecord
+from stream_app.records import DeadLetterHeaders, Decision, ScoreRecord, label_json
 from tests.cleanup import keep_for_fixture
 from tests.kafka_fixtures import REDIS_URL, Dataset, delete_state, new_settings, read_topic
 from tests.resilience_helpers import redis_state
-from training.ops.replay import label_payload, parse_duration, replay_messages
+from training.ops.replay import parse_duration, replay_messages
 from training.ops.services.worker_process import WorkerProcess
 from training.score_file import score_table
 
@@ -46,7 +46,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 # Kafka answers as soon as data arrives).
 RATE = 600.0
 LABELS_DELAY = "1h"
-PROBE_LABEL = label_payload(10**12, 1, 1, 1_522_540_800_000, False, 1_522_540_800_000)
+PROBE_LABEL = label_json(10**12, 1, 1, 1_522_540_800_000, False, 1_522_540_800_000)
 
 # One invalid message per rejection reason (transaction ids cannot clash with the data's).
 _TX = {

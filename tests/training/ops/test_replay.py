@@ -16,10 +16,9 @@ from typer.testing import CliRunner
 from stream_app.cli import app, register_commands
 from stream_app.config import Settings
 from stream_app.errors import ConfigError
-from stream_app.records import parse_label, parse_transaction
+from stream_app.records import parse_label, parse_transaction, transaction_json
 from tests.kafka_fixtures import Dataset, read_topic
 from training.ops.replay import parse_duration, replay, replay_messages
-from training.transactions import event_payload
 
 
 def _frame() -> pd.DataFrame:
@@ -81,7 +80,7 @@ def test_payloads_are_the_event_contract_keyed_by_customer() -> None:
     )
     first = messages[0]
     assert first.topic == "tx" and first.key == b"7"
-    assert first.value == event_payload(1, 7, 2, 1_522_573_200_000, 20.5)
+    assert first.value == transaction_json(1, 7, 2, 1_522_573_200_000, 20.5)
     event = parse_transaction(first.value)
     assert (event.transaction_id, event.amount) == ("1", 20.5)
     label = parse_label(next(m for m in messages if m.is_label).value)
