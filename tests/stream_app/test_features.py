@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from stream_app import features as F
-from stream_app.state.store import TRIM_SLACK, MemoryStateStore, max_history
+from stream_app.state.store import TRIM_SLACK, max_history
 from tests.feature_cases import (
     BASE_MS,
     Tx,
@@ -19,6 +19,7 @@ from tests.feature_cases import (
     run_offline,
     transactions,
 )
+from tests.memory_state import MemoryStateStore
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])

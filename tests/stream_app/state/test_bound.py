@@ -24,13 +24,13 @@ from stream_app.state.redis import RedisStateStore
 from stream_app.state.store import (
     ENTRY_SIZE,
     TRIM_SLACK,
-    MemoryStateStore,
     TransactionUpdate,
     max_history,
 )
 from tests.cleanup import issue_prefix
 from tests.conftest import REDIS_URL
 from tests.feature_cases import BASE_MS, Tx, bursts, replay_online, run_offline
+from tests.memory_state import MemoryStateStore
 from tests.stream_app.state.test_redis_cluster import _replay_on_cluster
 from training.ops.services.redis_cluster import LocalRedisCluster
 

@@ -21,13 +21,13 @@ from stream_app.state.redis import RedisStateStore
 from stream_app.state.store import (
     LabelOutcome,
     LabelUpdate,
-    MemoryStateStore,
     StateStore,
     TransactionUpdate,
 )
 from tests.cleanup import issue_prefix
 from tests.conftest import REDIS_URL
 from tests.feature_cases import BASE_MS
+from tests.memory_state import MemoryStateStore
 from training.ops.services.redis_cluster import LocalRedisCluster
 
 pytestmark = pytest.mark.integration

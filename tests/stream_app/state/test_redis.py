@@ -12,10 +12,11 @@ from hypothesis import strategies as st
 
 from stream_app import features as F
 from stream_app.state.redis import RedisStateStore
-from stream_app.state.store import LabelOutcome, LabelUpdate, MemoryStateStore, TransactionUpdate
+from stream_app.state.store import LabelOutcome, LabelUpdate, TransactionUpdate
 from tests.cleanup import issue_prefix
 from tests.conftest import REDIS_URL
 from tests.feature_cases import BASE_MS, Tx, replay_online, run_offline, transactions
+from tests.memory_state import MemoryStateStore
 
 pytestmark = pytest.mark.integration
 

@@ -36,13 +36,13 @@ from stream_app.state.store import (
     ENTRY_DTYPE,
     LabelOutcome,
     LabelUpdate,
-    MemoryStateStore,
     TransactionUpdate,
 )
 from stream_app.worker.runtime import check_redis_mode, redis_client
 from tests.cleanup import issue_prefix
 from tests.feature_cases import BASE_MS, Tx, replay_online, run_offline, transactions
 from tests.kafka_fixtures import REDIS_URL, Broker, Dataset, new_settings, read_topic
+from tests.memory_state import MemoryStateStore
 from tests.model_fixtures import TEST_SEQUENCE_LENGTH
 from tests.resilience_helpers import run_worker_to_exit, simulated
 from tests.stream_app.state.test_redis import _random_updates

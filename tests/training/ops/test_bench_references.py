@@ -21,9 +21,10 @@ from stream_app.errors import ConfigError
 from stream_app.kafka import config as kafka_config
 from stream_app.kafka.config import ensure_topics
 from stream_app.records import TransactionEvent
-from stream_app.state.store import MemoryStateStore, TransactionUpdate
+from stream_app.state.store import TransactionUpdate
 from tests.feature_cases import BASE_MS
 from tests.kafka_fixtures import read_topic
+from tests.memory_state import MemoryStateStore
 from training.ops.bench import BenchResult, ColdDrain, Throughput, score_record_times, wait_scoring
 from training.ops.bench_commands import render_markdown
 from training.ops.bench_references import NaiveState, start_reference
