@@ -50,7 +50,13 @@ PSI_FLOOR: Final = 1e-4
 # holding under 1% of the reference): the gauge stays NaN until then.
 PSI_MIN_SCORES: Final = 1000
 
-EVENT_OUTCOMES: Final = ("scored", "duplicate", "dead_letter", "unscorable")
+EVENT_OUTCOMES: Final = (
+    "scored",
+    "duplicate",
+    "dead_letter",
+    "unscorable",
+    "conflicting_duplicate",
+)
 LABEL_OUTCOMES: Final = ("fraud", "genuine", "duplicate", "dead_letter")
 ALERT_DECISIONS: Final = ("review", "decline")
 RELOAD_OUTCOMES: Final = ("loaded", "refused")
