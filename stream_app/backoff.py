@@ -2,7 +2,9 @@
 
 Only what a later try may change is retried: a Kafka error that no retry changes (a record
 the brokers refuse as too large, an ACL taken away) stops the worker with a
-:class:`FatalKafkaError` saying what to fix, instead of retrying it for ever.
+:class:`FatalKafkaError`, and a Redis that refuses the worker's credentials or an ACL (a
+password rotated while it runs) with a :class:`FatalRedisError`, each saying what to fix,
+instead of retrying it for ever.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from aiokafka.errors import (
     TopicAuthorizationFailedError,
     TransactionalIdAuthorizationFailed,
 )
+from redis.exceptions import AuthenticationError, NoPermissionError
 
 from stream_app.errors import FraudStreamError
 from stream_app.metrics import WorkerMetrics
@@ -74,8 +77,34 @@ FATAL_KAFKA_ERRORS: Final[tuple[tuple[type[BaseException], str], ...]] = (
 )
 
 
-class FatalKafkaError(FraudStreamError):
+# Redis errors no retry changes while the worker runs (at start-up the same refusals stop
+# it with exit code 2: stream_app.worker.app.ping_redis), and what the operator must do.
+FATAL_REDIS_ERRORS: Final[tuple[tuple[type[BaseException], str], ...]] = (
+    (
+        AuthenticationError,
+        "Redis refuses the worker's credentials (a password rotated or a user removed): set "
+        "FRAUDSTREAM_REDIS_URL (or FRAUDSTREAM_REDIS_PASSWORD) to the current ones and "
+        "restart the worker",
+    ),
+    (
+        NoPermissionError,
+        "the worker's Redis user may no longer run a command it needs: restore its ACL "
+        "(the state scripts' EVALSHA, EVAL and SCRIPT LOAD, on the keys under "
+        "FRAUDSTREAM_STATE_KEY_PREFIX)",
+    ),
+)
+
+
+class FatalError(FraudStreamError):
+    """An operation failed in a way no retry changes; the message says what to fix."""
+
+
+class FatalKafkaError(FatalError):
     """A Kafka operation failed in a way no retry changes; the message says what to fix."""
+
+
+class FatalRedisError(FatalError):
+    """A Redis operation failed in a way no retry changes; the message says what to fix."""
 
 
 def fatal_kafka_fix(exc: BaseException) -> str | None:
@@ -92,6 +121,26 @@ def fatal_kafka_error(what: str, exc: BaseException) -> FatalKafkaError | None:
     if fix is None:
         return None
     return FatalKafkaError(f"{what} failed ({describe_error(exc)}), which no retry changes: {fix}")
+
+
+def fatal_redis_fix(exc: BaseException) -> str | None:
+    """What to fix, if ``exc`` is a Redis error no retry changes; None otherwise."""
+    for kind, fix in FATAL_REDIS_ERRORS:
+        if isinstance(exc, kind):
+            return fix
+    return None
+
+
+def fatal_error(what: str, exc: BaseException) -> FatalError | None:
+    """The error that stops the worker, if ``exc`` is a Kafka or Redis error no retry
+    changes; None for one a later try may heal."""
+    kafka = fatal_kafka_error(what, exc)
+    if kafka is not None:
+        return kafka
+    fix = fatal_redis_fix(exc)
+    if fix is None:
+        return None
+    return FatalRedisError(f"{what} failed ({describe_error(exc)}), which no retry changes: {fix}")
 
 
 class Backoff:
@@ -117,7 +166,7 @@ class Backoff:
         """Await ``operation()`` until it stops raising ``errors``; other errors propagate.
 
         Raises:
-            FatalKafkaError: the operation failed with a Kafka error no retry changes.
+            FatalError: the operation failed with a Kafka or Redis error no retry changes.
         """
         delay = BACKOFF_START_S
         failed_since: float | None = None
@@ -128,7 +177,7 @@ class Backoff:
                 result = await operation()
             except errors as exc:
                 on_error(exc)
-                fatal = fatal_kafka_error(what, exc)
+                fatal = fatal_error(what, exc)
                 if fatal is not None:
                     raise fatal from exc
                 now = time.monotonic()

@@ -60,7 +60,7 @@ from redis.exceptions import (
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from stream_app.backoff import Backoff, FatalKafkaError
+from stream_app.backoff import Backoff, FatalError
 from stream_app.config import Settings, unknown_environment
 from stream_app.errors import ConfigError
 from stream_app.kafka import config as kafka_config
@@ -126,7 +126,7 @@ class ScoringService(Service):
             await work
         except asyncio.CancelledError:
             raise
-        except FatalKafkaError as exc:
+        except FatalError as exc:
             # Its message says what to fix; the traceback would only hide it.
             log.error("%s; stopping the worker", exc)
             await self.crash(exc)
@@ -400,7 +400,7 @@ def run_worker(settings: Settings) -> int:
     )
     try:
         worker.execute_from_commandline()
-    except FatalKafkaError:
+    except FatalError:
         return 1  # already logged with what to fix (see _guarded)
     except SystemExit as exc:
         return int(exc.code or 0) if isinstance(exc.code, int | None) else 1

@@ -42,7 +42,7 @@ from aiokafka.errors import (
     TransactionalIdAuthorizationFailed,
     UnknownTopicOrPartitionError,
 )
-from redis.exceptions import RedisError
+from redis.exceptions import AuthenticationError, NoPermissionError, RedisError
 
 from stream_app.backoff import STILL_WAITING_AFTER_S, STILL_WAITING_EVERY_S
 from stream_app.errors import (
@@ -338,6 +338,22 @@ POLICY: Final[tuple[Rule, ...]] = (
         metrics=("fraudstream_redis_errors_total",),
         alert="FraudstreamRedisErrors",
         backoff="updating state in Redis",
+    ),
+    Rule(
+        Stage.STATE,
+        "Redis refuses the worker's credentials or an ACL while it runs (a password rotated, "
+        "a user removed or its permissions changed)",
+        Handling.FATAL,
+        "stops with the batch uncommitted (nothing lost): no retry changes it; the restart's "
+        "start-up check names the setting",
+        (f"{_LOOP}._state_of", "stream_app.backoff:fatal_error"),
+        ("ERROR", "which no retry changes"),
+        exceptions=(AuthenticationError, NoPermissionError),
+        metrics=("fraudstream_redis_errors_total",),
+        alert="FraudstreamWorkerDown",
+        exit_code=1,
+        fix="set FRAUDSTREAM_REDIS_URL (or FRAUDSTREAM_REDIS_PASSWORD) to the current "
+        "credentials, or restore the Redis user's ACL",
     ),
     Rule(
         Stage.STATE,

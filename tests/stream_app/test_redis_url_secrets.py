@@ -8,7 +8,8 @@ would end the URL's authority early), it stops at start-up with exit code 2 and 
 naming ``FRAUDSTREAM_REDIS_URL``. In every case the whole log (at DEBUG) holds the password
 in no form: raw, percent-encoded either way, form-encoded, nor any piece of it between its
 special characters. (A wrong password is refused without echo already:
-``tests/stream_app/worker/test_resilience_security.py``.)
+``tests/stream_app/worker/test_resilience_security.py``.) A password rotated while the worker
+runs stops it with exit code 1 and an ERROR naming the setting, instead of a retry for ever.
 
 Only the bundled broker lane: the Redis URL is read and used the same way whatever the
 broker; the lanes differ in Kafka settings only.
@@ -24,6 +25,7 @@ from pathlib import Path
 from urllib.parse import quote, quote_plus
 
 import pytest
+import redis
 
 from stream_app.config import settings_environment
 from tests.kafka_fixtures import Broker, Dataset, new_settings
@@ -154,3 +156,50 @@ def test_an_unencoded_password_is_refused_at_start_up_without_echo(
     assert "FRAUDSTREAM_REDIS_URL" in output and "percent-encoded" in output, output
     assert "Traceback" not in output
     _assert_no_password(output)
+
+
+def test_a_password_rotated_while_the_worker_runs_stops_it_saying_what_to_fix(
+    bundled_broker: Broker,
+    served_model: Path,
+    small_transactions: Dataset,
+    redis_server: RedisServer,
+    tmp_path: Path,
+) -> None:
+    # Redis takes a new password and drops every connection: the worker's next state call
+    # reconnects with the old one. No retry changes that, so it stops (exit code 1) with an
+    # ERROR naming the setting, its batch uncommitted, instead of retrying for ever.
+    redis_server.start()
+    encoded = quote(PASSWORD, safe="")
+    settings = new_settings(
+        bundled_broker,
+        model_dir=served_model,
+        redis_url=f"redis://:{encoded}@127.0.0.1:{redis_server.port}/0",
+        log_level="DEBUG",
+        retry_backoff_max_s=0.5,
+    )
+    messages = transaction_messages(small_transactions.frame, settings, limit=400)
+    first, rest = messages[:200], messages[200:]
+    log_path = tmp_path / "worker.log"
+    with WorkerProcess(settings, log_path).start() as worker:
+        publish(settings, first)
+        read_records(settings, settings.topic_scores, ids=transaction_ids(first), timeout_s=60)
+        admin = redis.Redis(host="127.0.0.1", port=redis_server.port, password=PASSWORD)
+        try:
+            admin.config_set("requirepass", PASSWORD[::-1])
+            admin.client_kill_filter(_type="normal", skipme=True)
+        finally:
+            admin.close()
+        publish(settings, rest)
+        assert worker.process is not None
+        code = worker.process.wait(timeout=60)
+    log = log_path.read_text(errors="replace")
+    assert code == 1, log[-3000:]
+    assert "which no retry changes" in log and "FRAUDSTREAM_REDIS_URL" in log, log[-3000:]
+    _assert_no_password(log)
+    _assert_no_password_reversed(log)
+
+
+def _assert_no_password_reversed(text: str) -> None:
+    reversed_pieces = tuple(piece[::-1] for piece in PIECES)
+    shown = [form for form in _forms(PASSWORD[::-1], reversed_pieces) if form in text]
+    assert not shown, f"the new Redis password shows in the log ({len(shown)} forms)"
