@@ -234,6 +234,10 @@ def build_app(runtime: WorkerRuntime) -> faust.App:
             await scoring.publish_label_dead_letters(rejected)
             await store.drop_pending(expired)
         except (RedisError, KafkaError) as exc:
+            if isinstance(exc, RedisError):
+                metrics.redis_errors.inc()
+            else:
+                metrics.kafka_errors.labels("produce").inc()
             log.warning("dead-lettering expired labels failed (%s); retrying shortly", exc)
             return
         for r in rejected:

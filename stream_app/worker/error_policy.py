@@ -395,6 +395,10 @@ POLICY: Final[tuple[Rule, ...]] = (
         ("stream_app.worker.app:build_app",),
         ("WARNING", "dead-lettering expired labels failed"),
         exceptions=(RedisError, KafkaError),
+        metrics=(
+            "fraudstream_redis_errors_total",
+            'fraudstream_kafka_errors_total{operation="produce"}',
+        ),
     ),
     Rule(
         Stage.STATE,
