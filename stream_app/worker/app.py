@@ -127,8 +127,12 @@ class ScoringService(Service):
         except asyncio.CancelledError:
             raise
         except FatalError as exc:
-            # Its message says what to fix; the traceback would only hide it.
+            # Its message says what to fix; a traceback would only hide it, so none goes
+            # with it into Faust's crash report.
             log.error("%s; stopping the worker", exc)
+            exc.__traceback__ = None
+            exc.__cause__ = None
+            exc.__suppress_context__ = True
             await self.crash(exc)
         except BaseException as exc:
             # A bug or a broken model: stop the worker (non-zero exit) rather than go on

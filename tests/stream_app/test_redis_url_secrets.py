@@ -195,6 +195,7 @@ def test_a_password_rotated_while_the_worker_runs_stops_it_saying_what_to_fix(
     log = log_path.read_text(errors="replace")
     assert code == 1, log[-3000:]
     assert "which no retry changes" in log and "FRAUDSTREAM_REDIS_URL" in log, log[-3000:]
+    assert "Traceback" not in log, log[-3000:]
     _assert_no_password(log)
     _assert_no_password_reversed(log)
 

@@ -103,6 +103,7 @@ def test_a_record_the_brokers_refuse_as_too_large_stops_the_worker_with_the_fix(
     said = [line for line in log.splitlines() if "which no retry changes" in line]
     assert said and "[ERROR]" in said[0] and said[0].rstrip().endswith("stopping the worker"), log
     assert "MessageSizeTooLargeError" in said[0] and "FRAUDSTREAM_MAX_PAYLOAD_BYTES" in said[0]
+    assert "Traceback" not in log, log  # the message says what to fix; no stack hides it
     assert not committed  # the batch stays to be redone
     # The restart stops at start-up with the topic and its limit named.
     code, output = run_worker_to_exit(settings, timeout_s=60)
