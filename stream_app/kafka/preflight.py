@@ -319,7 +319,7 @@ async def missing_topics(admin: AIOKafkaAdminClient, topics: Sequence[str]) -> l
     A plain metadata request naming a missing topic makes a broker with auto-creation on
     create it (with its own partition count), and the bundled broker acknowledges writes
     to a deleted topic and stores nothing: so the worker asks this before it starts, and
-    before it commits a batch (:mod:`stream_app.worker.loop`).
+    before it commits a batch (:mod:`stream_app.worker.output_topics`).
     """
     try:
         response: Any = await admin._send_request(_TopicOperationsRequest(topics))

@@ -65,7 +65,7 @@ def replay_frame() -> pd.DataFrame:
 
     Dense in event time on purpose, as live traffic is: a restart's backlog (10-15 s of
     this replay, ~20,000 events) then spans ~10 days. After a restart the worker applies
-    the backlog's labels before scoring its transactions (``ScoringLoop._labels_caught_up``);
+    the backlog's labels before scoring its transactions (``LabelsBacklog.waiting``);
     a backlog spanning more than the terminal ring's slack (64 days of ring minus the
     37 days a 30-day window reaches back) would let those labels recycle ring days still
     read. Live, a backlog spans the outage, seconds or minutes of event time.
