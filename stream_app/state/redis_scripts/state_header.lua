@@ -22,4 +22,9 @@ ring = tonumber(ARGV[6 + 2 * n_windows])
 local max_window_tx = tonumber(ARGV[7 + 2 * n_windows])
 local argv_next = 8 + 2 * n_windows
 local counts_fmt = '<' .. string.rep('i4', 2 * n_windows)
-local span = max_hi - min_lo + 1
+-- The days (relative to an event's) where a window starts or ends, and the day after each:
+-- where terminal_windows.lua keeps its running day totals.
+local bound = {}
+for w = 1, n_windows do
+  bound[lo[w]], bound[lo[w] + 1], bound[hi[w]], bound[hi[w] + 1] = true, true, true, true
+end
