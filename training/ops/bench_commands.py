@@ -17,6 +17,10 @@ import typer
 from training.ops.stream_commands import BrokerChoice
 from training.outputs import REPORTS
 
+# 31 days of the default data (~9,600 transactions a day): the customer windows' lookback
+# (features.CUSTOMER_LOOKBACK_MS) and a day, after which the state has its steady size.
+WARMUP_EVENTS: Final = 300_000
+
 if TYPE_CHECKING:
     from training.ops.bench import BenchResult, Throughput
 
@@ -255,8 +259,12 @@ def bench_command(
     ] = None,
     events: Annotated[int, typer.Option(help="Events the throughput is measured over.")] = 200_000,
     warmup_events: Annotated[
-        int, typer.Option(help="Events processed before the measurement starts.")
-    ] = 50_000,
+        int,
+        typer.Option(
+            help="Events processed before the measurement starts (default: 31 days of the "
+            "default data, the state at its steady size)."
+        ),
+    ] = WARMUP_EVENTS,
     load: Annotated[
         list[float] | None,
         typer.Option(help="Offered loads (events/s) for latency; repeat the option."),
