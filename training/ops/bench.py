@@ -768,6 +768,11 @@ async def delete_prefix(settings: Settings, prefix: str) -> None:
 # --- the run --------------------------------------------------------------------------
 
 
+# Events/s reserved for the measured maximum load (and the most it offers): above any one
+# worker's rate here, and low enough for the default data to hold a whole run.
+MAX_LOAD_RESERVED: Final = 20_000
+
+
 @dataclass(frozen=True)
 class BenchOptions:
     """What ``fraudstream bench`` measures (see its ``--help``)."""
@@ -796,14 +801,14 @@ class BenchOptions:
 
     @property
     def needed(self) -> int:
-        """Transactions the run may publish (the maximum load is reserved at 30,000/s, the
-        relay floor runs each load too)."""
+        """Transactions the run may publish (the maximum load is reserved at
+        :data:`MAX_LOAD_RESERVED`, the relay floor runs each load too)."""
         if self.soak_seconds:
             return int(self.soak_rate * self.soak_seconds)
         backlogs = self.warmup_events + self.events + self.cold_events
         if not self.latency:
             return backlogs
-        paced = sum(self.loads) + (30_000 if self.max_load else 0)
+        paced = sum(self.loads) + (MAX_LOAD_RESERVED if self.max_load else 0)
         runs = 2 if self.references else 1  # the relay floor takes as many as the worker
         return backlogs + int(runs * paced * self.load_seconds)
 
@@ -1033,7 +1038,7 @@ class BenchRun:
 
         loads = list(o.loads)
         if o.max_load:
-            loads.append(float(int(worker.events_per_s / 100) * 100))
+            loads.append(float(int(min(worker.events_per_s, MAX_LOAD_RESERVED) / 100) * 100))
         for i, rate in enumerate(loads):
             if o.references:
                 result.floor_latencies.append(await self._floor(settings, stream, rate, i))
