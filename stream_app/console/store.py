@@ -286,31 +286,18 @@ class QueueStats:
 
 
 @dataclass(frozen=True, slots=True)
-class PendingLabel:
-    """A label stored with its verdict and not yet acknowledged by the broker."""
+class PendingMessage:
+    """An outbox message (a verdict's label, a control change) stored and not yet
+    acknowledged by the broker; ``message_id`` is the verdict's or the change's id, what
+    :meth:`CaseStore.mark_labels_sent` and :meth:`CaseStore.mark_controls_sent` take."""
 
-    verdict_id: str
+    message_id: str
     key: bytes
     payload: bytes
 
-    @property
-    def message_id(self) -> str:
-        """What :meth:`CaseStore.mark_labels_sent` takes."""
-        return self.verdict_id
 
-
-@dataclass(frozen=True, slots=True)
-class PendingControl:
-    """A control change stored in the audit trail and not yet acknowledged by the broker."""
-
-    change_id: str
-    key: bytes
-    payload: bytes
-
-    @property
-    def message_id(self) -> str:
-        """What :meth:`CaseStore.mark_controls_sent` takes."""
-        return self.change_id
+# The two outboxes: table -> the column naming each message (constants, never input).
+_OUTBOX_IDS: Final = {"label_outbox": "verdict_id", "control_outbox": "change_id"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -772,26 +759,35 @@ class CaseStore:
         return RecordedVerdict(verdict, max(0.0, now - case.opened_at), label)
 
     # --- label outbox --------------------------------------------------------------------
-    def pending_labels(self, *, limit: int = 500) -> list[PendingLabel]:
+    def pending_labels(self, *, limit: int = 500) -> list[PendingMessage]:
         """Labels stored with their verdicts and not yet sent, oldest first."""
-        with self._transaction() as cur:
-            cur.execute(
-                "SELECT verdict_id, message_key, payload FROM label_outbox "
-                "WHERE sent_at IS NULL ORDER BY created_at, verdict_id LIMIT ?",
-                (limit,),
-            )
-            return [
-                PendingLabel(str(v), str(k).encode(), str(p).encode()) for v, k, p in cur.fetchall()
-            ]
+        return self._pending("label_outbox", limit)
 
     def mark_labels_sent(self, verdict_ids: Sequence[str], now_s: float | None = None) -> None:
         """Record that the broker acknowledged these labels."""
+        self._mark_sent("label_outbox", verdict_ids, now_s)
+
+    def _pending(self, table: str, limit: int) -> list[PendingMessage]:
+        column = _OUTBOX_IDS[table]
+        with self._transaction() as cur:
+            cur.execute(
+                f"SELECT {column}, message_key, payload FROM {table} "
+                f"WHERE sent_at IS NULL ORDER BY created_at, {column} LIMIT ?",
+                (limit,),
+            )
+            return [
+                PendingMessage(str(i), str(k).encode(), str(p).encode())
+                for i, k, p in cur.fetchall()
+            ]
+
+    def _mark_sent(self, table: str, ids: Sequence[str], now_s: float | None) -> None:
+        column = _OUTBOX_IDS[table]
         now = time.time() if now_s is None else now_s
         with self._transaction() as cur:
-            for verdict_id in verdict_ids:
+            for message_id in ids:
                 cur.execute(
-                    "UPDATE label_outbox SET sent_at = ? WHERE verdict_id = ? AND sent_at IS NULL",
-                    (now, verdict_id),
+                    f"UPDATE {table} SET sent_at = ? WHERE {column} = ? AND sent_at IS NULL",
+                    (now, message_id),
                 )
 
     def labelled_verdicts(self) -> list[Label]:
@@ -846,28 +842,13 @@ class CaseStore:
             controls = controls.updated(change.control)
         return controls
 
-    def pending_controls(self, *, limit: int = 500) -> list[PendingControl]:
+    def pending_controls(self, *, limit: int = 500) -> list[PendingMessage]:
         """Control changes stored and not yet sent, oldest first."""
-        with self._transaction() as cur:
-            cur.execute(
-                "SELECT change_id, message_key, payload FROM control_outbox "
-                "WHERE sent_at IS NULL ORDER BY created_at, change_id LIMIT ?",
-                (limit,),
-            )
-            return [
-                PendingControl(str(c), str(k).encode(), str(p).encode())
-                for c, k, p in cur.fetchall()
-            ]
+        return self._pending("control_outbox", limit)
 
     def mark_controls_sent(self, change_ids: Sequence[str], now_s: float | None = None) -> None:
         """Record that the broker acknowledged these control changes."""
-        now = time.time() if now_s is None else now_s
-        with self._transaction() as cur:
-            for change_id in change_ids:
-                cur.execute(
-                    "UPDATE control_outbox SET sent_at = ? WHERE change_id = ? AND sent_at IS NULL",
-                    (now, change_id),
-                )
+        self._mark_sent("control_outbox", change_ids, now_s)
 
     # --- users ---------------------------------------------------------------------------
     def add_user(self, username: str, password_hash: str, role: str, *, replace: bool) -> bool:

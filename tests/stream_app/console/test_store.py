@@ -188,8 +188,8 @@ def test_verdicts_need_the_claim_and_queue_labels_in_the_workers_format(
     assert (first.customer_id, first.terminal_id) == ("c1", "t1")
     assert first.event_time.isoformat() == "2026-01-01T10:00:01+00:00"
     assert first.reported_at_s == t0 + 600
-    store.mark_labels_sent([pending[0].verdict_id])
-    assert [p.verdict_id for p in store.pending_labels()] == [pending[1].verdict_id]
+    store.mark_labels_sent([pending[0].message_id])
+    assert [p.message_id for p in store.pending_labels()] == [pending[1].message_id]
     assert [lb.transaction_id for lb in store.labelled_verdicts()] == ["tx1", "tx2"]
     stats = store.stats()
     assert (stats.open_cases, stats.escalated_cases) == (1, 0)
@@ -220,8 +220,8 @@ def test_the_controls_trail_cannot_be_changed_and_folds_like_the_worker(store: C
     assert list(store.controls_in_force().entries) == ["list:customer:c1"]
     pending = store.pending_controls()
     assert len(pending) == 3
-    store.mark_controls_sent([pending[0].change_id])
-    assert [p.change_id for p in store.pending_controls()] == [p.change_id for p in pending[1:]]
+    store.mark_controls_sent([pending[0].message_id])
+    assert [p.message_id for p in store.pending_controls()] == [p.message_id for p in pending[1:]]
     for statement in ("UPDATE control_changes SET changed_by = 'x'", "DELETE FROM control_changes"):
         with pytest.raises(Exception, match="append-only"), store._transaction() as cur:
             cur.execute(statement)
