@@ -107,6 +107,23 @@ class Membership:
                 log.warning("the worker stalled for %.1f s (no heartbeats meanwhile)", gap)
 
 
+_ASSIGNED: Final = "partitions assigned: "
+
+
+def assigned_line(assigned: Iterable[TopicPartition]) -> str:
+    """The log line of an assignment (what :func:`parse_assigned` reads back)."""
+    return _ASSIGNED + ", ".join(sorted(f"{tp.topic}[{tp.partition}]" for tp in assigned))
+
+
+def parse_assigned(line: str) -> list[str] | None:
+    """The partitions a worker's log line says it was assigned (``topic[partition]``), or
+    None for another line: how the bench reads each worker's share of the partitions."""
+    _, found, names = line.partition(_ASSIGNED)
+    if not found:
+        return None
+    return names.strip().split(", ") if names.strip() else []
+
+
 class RebalanceListener(ConsumerRebalanceListener):  # type: ignore[misc]
     """What the loop does when the group moves partitions.
 
@@ -144,8 +161,7 @@ class RebalanceListener(ConsumerRebalanceListener):  # type: ignore[misc]
             self.forget_lag(tp)
 
     async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
-        names = sorted(f"{tp.topic}[{tp.partition}]" for tp in assigned)
-        log.info("partitions assigned: %s", ", ".join(names))
+        log.info("%s", assigned_line(assigned))
         self.membership.rebalances += 1
         self.assigned()
         self.metrics.ready.set(1)

@@ -62,6 +62,7 @@ from stream_app.config import Settings, load_settings, redact_url
 from stream_app.errors import ConfigError
 from stream_app.kafka import config as kafka_config
 from stream_app.kafka.config import ensure_topics
+from stream_app.worker.membership import parse_assigned
 from training.ops.bench_commands import WARMUP_EVENTS
 from training.ops.replay import ReplayMessage, ensure_input_topics, replay, replay_messages
 from training.ops.services.brokers import BrokerKind, deployed_settings, describe, local_broker
@@ -861,12 +862,12 @@ def partition_split(workers: Sequence[Subject]) -> dict[str, list[str]]:
     """Each worker's last logged partition assignment."""
     split: dict[str, list[str]] = {}
     for worker in workers:
-        lines = [
-            line.split("scoring partitions assigned:", 1)[1].strip()
+        found = [
+            names
             for line in worker.log_path.read_text(errors="replace").splitlines()
-            if "scoring partitions assigned:" in line
+            if (names := parse_assigned(line)) is not None
         ]
-        split[worker.name] = lines[-1].split(", ") if lines and lines[-1] else []
+        split[worker.name] = found[-1] if found else []
     return split
 
 

@@ -33,6 +33,7 @@ from stream_app.kafka import config as kafka_config
 from stream_app.records import ValidationLimits
 from stream_app.scoring.pipeline import Inbound, label_update
 from stream_app.state.redis import RedisStateStore
+from stream_app.worker.membership import parse_assigned
 from tests.model_fixtures import TEST_SEQUENCE_LENGTH
 from tests.resilience_helpers import (
     Message,
@@ -156,6 +157,15 @@ def test_labels_held_by_a_redis_outage_are_applied_once_it_is_back(
                     settings.topic_repartition,
                     labels_topic,
                 }
+            # Its log names them, as the bench reads each worker's share of the partitions.
+            assignments = [
+                names
+                for line in worker.log_path.read_text(errors="replace").splitlines()
+                if (names := parse_assigned(line)) is not None
+            ]
+            assert assignments, worker.log()
+            read = {name.rsplit("[", 1)[0] for name in assignments[-1]}
+            assert read == {tx, settings.topic_repartition, labels_topic}, assignments
             publish(settings, transactions)
             worker.wait_for('fraudstream_events_total{outcome="scored"}', TRANSACTIONS)
             wait_until(lambda: _lag(worker, tx) == 0, 30, "the transactions to be committed")
