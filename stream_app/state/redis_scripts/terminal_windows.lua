@@ -9,8 +9,9 @@
 --   (days first+1..last) + (first day's hours h..23) - (last day's hours h..23):
 -- whichever reads fewer hours (the first when h <= 12). The day totals come from one pass
 -- over the slots, the boundary days' hours from one GETRANGE each (the windows share their
--- last day). Per event this is about half the Lua work of summing each window's days and
--- both partial days separately (measured with the state after 30 days of data).
+-- last day). Measured alone on a terminal with 40 days of data, this takes 46 us a call
+-- against 54 us for summing each window's days and both partial days separately; in a
+-- whole bench run the difference is within the noise.
 
 -- The window sums {tx_1..tx_n, fraud_1..fraud_n} of an event at time t (ms) on the terminal
 -- at tkey, then the day slots as read, the event's day and hour of day (what count_in_ring
