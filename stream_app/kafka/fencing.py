@@ -15,6 +15,12 @@ worker's transactional producer version 3 (flexible; generation, member id), and
 coordinator's refusal into :class:`GroupFencedError`, on which the scoring loop aborts,
 drops what it had in flight and re-reads from the committed offsets. It needs a broker of
 Kafka 2.5 or later (version 3), as exactly-once does here anyway.
+
+A worker that freezes after its offsets were accepted, before its commit reaches the
+broker, is fenced by its transaction's timeout instead (see
+:func:`stream_app.kafka.config.transaction_timeout_s`): the broker aborts the transaction
+and bumps the producer's epoch. :func:`aborted_by_timeout_alone` (DescribeTransactions,
+Kafka 3.0+) then tells that apart from a successor that took the transactional id.
 """
 
 from __future__ import annotations
