@@ -94,24 +94,6 @@ def scoring_transactional_id(settings: Settings) -> str:
     return f"{settings.group_id}-scoring-{settings.instance_id}"
 
 
-# The broker setting that bounds how late a timed-out transaction is aborted.
-TXN_ABORT_INTERVAL_CONFIG: Final = "transaction.abort.timed.out.transaction.cleanup.interval.ms"
-
-
-def transaction_timeout_s(settings: Settings) -> float:
-    """How long one scoring transaction may stay open before the broker aborts it.
-
-    Half the consumer session. A worker frozen (SIGSTOP, a stalled VM) after it checked
-    its membership but before its commit reached the broker would otherwise commit a batch
-    that the partitions' new owner, another replica, has re-done since: the broker aborts
-    the frozen transaction (and bumps the producer's epoch) within this timeout plus
-    ``transaction.abort.timed.out.transaction.cleanup.interval.ms``, which the start-up
-    checks require to be shorter than the session, so before any other member can own the
-    partitions. The frozen worker's commit then fails and it re-reads its partitions.
-    """
-    return settings.consumer_session_timeout_s / 2
-
-
 # A dead letter is the original message with its dlq.* headers: room for those and for the
 # record's own framing, on top of FRAUDSTREAM_MAX_PAYLOAD_BYTES.
 DEAD_LETTER_OVERHEAD_BYTES: Final = 4096
@@ -134,7 +116,6 @@ def producer_kwargs(settings: Settings, *, transactional_id: str | None = None) 
     )
     if transactional_id is not None:
         kwargs["transactional_id"] = transactional_id
-        kwargs["transaction_timeout_ms"] = int(transaction_timeout_s(settings) * 1000)
     return kwargs
 
 

@@ -15,12 +15,6 @@ worker's transactional producer version 3 (flexible; generation, member id), and
 coordinator's refusal into :class:`GroupFencedError`, on which the scoring loop aborts,
 drops what it had in flight and re-reads from the committed offsets. It needs a broker of
 Kafka 2.5 or later (version 3), as exactly-once does here anyway.
-
-A worker that freezes after its offsets were accepted, before its commit reaches the
-broker, is fenced by its transaction's timeout instead (see
-:func:`stream_app.kafka.config.transaction_timeout_s`): the broker aborts the transaction
-and bumps the producer's epoch. :func:`aborted_by_timeout_alone` (DescribeTransactions,
-Kafka 3.0+) then tells that apart from a successor that took the transactional id.
 """
 
 from __future__ import annotations
@@ -33,7 +27,7 @@ from typing import Any, Final
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.client import CoordinationType
-from aiokafka.errors import GroupAuthorizationFailedError, KafkaError
+from aiokafka.errors import GroupAuthorizationFailedError
 from aiokafka.producer.sender import TxnOffsetCommitHandler
 from aiokafka.protocol.api import Request, RequestStruct, Response
 from aiokafka.protocol.types import (
@@ -217,102 +211,3 @@ def fence_by_generation(producer: AIOKafkaProducer, metadata: GroupMetadata) -> 
         await handler.do(node_id)
 
     sender._do_txn_offset_commit = txn_offset_commit
-
-
-class _DescribeTransactionsResponseV0(Response):  # type: ignore[misc]
-    API_KEY = 65
-    API_VERSION = 0
-    SCHEMA = Schema(
-        ("throttle_time_ms", Int32),
-        (
-            "transaction_states",
-            CompactArray(
-                ("error_code", Int16),
-                ("transactional_id", CompactString("utf-8")),
-                ("transaction_state", CompactString("utf-8")),
-                ("transaction_timeout_ms", Int32),
-                ("transaction_start_time_ms", Int64),
-                ("producer_id", Int64),
-                ("producer_epoch", Int16),
-                (
-                    "topics",
-                    CompactArray(
-                        ("topic", CompactString("utf-8")),
-                        ("partitions", CompactArray(Int32)),
-                        ("tags", TaggedFields),
-                    ),
-                ),
-                ("tags", TaggedFields),
-            ),
-        ),
-        ("tags", TaggedFields),
-    )
-
-
-class _DescribeTransactionsRequestV0(RequestStruct):  # type: ignore[misc]
-    FLEXIBLE_VERSION = True
-    API_KEY = 65
-    API_VERSION = 0
-    RESPONSE_TYPE = _DescribeTransactionsResponseV0
-    SCHEMA = Schema(
-        ("transactional_ids", CompactArray(CompactString("utf-8"))),
-        ("tags", TaggedFields),
-    )
-
-
-class _DescribeTransactionsRequest(Request[_DescribeTransactionsRequestV0]):  # type: ignore[misc]
-    API_KEY = 65
-
-    def __init__(self, transactional_id: str) -> None:
-        self._transactional_id = transactional_id
-
-    def build(self, request_struct_class: type[_DescribeTransactionsRequestV0]) -> Any:
-        return request_struct_class([self._transactional_id], {})
-
-
-# The state the coordinator leaves a transaction in once it has aborted it.
-_COMPLETE_ABORT: Final = "CompleteAbort"
-
-
-async def aborted_by_timeout_alone(producer: AIOKafkaProducer) -> bool:
-    """After ``ProducerFenced``: did only the broker's timeout move this producer's epoch on?
-
-    The transaction coordinator aborts a transaction left open past the producer's
-    ``transaction_timeout_ms`` and bumps its epoch once; the producer's next request is
-    then refused as fenced. So is it when another producer initialises the same
-    transactional id (a restarted instance), which bumps the epoch again, or leaves the
-    transaction in another state. True only for the first: the transaction is aborted,
-    its epoch one past ours, and nobody has used the id since; a new producer may then
-    take the id over without fencing anyone. False when unsure (the broker lacks
-    DescribeTransactions, Kafka 3.0+, or refuses it).
-    """
-    txn = producer._txn_manager
-    if txn is None or txn.transactional_id is None:
-        return False
-    try:
-        node_id = await producer.client.coordinator_lookup(
-            CoordinationType.TRANSACTION, txn.transactional_id
-        )
-        response = await producer.client.send(
-            node_id, _DescribeTransactionsRequest(txn.transactional_id)
-        )
-    except KafkaError as exc:
-        log.warning("cannot describe transactional id %s: %r", txn.transactional_id, exc)
-        return False
-    for error_code, _, state, _, _, producer_id, epoch, _, _ in response.transaction_states:
-        log.info(
-            "transactional id %s: %s, producer %d epoch %d (ours: %d epoch %d)",
-            txn.transactional_id,
-            state if error_code == 0 else f"error {error_code}",
-            producer_id,
-            epoch,
-            txn.producer_id,
-            txn.producer_epoch,
-        )
-        return bool(
-            error_code == 0
-            and state == _COMPLETE_ABORT
-            and producer_id == txn.producer_id
-            and epoch == txn.producer_epoch + 1
-        )
-    return False

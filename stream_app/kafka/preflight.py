@@ -21,8 +21,6 @@ answers::
     consumer group not authorised             ConfigError  the group (FRAUDSTREAM_GROUP_ID)
     session timeout outside the brokers'      ConfigError  FRAUDSTREAM_CONSUMER_SESSION_TIMEOUT_S
       group.min/max.session.timeout.ms
-    exactly-once: timed-out transactions      ConfigError  the broker's abort interval, or
-      aborted too late for the session                     FRAUDSTREAM_CONSUMER_SESSION_TIMEOUT_S
     transactional id not authorised           ConfigError  the transactional id
     idempotent producer: cluster refused      ConfigError  IdempotentWrite / Write ACLs
     broker cannot initialise the producer     ConfigError  FRAUDSTREAM_IDEMPOTENT_PRODUCER,
@@ -443,28 +441,20 @@ _SESSION_RANGE: Final = ("group.min.session.timeout.ms", "group.max.session.time
 
 
 async def check_session_timeout(admin: AIOKafkaAdminClient, settings: Settings) -> None:
-    """The consumer session timeout must suit the brokers' group and transaction settings.
+    """The consumer session timeout must lie within the brokers' accepted range.
 
-    Outside the brokers' accepted range, every JoinGroup fails with
-    ``InvalidSessionTimeoutError``, which the group clients log and retry for ever. Under
-    exactly-once, a frozen worker's open transaction must be aborted by the broker before
-    another member can own its partitions (:func:`~stream_app.kafka.config.
-    transaction_timeout_s`): the broker looks for timed-out transactions every
-    ``transaction.abort.timed.out.transaction.cleanup.interval.ms``, which must leave room
-    for that within the session. Brokers that do not let this principal describe their
+    Outside it, every JoinGroup fails with ``InvalidSessionTimeoutError``, which the group
+    clients log and retry for ever. Brokers that do not let this principal describe their
     configuration (no DescribeConfigs ACL on the cluster) are not checked.
 
     Raises:
-        ConfigError: FRAUDSTREAM_CONSUMER_SESSION_TIMEOUT_S is outside the range, or too
-            short for the brokers' transaction abort interval.
+        ConfigError: FRAUDSTREAM_CONSUMER_SESSION_TIMEOUT_S is outside the range.
     """
     cluster = await admin.describe_cluster()
     brokers = cluster.get("brokers") or []
     if not brokers:
         return
-    wanted: dict[str, None] = dict.fromkeys(
-        (*_SESSION_RANGE, kafka_config.TXN_ABORT_INTERVAL_CONFIG)
-    )
+    wanted: dict[str, None] = dict.fromkeys(_SESSION_RANGE)
     resource = ConfigResource(ConfigResourceType.BROKER, str(brokers[0]["node_id"]), wanted)
     try:
         responses = await admin.describe_configs([resource])
@@ -478,8 +468,7 @@ async def check_session_timeout(admin: AIOKafkaAdminClient, settings: Settings) 
                 log.debug("broker configuration not readable: session timeout not checked")
                 return
             for entry in item.get("config_entries", []):
-                if entry["config_value"] is not None:
-                    values[entry["config_names"]] = float(entry["config_value"]) / 1000
+                values[entry["config_names"]] = float(entry["config_value"]) / 1000
     low, high = (values.get(name) for name in _SESSION_RANGE)
     timeout = settings.consumer_session_timeout_s
     if low is not None and high is not None and not low <= timeout <= high:
@@ -487,19 +476,6 @@ async def check_session_timeout(admin: AIOKafkaAdminClient, settings: Settings) 
             f"{_setting('consumer_session_timeout_s')}={timeout:g} is outside the range the "
             f"brokers accept ({_SESSION_RANGE[0]}={low * 1000:.0f}, {_SESSION_RANGE[1]}="
             f"{high * 1000:.0f}): set it between {low:g} and {high:g} seconds"
-        )
-    interval = values.get(kafka_config.TXN_ABORT_INTERVAL_CONFIG)
-    transaction = kafka_config.transaction_timeout_s(settings)
-    if settings.exactly_once and interval is not None and transaction + interval >= timeout:
-        raise ConfigError(
-            f"the brokers abort timed-out transactions every {interval * 1000:.0f} ms "
-            f"({kafka_config.TXN_ABORT_INTERVAL_CONFIG}); under exactly_once a scoring "
-            f"transaction times out after half the consumer session ({transaction:g} s), "
-            f"and must be aborted within the session ({timeout:g} s) so that a frozen "
-            f"worker cannot commit what another has re-done: set that broker setting below "
-            f"{(timeout - transaction) * 1000:.0f} ms (1000 is usual), or raise "
-            f"{_setting('consumer_session_timeout_s')} above "
-            f"{2 * interval:g}"
         )
 
 

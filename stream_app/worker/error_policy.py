@@ -153,9 +153,8 @@ POLICY: Final[tuple[Rule, ...]] = (
     Rule(
         Stage.START,
         "Kafka refuses what no retry changes: credentials, certificate, an ACL, a missing "
-        "topic with topic creation off, a session timeout outside the brokers' range (or, "
-        "under exactly-once, too short for their transaction abort interval), a producer "
-        "the broker cannot initialise",
+        "topic with topic creation off, a session timeout outside the brokers' range, a "
+        "producer the broker cannot initialise",
         Handling.FATAL,
         "stops before consuming anything",
         ("stream_app.kafka.preflight:check", "stream_app.cli:fail"),
@@ -530,9 +529,8 @@ POLICY: Final[tuple[Rule, ...]] = (
         Stage.PUBLISH,
         "exactly-once: another worker took this worker's transactional id",
         Handling.FATAL,
-        "stops: two workers share FRAUDSTREAM_INSTANCE_ID, or this one froze while its "
-        "replacement started",
-        (f"{_LOOP}._fenced", "stream_app.worker.app:ScoringService._guarded"),
+        "stops: two workers share FRAUDSTREAM_INSTANCE_ID",
+        (f"{_LOOP}._transaction", "stream_app.worker.app:ScoringService._guarded"),
         ("ERROR", "this worker's producer was fenced"),
         exceptions=(ProducerFenced,),
         alert="FraudstreamWorkerDown",
@@ -569,19 +567,6 @@ POLICY: Final[tuple[Rule, ...]] = (
         "aborts the Kafka transaction and re-reads from the committed offsets",
         (f"{_LOOP}._rewind",),
         ("WARNING", "batch aborted, not committed"),
-        metrics=('fraudstream_kafka_errors_total{operation="commit"}',),
-    ),
-    Rule(
-        Stage.COMMIT,
-        "exactly-once: the worker froze between its membership check and its commit, past "
-        "the transaction timeout (half the session)",
-        Handling.RECOVERED,
-        "the broker has aborted the transaction before another member could own the "
-        "partitions; once DescribeTransactions shows that only the timeout fenced it, the "
-        "worker starts a new producer and re-reads from the committed offsets",
-        (f"{_LOOP}._fenced", "stream_app.kafka.fencing:aborted_by_timeout_alone"),
-        ("WARNING", "the broker aborted it; starting a new producer"),
-        exceptions=(ProducerFenced,),
         metrics=('fraudstream_kafka_errors_total{operation="commit"}',),
     ),
     Rule(

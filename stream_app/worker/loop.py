@@ -40,7 +40,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final, NoReturn
+from typing import Any, Final
 
 import numpy as np
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -58,11 +58,7 @@ from redis.exceptions import RedisError
 from stream_app.backoff import BACKOFF_START_S, Backoff, describe_error, fatal_kafka_error
 from stream_app.errors import FraudStreamError
 from stream_app.kafka import config as kafka_config
-from stream_app.kafka.fencing import (
-    GroupFencedError,
-    aborted_by_timeout_alone,
-    fence_by_generation,
-)
+from stream_app.kafka.fencing import GroupFencedError, fence_by_generation
 from stream_app.kafka.publisher import Output, Publisher
 from stream_app.metrics import observe_many
 from stream_app.records import TransactionEvent
@@ -191,7 +187,10 @@ class ScoringLoop:
         self.output_topics = OutputTopics(s, runtime.metrics, self.admin)
         self.lag = LagReporter(self.consumer, runtime.metrics, self.offsets)
         self.membership = Membership(self.consumer, s)
-        self.producer = self._new_producer()
+        transactional_id = kafka_config.scoring_transactional_id(s) if s.exactly_once else None
+        self.producer = AIOKafkaProducer(
+            **kafka_config.producer_kwargs(s, transactional_id=transactional_id)
+        )
         self.publisher = Publisher(self.producer)
         # Scoring runs here, off the event loop, so that while a batch is scored the loop
         # keeps sending the next batch's state call (large writes need several turns of
@@ -203,7 +202,12 @@ class ScoringLoop:
 
     async def start(self) -> None:
         """Connect to Kafka (retrying until it answers) and subscribe."""
-        await self._start_producer()
+        await self.backoff.run(
+            self.producer.start,
+            "starting the Kafka producer",
+            (KafkaError,),
+            self._kafka_error("produce"),
+        )
         await self.backoff.run(
             self.consumer.start,
             "starting the Kafka consumer",
@@ -438,7 +442,6 @@ class ScoringLoop:
         return self.records.scored(scored), scored
 
     async def _transaction(self, batch: _Batch) -> None:
-        started = time.perf_counter()
         try:
             async with self.producer.transaction():
                 # No transaction while an output topic is known to be missing: Apache
@@ -456,55 +459,11 @@ class ScoringLoop:
             # The group coordinator refused the offsets (a stale generation): aborted.
             raise StaleBatch(str(exc)) from exc
         except ProducerFenced as exc:
-            await self._fenced(exc, time.perf_counter() - started)
-
-    async def _fenced(self, exc: ProducerFenced, open_s: float) -> NoReturn:
-        """The broker refused this producer's epoch: our transaction timed out, or another
-        worker took our transactional id.
-
-        Raises:
-            StaleBatch: only the broker's transaction timeout fenced us (the worker froze
-                after its membership check, see :func:`~stream_app.kafka.config.
-                transaction_timeout_s`): the transaction is aborted; a new producer takes
-                over and the partitions are re-read.
-            FraudStreamError: another producer has initialised our transactional id.
-        """
-        timeout_s = kafka_config.transaction_timeout_s(self.settings)
-        if open_s < timeout_s or not await aborted_by_timeout_alone(self.producer):
+            # Another instance with our transactional id took over: we must not go on.
             raise FraudStreamError(
-                f"this worker's producer was fenced ({exc!r}) after its transaction had "
-                f"been open {open_s:.1f} s: another worker has started with its "
-                "transactional id. Is FRAUDSTREAM_INSTANCE_ID shared by two running "
-                "workers, or did this one freeze while its replacement started?"
+                f"this worker's producer was fenced ({exc}): is FRAUDSTREAM_INSTANCE_ID "
+                "shared by two running workers?"
             ) from exc
-        log.warning(
-            "the transaction stayed open %.1f s, past its %.1f s timeout (the worker was "
-            "frozen): the broker aborted it; starting a new producer",
-            open_s,
-            timeout_s,
-        )
-        with contextlib.suppress(KafkaError):
-            await self.producer.stop()
-        self.producer = self._new_producer()
-        self.publisher.producer = self.producer
-        await self._start_producer()
-        fence_by_generation(self.producer, self.membership.group)
-        raise StaleBatch(f"the transaction timed out after {open_s:.1f} s") from exc
-
-    def _new_producer(self) -> AIOKafkaProducer:
-        s = self.settings
-        transactional_id = kafka_config.scoring_transactional_id(s) if s.exactly_once else None
-        return AIOKafkaProducer(
-            **kafka_config.producer_kwargs(s, transactional_id=transactional_id)
-        )
-
-    async def _start_producer(self) -> None:
-        await self.backoff.run(
-            self.producer.start,
-            "starting the Kafka producer",
-            (KafkaError,),
-            self._kafka_error("produce"),
-        )
 
     async def _settle_forever(self) -> None:
         """Stage 3: acknowledgements then commits, batch after batch, in order."""
@@ -667,15 +626,8 @@ class ScoringLoop:
         outputs = [self.records.dead_letter(r, topic) for r in rejected]
         async with self._lock:
             if self.settings.exactly_once:
-                started = time.perf_counter()
-                try:
-                    async with self.producer.transaction():
-                        await self.publisher.publish(outputs)
-                except ProducerFenced as exc:
-                    try:
-                        await self._fenced(exc, time.perf_counter() - started)
-                    except StaleBatch as stale:  # nothing read to rewind: retried later
-                        raise KafkaError(str(stale)) from stale
+                async with self.producer.transaction():
+                    await self.publisher.publish(outputs)
             else:
                 await self.publisher.publish(outputs)
 

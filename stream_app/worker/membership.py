@@ -72,9 +72,7 @@ class Membership:
         younger than the session. And a batch is committed only in the group generation it
         was polled in: a member whose heartbeat found it expelled resets its generation to
         -1 while it rejoins, and the broker takes transactional offsets of generation -1
-        from anyone (older clients send no generation). A freeze after this check, before
-        the commit reaches the broker, is the broker's to fence: the transaction times out
-        within the session (:func:`~stream_app.kafka.config.transaction_timeout_s`).
+        from anyone (older clients send no generation).
 
         Raises:
             StaleBatch: the batch must be aborted and the partitions re-read.

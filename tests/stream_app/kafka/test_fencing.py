@@ -16,17 +16,10 @@ import uuid
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import ProducerFenced
 from aiokafka.structs import OffsetAndMetadata
 
-from stream_app.kafka import config as kafka_config
-from stream_app.kafka.fencing import (
-    GroupFencedError,
-    aborted_by_timeout_alone,
-    fence_by_generation,
-    group_metadata,
-)
-from tests.kafka_fixtures import Broker, new_settings
+from stream_app.kafka.fencing import GroupFencedError, fence_by_generation, group_metadata
+from tests.kafka_fixtures import Broker
 
 pytestmark = [pytest.mark.integration]
 
@@ -131,86 +124,3 @@ async def test_the_current_member_commits_and_a_stale_one_is_refused(
             await second.stop()
     finally:
         await producer.stop()
-
-
-async def test_a_transaction_left_open_past_its_timeout_is_aborted_by_the_broker(
-    apache_kafka: Broker,
-) -> None:
-    """A worker frozen between its membership check and its commit: with the worker's
-    producer settings and the compose broker's abort interval, the broker aborts the open
-    transaction within the session, so the commit that follows the thaw is refused."""
-    bootstrap = apache_kafka.bootstrap_servers
-    settings = new_settings(apache_kafka, consumer_session_timeout_s=6.0)
-    tag = uuid.uuid4().hex[:8]
-    source, sink, group = f"expire-in-{tag}", f"expire-out-{tag}", f"expire-{tag}"
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    await admin.create_topics([NewTopic(source, 1, 1), NewTopic(sink, 1, 1)])
-    await admin.close()
-    tp = TopicPartition(source, 0)
-    member = await _group_member(bootstrap, source, group)
-    producer = AIOKafkaProducer(
-        **kafka_config.producer_kwargs(settings, transactional_id=f"expire-{tag}")
-    )
-    await producer.start()
-    try:
-        fence_by_generation(producer, group_metadata(member))
-        timeout_s = kafka_config.transaction_timeout_s(settings)
-        assert timeout_s == 3.0
-        with pytest.raises(ProducerFenced):
-            async with producer.transaction():
-                await producer.send_and_wait(sink, b"late output", partition=0)
-                await producer.send_offsets_to_transaction({tp: OffsetAndMetadata(7, "")}, group)
-                # Frozen: past the timeout and the abort interval, inside the session.
-                await asyncio.sleep(timeout_s + 1.0 + 1.0)
-        # Only the broker fenced it: the worker may take its id over with a new producer.
-        assert await aborted_by_timeout_alone(producer)
-        assert await _committed(bootstrap, group, tp) is None
-        reader = AIOKafkaConsumer(bootstrap_servers=bootstrap, isolation_level="read_committed")
-        await reader.start()
-        try:
-            out = TopicPartition(sink, 0)
-            reader.assign([out])
-            await reader.seek_to_beginning(out)
-            seen = []
-            for _ in range(10):
-                batch = await reader.getmany(out, timeout_ms=200)
-                seen.extend(batch.get(out, []))
-            assert seen == []
-        finally:
-            await reader.stop()
-    finally:
-        await producer.stop()
-        await member.stop()
-
-
-async def test_a_successor_with_the_same_transactional_id_is_not_taken_for_a_timeout(
-    apache_kafka: Broker,
-) -> None:
-    """A worker frozen past its transaction's timeout while its replacement (the same
-    instance id, so the same transactional id) started: its thawed producer is fenced,
-    and it must stop rather than take the id back from the replacement."""
-    bootstrap = apache_kafka.bootstrap_servers
-    settings = new_settings(apache_kafka, consumer_session_timeout_s=6.0)
-    tag = uuid.uuid4().hex[:8]
-    sink = f"succ-out-{tag}"
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    await admin.create_topics([NewTopic(sink, 1, 1)])
-    await admin.close()
-    kwargs = kafka_config.producer_kwargs(settings, transactional_id=f"succ-{tag}")
-    frozen = AIOKafkaProducer(**kwargs)
-    await frozen.start()
-    successor = AIOKafkaProducer(**kwargs)
-    try:
-        with pytest.raises(ProducerFenced):
-            async with frozen.transaction():
-                await frozen.send_and_wait(sink, b"zombie output", partition=0)
-                await asyncio.sleep(kafka_config.transaction_timeout_s(settings) + 2.0)
-                await successor.start()  # the replacement initialises the same id
-        assert not await aborted_by_timeout_alone(frozen)
-        async with successor.transaction():  # and it was not fenced by the question
-            await successor.send_and_wait(sink, b"output", partition=0)
-    finally:
-        await frozen.stop()
-        await successor.stop()

@@ -507,26 +507,6 @@ def test_a_session_timeout_the_broker_refuses_stops_the_worker_at_start_up(
     assert "Traceback" not in output
 
 
-def test_a_broker_that_aborts_timed_out_transactions_too_late_stops_an_exactly_once_worker(
-    served_model: Path, tmp_path: Path
-) -> None:
-    # Apache Kafka's default: a timed-out transaction is aborted up to 10 s late. A worker
-    # frozen past its 10 s session could then commit a batch its successor has re-done.
-    interval = "transaction.abort.timed.out.transaction.cleanup.interval.ms"
-    with ApacheKafka(root=tmp_path / "kafka", extra={interval: "10000"}) as kafka:
-        broker = Broker("kafka", kafka.bootstrap_servers)
-        settings = new_settings(broker, model_dir=served_model, consumer_session_timeout_s=10.0)
-        assert settings.exactly_once
-        try:
-            code, output = run_worker_to_exit(settings, timeout_s=START_UP_BOUND_S)
-        finally:
-            delete_state(settings.state_key_prefix)
-    assert code == 2, output
-    assert "set that broker setting below 5000 ms" in output, output
-    assert "FRAUDSTREAM_CONSUMER_SESSION_TIMEOUT_S above 20" in output, output
-    assert "Traceback" not in output
-
-
 def run_worker_for(settings: Settings, seconds: float, log_path: Path) -> tuple[bool, str]:
     """Run the worker for ``seconds``, then kill it; returns (was it still running, output)."""
     with WorkerProcess(settings, log_path).spawn() as worker:

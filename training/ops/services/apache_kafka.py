@@ -52,9 +52,6 @@ COMPOSE_SETTINGS: Final[Mapping[str, str]] = {
     "transaction.state.log.replication.factor": "1",
     "transaction.state.log.min.isr": "1",
     "group.initial.rebalance.delay.ms": "0",
-    # Timed-out transactions (a frozen exactly-once worker's) are aborted within a second,
-    # well inside the consumer session (the worker's start-up checks require it).
-    "transaction.abort.timed.out.transaction.cleanup.interval.ms": "1000",
     "auto.create.topics.enable": "false",
     "num.partitions": "6",
 }
